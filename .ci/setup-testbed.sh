@@ -1,0 +1,368 @@
+#!/usr/bin/env bash
+# setup-testbed.sh - stand up sshq's integration test bed on Debian 12:
+#   * a real sshd on 127.0.0.1:2222 for the unprivileged user `sshqtest`
+#     (key login only, strict host-key checking through a test known_hosts);
+#   * a real single-node Slurm (munge + slurmctld + slurmd) on this host.
+# Recipes: shared/TESTBED.md. Must run as root. No systemd needed: daemons are
+# started directly.
+#
+# Idempotent: re-running on a live test bed changes nothing and leaves the
+# daemons running; daemons that died (or were killed) are started again.
+# Everything lives in /var/lib/sshq-testbed; the tests read testbed.env there.
+set -euo pipefail
+
+TB=/var/lib/sshq-testbed
+PORT=2222
+ADDR=127.0.0.1
+TUSER=sshqtest
+SLURM_CONF=/etc/slurm/slurm.conf
+PKGS=(openssh-server openssh-client rsync slurm-wlm munge iproute2 parallel tmux procps)
+
+export DEBIAN_FRONTEND=noninteractive
+export LC_ALL=C
+
+log() { echo "[setup-testbed $(date +%T)] $*"; }
+die() { echo "[setup-testbed] ERROR: $*" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "must run as root"
+
+# wait_for SECONDS CMD...: poll CMD every 0.2 s until it succeeds.
+wait_for() {
+    local n=$(( $1 * 5 )); shift
+    local i
+    for ((i = 0; i < n; i++)); do
+        "$@" >/dev/null 2>&1 && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+# write_if_changed FILE MODE: replace FILE with stdin if the content differs.
+# Returns 0 if the file was (re)written, 1 if it was already up to date.
+write_if_changed() {
+    local f=$1 mode=$2 tmp
+    tmp=$(mktemp "$f.XXXXXX")
+    cat > "$tmp"
+    if [ -f "$f" ] && cmp -s "$tmp" "$f"; then
+        rm -f "$tmp"
+        chmod "$mode" "$f"
+        return 1
+    fi
+    chmod "$mode" "$tmp"
+    mv -f "$tmp" "$f"
+    return 0
+}
+
+# ------------------------------------------------------------------ packages
+pkg_installed() {
+    dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q '^install ok installed$'
+}
+missing=()
+for p in "${PKGS[@]}"; do pkg_installed "$p" || missing+=("$p"); done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing packages (missing: ${missing[*]})"
+    apt-get update -o DPkg::Lock::Timeout=600
+    # The packages' maintainer scripts may try to start system daemons; that
+    # is harmless (they fail or run on other ports); we start our own below.
+    apt-get install -y -o DPkg::Lock::Timeout=600 \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+        "${PKGS[@]}"
+else
+    log "packages already installed"
+fi
+for b in /usr/sbin/sshd /usr/bin/ssh /usr/bin/ssh-keygen /usr/sbin/munged \
+         /usr/sbin/slurmctld /usr/sbin/slurmd /usr/bin/sbatch /usr/bin/sinfo; do
+    [ -x "$b" ] || die "$b missing after package install"
+done
+
+# ------------------------------------------------------------------ hostname
+# slurmd finds its NodeName from the short host name; it must resolve.
+H=$(hostname -s 2>/dev/null || hostname)
+[ -n "$H" ] || die "empty hostname"
+if ! getent hosts "$H" >/dev/null; then
+    log "hostname $H does not resolve; adding '127.0.1.1 $H' to /etc/hosts"
+    echo "127.0.1.1 $H" >> /etc/hosts
+fi
+
+# ------------------------------------------------------------------ test user
+if ! id -u "$TUSER" >/dev/null 2>&1; then
+    log "creating user $TUSER"
+    useradd -m -s /bin/bash "$TUSER"
+fi
+# useradd makes a locked account ('!'), which sshd refuses even for keys.
+if [ "$(getent shadow "$TUSER" | cut -d: -f2)" != '*' ]; then
+    log "unlocking $TUSER for key logins"
+    usermod -p '*' "$TUSER"
+fi
+THOME=$(getent passwd "$TUSER" | cut -d: -f6)
+[ -n "$THOME" ] || die "no home directory for $TUSER"
+[ -d "$THOME" ] || install -d -m 0755 -o "$TUSER" -g "$TUSER" "$THOME"
+
+# ------------------------------------------------------------------ keys
+install -d -m 0755 -o root -g root "$TB"
+
+# gen_key PATH COMMENT: ed25519 key pair, generated once.
+gen_key() {
+    local k=$1 c=$2
+    if [ ! -s "$k" ]; then
+        log "generating ed25519 key $k"
+        rm -f "$k" "$k.pub"
+        ssh-keygen -q -t ed25519 -N '' -C "$c" -f "$k"
+    elif [ ! -s "$k.pub" ]; then
+        ssh-keygen -y -f "$k" > "$k.pub"
+    fi
+    chown root:root "$k" "$k.pub"
+    chmod 0600 "$k"
+    chmod 0644 "$k.pub"
+}
+gen_key "$TB/hostkey" "sshq-testbed-host"
+gen_key "$TB/id_ed25519" "sshq-testbed-client"
+
+# known_hosts: host-key checking stays strict in the tests.
+awk -v h="[$ADDR]:$PORT" '{print h, $1, $2}' "$TB/hostkey.pub" \
+    | write_if_changed "$TB/known_hosts" 0644 || true
+
+# authorized_keys of the test user: add the client key if it is not there.
+install -d -m 0700 -o "$TUSER" -g "$TUSER" "$THOME/.ssh"
+AK=$THOME/.ssh/authorized_keys
+touch "$AK"
+client_key=$(awk '{print $2}' "$TB/id_ed25519.pub")
+if ! awk -v k="$client_key" '$2 == k || $3 == k {f = 1} END {exit !f}' "$AK"; then
+    log "installing the client key into $AK"
+    cat "$TB/id_ed25519.pub" >> "$AK"
+fi
+chown "$TUSER:$TUSER" "$AK"
+chmod 0600 "$AK"
+
+# ------------------------------------------------------------------ sshd
+SSHD_CONF=$TB/sshd_config
+SSHD_PID=$TB/sshd.pid
+SSHD_LOG=$TB/sshd.log
+sshd_changed=0
+write_if_changed "$SSHD_CONF" 0644 <<EOF && sshd_changed=1 || true
+# sshq test bed (written by .ci/setup-testbed.sh)
+Port $PORT
+ListenAddress $ADDR
+HostKey $TB/hostkey
+PidFile $SSHD_PID
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+Subsystem sftp internal-sftp
+MaxStartups 100:30:200
+MaxSessions 64
+EOF
+
+mkdir -p /run/sshd
+chmod 0755 /run/sshd
+/usr/sbin/sshd -t -f "$SSHD_CONF" || die "sshd rejects $SSHD_CONF"
+
+# pid_alive PIDFILE COMM: the pid in PIDFILE is a live process named COMM.
+pid_alive() {
+    local pid st
+    pid=$(cat "$1" 2>/dev/null) || return 1
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] || return 1
+    st=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
+    [ "$st" != Z ]
+}
+port_open() { (exec 3<>"/dev/tcp/$ADDR/$PORT") 2>/dev/null; }
+sshd_fail() {
+    tail -n 20 "$SSHD_LOG" >&2 2>/dev/null || true
+    die "$1"
+}
+
+if pid_alive "$SSHD_PID" sshd && port_open; then
+    if [ "$sshd_changed" = 1 ]; then
+        log "sshd_config changed: reloading sshd (SIGHUP)"
+        kill -HUP "$(cat "$SSHD_PID")"
+        sleep 0.5
+    else
+        log "sshd already running (pid $(cat "$SSHD_PID"))"
+    fi
+else
+    if pid_alive "$SSHD_PID" sshd; then
+        log "sshd pid $(cat "$SSHD_PID") is alive but not listening: restarting it"
+        kill "$(cat "$SSHD_PID")" || true
+        wait_for 5 eval '! pid_alive "$SSHD_PID" sshd' || kill -9 "$(cat "$SSHD_PID")" 2>/dev/null || true
+    fi
+    port_open && die "port $ADDR:$PORT is taken by another process"
+    rm -f "$SSHD_PID"
+    log "starting sshd on $ADDR:$PORT"
+    /usr/sbin/sshd -f "$SSHD_CONF" -E "$SSHD_LOG" </dev/null || sshd_fail "sshd failed to start"
+fi
+wait_for 10 port_open || sshd_fail "sshd does not accept connections on $ADDR:$PORT"
+wait_for 5 pid_alive "$SSHD_PID" sshd || sshd_fail "sshd pid file $SSHD_PID not written"
+
+# ensure_daemon COMM CHECK START: make CHECK succeed within 60 s. Start COMM
+# whenever no process of that name exists (one that was just killed may take
+# seconds to save its state and exit); SIGKILL one that lives on for 20 s
+# without CHECK succeeding. Sets STARTED=1 if it started COMM.
+ensure_daemon() {
+    local comm=$1 check=$2 start=$3 t0=$SECONDS since=$SECONDS pids
+    STARTED=0
+    while ! $check >/dev/null 2>&1; do
+        pids=$(pgrep -x "$comm" || true)
+        if [ -z "$pids" ]; then
+            log "starting $comm"
+            $start </dev/null || return 1
+            STARTED=1
+            since=$SECONDS
+        elif (( SECONDS - since >= 20 )); then
+            log "$comm (pid $pids) runs but does not answer: killing it"
+            # shellcheck disable=SC2086
+            kill -9 $pids 2>/dev/null || true
+            since=$SECONDS
+        fi
+        (( SECONDS - t0 < 60 )) || return 1
+        sleep 0.5
+    done
+    [ "$STARTED" = 1 ] || log "$comm already running"
+}
+# ------------------------------------------------------------------ munge
+mkdir -p /etc/munge /var/log/munge /run/munge /var/lib/munge
+if [ ! -s /etc/munge/munge.key ]; then
+    log "creating /etc/munge/munge.key"
+    dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
+fi
+chown -R munge:munge /etc/munge /var/log/munge /run/munge /var/lib/munge
+chmod 0400 /etc/munge/munge.key
+chmod 0755 /run/munge
+munge_ok() { munge -n </dev/null | unmunge >/dev/null; }
+start_munged() {
+    rm -f /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
+    runuser -u munge -- /usr/sbin/munged
+}
+ensure_daemon munged munge_ok start_munged || {
+    tail -n 20 /var/log/munge/munged.log >&2 2>/dev/null || true
+    die "munge does not work"
+}
+
+# ------------------------------------------------------------------ slurm
+# Node topology as slurmd detects it (a node configured bigger than it is
+# gets drained); memory capped at 4000 MB (memory is not a consumable here).
+node_hw=$(slurmd -C 2>/dev/null | head -n 1 || true)
+cpus_spec=$(sed -n 's/.*\(CPUs=[0-9]* Boards=[0-9]* SocketsPerBoard=[0-9]* CoresPerSocket=[0-9]* ThreadsPerCore=[0-9]*\).*/\1/p' <<<"$node_hw")
+[ -n "$cpus_spec" ] || cpus_spec="CPUs=$(nproc)"
+mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$node_hw")
+if [ -z "$mem" ] || [ "$mem" -gt 4000 ]; then mem=4000; fi
+
+mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
+slurm_changed=0
+write_if_changed "$SLURM_CONF" 0644 <<EOF && slurm_changed=1 || true
+# sshq test bed: single-node Slurm (written by .ci/setup-testbed.sh)
+ClusterName=test
+SlurmctldHost=$H
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+JobCompType=jobcomp/none
+MpiDefault=none
+# forget finished jobs after 10 s (the job status file is the authority then)
+MinJobAge=10
+# SIGTERM, then SIGKILL 5 s later, on scancel / time limit
+KillWait=5
+InactiveLimit=0
+NodeName=$H $cpus_spec RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=$H Default=YES MaxTime=INFINITE State=UP
+EOF
+
+# stop_proc COMM: stop the process(es) named COMM, SIGKILL after 10 s.
+stop_proc() {
+    local pids
+    pids=$(pgrep -x "$1" || true)
+    [ -n "$pids" ] || return 0
+    # shellcheck disable=SC2086
+    kill $pids 2>/dev/null || true
+    wait_for 10 eval "! pgrep -x $1" && return 0
+    # shellcheck disable=SC2086
+    kill -9 $pids 2>/dev/null || true
+    wait_for 5 eval "! pgrep -x $1" || die "cannot stop $1"
+}
+if [ "$slurm_changed" = 1 ] && { pgrep -x slurmctld || pgrep -x slurmd; } >/dev/null; then
+    log "slurm.conf changed: restarting slurmctld and slurmd"
+    stop_proc slurmd
+    stop_proc slurmctld
+fi
+
+slurm_fail() {
+    {
+        echo "---- sinfo"; sinfo -N -l 2>&1 || true
+        echo "---- sinfo -R"; sinfo -R 2>&1 || true
+        echo "---- tail /var/log/slurm/slurmctld.log"; tail -n 30 /var/log/slurm/slurmctld.log 2>&1 || true
+        echo "---- tail /var/log/slurm/slurmd.log"; tail -n 30 /var/log/slurm/slurmd.log 2>&1 || true
+    } >&2
+    die "$1"
+}
+
+ctld_ok() { scontrol ping; }
+slurmd_ok() { scontrol show slurmd; }   # asks the local slurmd itself
+
+ensure_daemon slurmctld ctld_ok slurmctld || slurm_fail "slurmctld does not answer"
+if [ "$STARTED" = 1 ] && pgrep -x slurmd >/dev/null; then
+    # a fresh slurmctld learns of a running slurmd only at its next ping
+    # (minutes); a restarted slurmd registers at once (jobs survive it).
+    log "restarting slurmd so that it registers with the new slurmctld"
+    stop_proc slurmd
+fi
+ensure_daemon slurmd slurmd_ok slurmd || slurm_fail "slurmd does not answer"
+
+node_state() { sinfo -h -n "$H" -o %t 2>/dev/null | head -n 1; }
+node_ready=0
+for ((i = 0; i < 150; i++)); do
+    st=$(node_state || true)
+    case "$st" in
+        idle|mix|alloc|comp) node_ready=1; break ;;
+        down|drain|drng|fail|failg)   # responding but out of service
+            log "node $H is $st: resuming it"
+            scontrol update nodename="$H" state=resume >/dev/null 2>&1 || true
+            sleep 1 ;;
+        *) sleep 0.2 ;;                # '', unk*, idle*, down* ...: not yet registered
+    esac
+done
+[ "$node_ready" = 1 ] || slurm_fail "node $H not ready after 30 s (state: '${st:-}')"
+log "slurm node $H is $st"
+
+# ------------------------------------------------------------------ end to end
+SSH=(ssh -F /dev/null -i "$TB/id_ed25519" -p "$PORT" -o BatchMode=yes
+     -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes
+     -o UserKnownHostsFile="$TB/known_hosts" -o ConnectTimeout=10)
+out=$("${SSH[@]}" "$TUSER@$ADDR" sbatch --output=/dev/null --wrap true </dev/null 2>&1) \
+    || { echo "$out" >&2; sshd_fail "ssh + sbatch as $TUSER failed"; }
+[[ "$out" =~ ^Submitted\ batch\ job\ ([0-9]+)$ ]] || die "unexpected sbatch output: $out"
+job=${BASH_REMATCH[1]}
+log "ssh $TUSER@$ADDR:$PORT + sbatch: $out"
+# ... and the job really runs (a dead slurmd can hide behind an 'idle' node).
+for ((i = 0; i < 150; i++)); do
+    st=$(squeue -h -t all -o %T -j "$job" 2>/dev/null || true)
+    case "$st" in
+        COMPLETED) break ;;
+        PENDING|CONFIGURING|RUNNING|COMPLETING) sleep 0.2 ;;
+        *) slurm_fail "test job $job ended in state '$st'" ;;
+    esac
+done
+[ "$st" = COMPLETED ] || slurm_fail "test job $job did not complete within 30 s (state: '$st')"
+log "test job $job completed"
+
+# ------------------------------------------------------------------ testbed.env
+write_if_changed "$TB/testbed.env" 0644 <<EOF || true
+SSHQ_TEST_HOST=$ADDR
+SSHQ_TEST_PORT=$PORT
+SSHQ_TEST_USER=$TUSER
+SSHQ_TEST_KEY=$TB/id_ed25519
+SSHQ_TEST_KNOWN_HOSTS=$TB/known_hosts
+SSHQ_TEST_HOSTKEY_PUB=$TB/hostkey.pub
+SSHQ_TEST_SLURM=1
+SSHQ_TEST_SSHD_PIDFILE=$SSHD_PID
+EOF
+log "test bed ready: $TB/testbed.env"

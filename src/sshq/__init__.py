@@ -1,0 +1,54 @@
+"""sshq: manage jobs on remote clusters and hosts you can only reach by SSH.
+
+Quick start::
+
+    from sshq import Client, JobSpec
+
+    with Client() as client:
+        (job,) = client.submit(JobSpec(command="echo hello"), platform="localhost")
+        (job,) = client.wait([job.id])
+        print(job.state, client.cat_log(job.id).decode())
+"""
+
+from .client import AsyncClient, Client
+from .config import Config, Platform, load_config
+from .exceptions import (
+    AuthenticationError,
+    CommandError,
+    ConfigError,
+    HostKeyError,
+    HostUnreachableError,
+    InvalidInputError,
+    JobRunnerError,
+    RemoteError,
+    SshqError,
+    TransportError,
+    UnknownJobError,
+    WaitTimeoutError,
+)
+from .model import Job, JobSpec, JobState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "Config",
+    "Platform",
+    "load_config",
+    "Job",
+    "JobSpec",
+    "JobState",
+    "SshqError",
+    "ConfigError",
+    "InvalidInputError",
+    "UnknownJobError",
+    "TransportError",
+    "HostUnreachableError",
+    "AuthenticationError",
+    "HostKeyError",
+    "CommandError",
+    "RemoteError",
+    "JobRunnerError",
+    "WaitTimeoutError",
+]

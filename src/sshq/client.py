@@ -1,0 +1,709 @@
+"""The sshq client: submit, poll, wait, kill, cat_log, retrieve, jobs.
+
+:class:`AsyncClient` is the API; :class:`Client` is a synchronous facade with
+the same method names.  The CLI is a thin layer over them.
+
+Every operation costs one SSH command per host, whatever the number of
+jobs.  Connections are opened once per host and reused by every operation
+of a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from .config import Config, Platform, default_state_dir, load_config
+from .exceptions import (
+    InvalidInputError,
+    JobRunnerError,
+    RemoteError,
+    SshqError,
+    TransportError,
+    WaitTimeoutError,
+)
+from .job_runners import HANDLERS, JobRunnerHandler, RunnerJobState, get_handler
+from .jobscript import render_job_script
+from .model import Job, JobSpec, JobState
+from .remote.operations import call_agent, runner_templates, stream_agent
+from .remote.status import decide, parse_status
+from .store import RemoteInit, Store
+from .transport import Transport
+from .transport.asyncssh_ import AsyncSSHTransport
+from .transport.local import LocalTransport
+from .transport.openssh import OpenSSHTransport
+
+__all__ = ["AsyncClient", "Client", "LOG_FILES"]
+
+log = logging.getLogger(__name__)
+
+#: ``cat_log`` file names: short name -> file in the job log directory.
+LOG_FILES = {"out": "job.out", "err": "job.err", "status": "job.status", "job": "job"}
+
+LogFile = Literal["out", "err", "status", "job"]
+T = TypeVar("T")
+
+
+def _utc(s: str | None) -> datetime | None:
+    if not s:
+        return None
+    return datetime.fromisoformat(s.replace("Z", "+00:00")).astimezone(UTC)
+
+
+class AsyncClient:
+    """Manage jobs on platforms over SSH.
+
+    Args:
+        config: a :class:`Config`, a platforms file path, or None for the
+            default file (the built-in ``localhost`` platform always exists).
+        state_dir: directory of the state database; None for the user state
+            dir (platformdirs).
+
+    Use as ``async with AsyncClient() as client: ...`` or call :meth:`close`.
+    """
+
+    def __init__(
+        self, config: Config | str | Path | None = None, *, state_dir: str | Path | None = None
+    ) -> None:
+        if isinstance(config, Config):
+            self.config = config
+        else:
+            self.config = load_config(config, must_exist=config is not None)
+        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        self.store = Store(self.state_dir)
+        self._transports: dict[tuple[str, str], Transport] = {}
+        self._init_lock = asyncio.Lock()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every connection and the database."""
+        transports, self._transports = list(self._transports.values()), {}
+        for t in transports:
+            try:
+                await t.close()
+            except Exception:  # closing must not mask the real outcome
+                log.debug("closing %s failed", t.host, exc_info=True)
+        self.store.close()
+
+    # ------------------------------------------------------------ plumbing
+
+    def transport(self, platform: Platform, host: str) -> Transport:
+        """The (cached) transport to one host of a platform."""
+        key = (platform.name, host)
+        t = self._transports.get(key)
+        if t is None:
+            params = platform.host_params(host)
+            if platform.transport == "local":
+                t = LocalTransport(params)
+            elif platform.transport == "openssh":
+                t = OpenSSHTransport(
+                    params,
+                    control_dir=str(self.state_dir / "cm"),
+                    batch_mode=platform.batch_mode,
+                )
+            else:
+                t = AsyncSSHTransport(params)
+            self._transports[key] = t
+        return t
+
+    async def _with_failover(self, platform: Platform, op: Any) -> Any:
+        """Run ``op(host, transport)`` on the first usable host of the platform.
+
+        A host whose connection fails before the command was sent goes on the
+        bad-host list for ``platform.bad_host_seconds`` and the next is tried.
+        """
+        bad = self.store.bad_hosts(platform.name)
+        hosts = [h for h in platform.hosts if h not in bad] or list(platform.hosts)
+        last: TransportError | None = None
+        for host in hosts:
+            try:
+                return await op(host, self.transport(platform, host))
+            except TransportError as exc:
+                if not exc.transient or exc.command_sent:
+                    raise
+                last = exc
+                log.warning("%s: %s; trying the next host", platform.name, exc)
+                self.store.mark_bad_host(platform.name, host, platform.bad_host_seconds, str(exc))
+        assert last is not None
+        raise last
+
+    async def _remote_init(self, platform: Platform, host: str, t: Transport) -> RemoteInit:
+        cached = self.store.remote_init(platform.name, platform.run_dir)
+        if cached is not None:
+            return cached
+        async with self._init_lock:
+            reply = await call_agent(t, platform.python, "init", {"run_dir": platform.run_dir})
+            info = RemoteInit(reply["run_dir"], reply["home"])
+            self.store.set_remote_init(platform.name, platform.run_dir, info)
+            return info
+
+    # ------------------------------------------------------------ submit
+
+    async def submit(
+        self, specs: JobSpec | Sequence[JobSpec], *, platform: str = "localhost"
+    ) -> list[Job]:
+        """Submit jobs to a platform's job runner, all in one SSH command.
+
+        Args:
+            specs: one spec or several.
+            platform: platform name.
+
+        Returns:
+            The jobs, in the order of ``specs``.  A job the runner refused is
+            ``submit-failed`` with the runner's stderr in ``message``.
+
+        Raises:
+            InvalidInputError: a spec was refused (nothing was sent).
+            ConfigError: unknown platform.
+            TransportError: no host of the platform could be reached.
+            RemoteError: the agent failed for the whole batch.
+        """
+        if isinstance(specs, JobSpec):
+            specs = [specs]
+        plat = self.config.platform(platform)
+        handler = get_handler(plat.job_runner)
+        normalized = []
+        for s in specs:
+            n = s.normalized()
+            handler.directives(n, "/")  # refuses what the runner cannot express
+            normalized.append(n)
+        if not normalized:
+            return []
+
+        async def op(host: str, t: Transport) -> list[Job]:
+            info = await self._remote_init(plat, host, t)
+            return await self._submit_on(plat, handler, host, t, info, normalized)
+
+        result: list[Job] = await self._with_failover(plat, op)
+        return result
+
+    async def _submit_on(
+        self,
+        plat: Platform,
+        handler: JobRunnerHandler,
+        host: str,
+        t: Transport,
+        info: RemoteInit,
+        specs: list[JobSpec],
+    ) -> list[Job]:
+        summaries = [_spec_summary(s) for s in specs]
+        reserved = self.store.reserve_jobs(
+            plat.name, t.host, handler.name, [s.job_name for s in specs], summaries
+        )
+        ids = [r[0] for r in reserved]
+        nums = {r[0]: r[1] for r in reserved}
+        todo = list(zip(ids, specs, strict=True))
+        sent_any = False
+        try:
+            for _round in range(5):
+                jobs_req = []
+                for job_id, spec in todo:
+                    nn = nums[job_id]
+                    log_dir = f"{info.run_dir}/log/job/{spec.job_name}/{nn:02d}"
+                    work_dir = spec.work_dir or f"{info.run_dir}/work/{spec.job_name}"
+                    script = render_job_script(
+                        spec, handler, job_log_dir=log_dir, work_dir=work_dir,
+                        extra_env={"SSHQ_ID": str(job_id), "SSHQ_PLATFORM": plat.name,
+                                   "SSHQ_SUBMIT_NUM": str(nn)},
+                    )
+                    jobs_req.append({
+                        "key": str(job_id),
+                        "log_dir": log_dir,
+                        "work_dir": work_dir,
+                        "job_b64": base64.b64encode(script).decode(),
+                        "submit_argv": handler.submit_argv(f"{log_dir}/job", log_dir),
+                        "id_regex": handler.job_id_regex,
+                        "runner": handler.name,
+                        "timeout": 120,
+                    })
+                    self.store.update_job(job_id, job_log_dir=log_dir, work_dir=work_dir,
+                                          submit_num=nn)
+                sent_any = True
+                reply = await call_agent(
+                    t, plat.python, "submit",
+                    {"jobs": jobs_req, "concurrency": plat.submit_concurrency},
+                    timeout=max(300.0, 2.0 * len(jobs_req)),
+                )
+                retry = self._record_submissions(reply["results"], plat, handler)
+                if not retry:
+                    break
+                todo = [(i, s) for i, s in todo if i in retry]
+                for i in retry:
+                    nums[i] += 1
+            else:
+                for i, _s in todo:
+                    self.store.update_job(i, message="job log directories exist already")
+        except TransportError as exc:
+            if not sent_any or not exc.command_sent:
+                self.store.delete_jobs(ids)
+            else:
+                for i in ids:
+                    self.store.update_job(
+                        i, message=f"connection lost during submission; the job may have"
+                        f" been submitted: {exc}")
+            raise
+        except RemoteError:
+            self.store.delete_jobs(ids)
+            raise
+        return self.store.get(ids)
+
+    def _record_submissions(
+        self, results: list[dict[str, Any]], plat: Platform, handler: JobRunnerHandler
+    ) -> set[int]:
+        retry: set[int] = set()
+        updates: list[tuple[int, dict[str, Any]]] = []
+        for r in results:
+            job_id = int(r["key"])
+            if r.get("ok"):
+                updates.append((job_id, {
+                    "state": JobState.SUBMITTED, "job_id": r["job_id"],
+                    "submit_time": _utc(r.get("submit_time")), "message": "",
+                }))
+            elif r.get("code") == "exists":
+                retry.add(job_id)
+            else:
+                detail = (r.get("stderr") or r.get("error") or "").strip()
+                if r.get("code") == "runner" and r.get("exit") == 0:
+                    detail = (f"no job id in the output of {handler.name} submit:"
+                              f" {r.get('stdout', '').strip()!r} {detail}").strip()
+                elif r.get("code") == "runner":
+                    detail = f"{handler.name} submit failed (exit {r.get('exit')}): {detail}"
+                updates.append((job_id, {
+                    "state": JobState.SUBMIT_FAILED, "message": detail,
+                    "submit_time": datetime.now(UTC),
+                }))
+        self.store.update_jobs(updates)
+        return retry
+
+    # ------------------------------------------------------------ poll / kill
+
+    def _select(self, ids: Sequence[int] | None, all_active: bool) -> list[Job]:
+        if ids:
+            return self.store.get(list(dict.fromkeys(ids)))
+        if all_active:
+            return self.store.query(states=[JobState.SUBMITTED, JobState.RUNNING])
+        return []
+
+    @staticmethod
+    def _group(jobs: Iterable[Job]) -> dict[tuple[str, str], list[Job]]:
+        groups: dict[tuple[str, str], list[Job]] = defaultdict(list)
+        for j in jobs:
+            if j.job_log_dir:
+                groups[(j.platform, j.host)].append(j)
+        return groups
+
+    def _host_of(self, plat: Platform, job_host: str) -> str:
+        # job.host is a transport label ([user@]host[:port]); map back to the platform host.
+        for h in plat.hosts:
+            if self.transport(plat, h).host == job_host:
+                return h
+        return plat.hosts[0]
+
+    async def _agent_on_group(
+        self, plat_name: str, host_label: str, op: str, payload: dict[str, Any],
+        timeout: float = 120.0,
+    ) -> dict[str, Any]:
+        plat = self.config.platform(plat_name)
+        t = self.transport(plat, self._host_of(plat, host_label))
+        return await call_agent(t, plat.python, op, payload, timeout=timeout)
+
+    def _apply(
+        self, jobs: list[Job], reply: dict[str, Any], queried: set[str]
+    ) -> dict[int, str]:
+        """Decide states from a poll/kill reply; returns per-job runner errors."""
+        known_by_runner: dict[str, dict[str, RunnerJobState]] = {}
+        failed_runners: dict[str, str] = {}
+        for runner, results in reply.get("runners", {}).items():
+            handler = HANDLERS[runner]
+            known: dict[str, RunnerJobState] = {}
+            try:
+                for r in results:
+                    known.update(handler.parse_poll(r["exit"], r["stdout"], r["stderr"]))
+            except JobRunnerError as exc:
+                failed_runners[runner] = str(exc)
+            known_by_runner[runner] = known
+        updates: list[tuple[int, dict[str, Any]]] = []
+        errors: dict[int, str] = {}
+        for j in jobs:
+            text = reply["status"].get(str(j.id), "")
+            d = decide(
+                text,
+                job_id=j.job_id,
+                queried=str(j.id) in queried,
+                runner_ok=j.job_runner not in failed_runners,
+                known=known_by_runner.get(j.job_runner, {}),
+                runner_name=j.job_runner,
+            )
+            if j.job_runner in failed_runners and str(j.id) in queried:
+                errors[j.id] = failed_runners[j.job_runner]
+            fields = dict(d.fields)
+            if d.state is not None:
+                fields["state"] = d.state
+            if j.state.is_final and d.state is None:
+                continue
+            if fields:
+                updates.append((j.id, fields))
+        self.store.update_jobs(updates)
+        return errors
+
+    async def poll(self, ids: Sequence[int] | None = None, *, all: bool = False) -> list[Job]:
+        """Update the state of jobs: one SSH command per host.
+
+        Args:
+            ids: sshq ids to poll.
+            all: poll every job not yet final (when ``ids`` is empty).
+
+        Returns:
+            The jobs with their new states, in the order asked.  A host that
+            cannot be reached, or a job runner that fails, changes no state
+            (transient); the error is logged.
+
+        Raises:
+            UnknownJobError: an id is not known.
+        """
+        jobs = self._select(ids, all)
+        await self._poll_jobs(jobs)
+        return self.store.get([j.id for j in jobs])
+
+    async def _poll_jobs(self, jobs: list[Job], *, raise_errors: bool = False) -> list[str]:
+        errors: list[str] = []
+
+        async def one(key: tuple[str, str], group: list[Job]) -> None:
+            runners = {HANDLERS[j.job_runner] for j in group}
+            payload = {
+                "jobs": [{"key": str(j.id), "log_dir": j.job_log_dir, "job_id": j.job_id,
+                          "runner": j.job_runner} for j in group],
+                "runners": runner_templates(sorted(runners, key=lambda h: h.name)),
+            }
+            try:
+                reply = await self._agent_on_group(key[0], key[1], "poll", payload)
+            except SshqError as exc:
+                if raise_errors and not exc.transient:
+                    raise
+                log.warning("poll of %s on %s failed (no state changed): %s", key[0], key[1], exc)
+                errors.append(str(exc))
+                return
+            errs = self._apply(group, reply, set(reply.get("queried", [])))
+            errors.extend(sorted(set(errs.values())))
+
+        await asyncio.gather(*(one(k, g) for k, g in self._group(jobs).items()))
+        return errors
+
+    async def kill(self, ids: Sequence[int], *, settle: float = 5.0) -> list[Job]:
+        """Kill jobs with their job runner: one SSH command per host.
+
+        Jobs already final are left alone.  The call waits up to ``settle``
+        seconds for the killed jobs' status files to record how they ended.
+
+        Returns:
+            The jobs with their states after the kill.
+
+        Raises:
+            UnknownJobError: an id is not known.
+            TransportError, RemoteError: a host could not be reached or its
+                agent failed.
+        """
+        jobs = self._select(ids, False)
+        live = [j for j in jobs if not j.state.is_final and j.job_id]
+
+        async def one(key: tuple[str, str], group: list[Job]) -> None:
+            runners = {HANDLERS[j.job_runner] for j in group}
+            payload = {
+                "jobs": [{"key": str(j.id), "log_dir": j.job_log_dir, "job_id": j.job_id,
+                          "runner": j.job_runner} for j in group],
+                "runners": runner_templates(sorted(runners, key=lambda h: h.name)),
+                "settle": settle,
+            }
+            reply = await self._agent_on_group(key[0], key[1], "kill", payload,
+                                               timeout=120 + settle)
+            self._apply(group, reply, set())
+
+        await asyncio.gather(*(one(k, g) for k, g in self._group(live).items()))
+        return self.store.get([j.id for j in jobs])
+
+    async def wait(
+        self,
+        ids: Sequence[int],
+        *,
+        timeout: float | None = None,
+        interval: float = 1.0,
+        max_interval: float = 10.0,
+        on_poll: Any = None,
+    ) -> list[Job]:
+        """Poll until every job is final.
+
+        Args:
+            ids: sshq ids.
+            timeout: seconds; None waits for ever.
+            interval: first poll interval in seconds (grows by half each poll
+                up to ``max_interval``).
+            on_poll: optional ``callable(list[Job])`` called after each poll
+                (progress display).
+
+        Returns:
+            The final jobs.
+
+        Raises:
+            WaitTimeoutError: ``timeout`` passed first (its ``jobs`` attribute
+                holds the latest states).
+            UnknownJobError: an id is not known.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ids = list(dict.fromkeys(ids))
+        jobs = self.store.get(ids)
+        delay = interval
+        while True:
+            pending = [j for j in jobs if not j.state.is_final]
+            if pending:
+                await self._poll_jobs(pending)
+                jobs = self.store.get(ids)
+            if on_poll is not None:
+                on_poll(jobs)
+            if all(j.state.is_final for j in jobs):
+                return jobs
+            if deadline is not None and time.monotonic() >= deadline:
+                err = WaitTimeoutError(
+                    f"timed out after {timeout} s; not final: "
+                    + ", ".join(f"{j.id} ({j.state.value})" for j in jobs if not j.state.is_final)
+                )
+                err.jobs = jobs  # type: ignore[attr-defined]
+                raise err
+            pause = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
+            await asyncio.sleep(pause)
+            delay = min(delay * 1.5, max_interval)
+
+    # ------------------------------------------------------------ logs
+
+    async def cat_log(self, job_id: int, file: LogFile = "out", *, offset: int = 0) -> bytes:
+        """Read a file of a job's log directory.
+
+        Args:
+            job_id: sshq id.
+            file: ``out`` (job.out), ``err`` (job.err), ``status`` (job.status)
+                or ``job`` (the job script).
+            offset: first byte to read.
+
+        Returns:
+            The raw bytes (decode with ``errors="replace"`` to display).
+
+        Raises:
+            InvalidInputError: unknown file name.
+            RemoteError: the file cannot be read.
+        """
+        if file not in LOG_FILES:
+            raise InvalidInputError(f"unknown log file {file!r}; use {', '.join(LOG_FILES)}")
+        (job,) = self.store.get([job_id])
+        reply = await self._agent_on_group(
+            job.platform, job.host, "read",
+            {"path": f"{job.job_log_dir}/{LOG_FILES[file]}", "offset": offset},
+        )
+        if not reply.get("ok"):
+            raise RemoteError(f"job {job_id}: {reply.get('error')}")
+        return base64.b64decode(reply["data_b64"])
+
+    async def follow_log(
+        self, job_id: int, files: Sequence[LogFile] = ("out", "err"), *, poll_every: float = 10.0
+    ) -> AsyncIterator[tuple[str, bytes]]:
+        """Stream a job's log files as they grow, until the job is final.
+
+        Yields ``(file, bytes)`` pairs (``file`` is ``out`` or ``err``).  The
+        stream ends when the job status file records an exit, or when a poll
+        (every ``poll_every`` seconds) finds the job final otherwise.
+        """
+        (job,) = self.store.get([job_id])
+        plat = self.config.platform(job.platform)
+        t = self.transport(plat, self._host_of(plat, job.host))
+        payload = {
+            "files": {f: f"{job.job_log_dir}/{LOG_FILES[f]}" for f in files},
+            "log_dir": job.job_log_dir,
+            "interval": 0.2,
+        }
+        queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for frame in stream_agent(t, plat.python, "follow", payload):
+                    if "file" in frame:
+                        await queue.put((frame["file"], base64.b64decode(frame["data_b64"])))
+                    elif frame.get("done"):
+                        break
+            finally:
+                await queue.put(None)
+
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(poll_every)
+                (j,) = await self.poll([job_id])
+                if j.state.is_final:
+                    await asyncio.sleep(1.0)  # let the last bytes arrive
+                    await queue.put(None)
+                    return
+
+        pump_task = asyncio.create_task(pump())
+        watch_task = asyncio.create_task(watch())
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                yield item
+            if pump_task.done() and pump_task.exception() is not None:
+                raise pump_task.exception()  # type: ignore[misc]
+        finally:
+            for task in (pump_task, watch_task):
+                task.cancel()
+            await asyncio.gather(pump_task, watch_task, return_exceptions=True)
+        await self.poll([job_id])
+
+    async def retrieve(self, ids: Sequence[int], *, dest: str | Path = ".") -> list[Path]:
+        """Copy job log directories back with rsync (Cylc's log retrieval).
+
+        Each job's directory lands in ``DEST/<name>/<NN>/``.
+
+        Returns:
+            The local directories, in the order of ``ids``.
+
+        Raises:
+            RemoteError: rsync failed (its stderr in the message).
+        """
+        jobs = self.store.get(list(ids))
+        out: list[Path] = []
+        for job in jobs:
+            plat = self.config.platform(job.platform)
+            t = self.transport(plat, self._host_of(plat, job.host))
+            local = Path(dest) / job.name / f"{job.submit_num:02d}"
+            local.mkdir(parents=True, exist_ok=True)
+            await _rsync(t, job.job_log_dir, local)
+            out.append(local)
+        return out
+
+    async def jobs(
+        self, *, platform: str | None = None, state: JobState | str | None = None,
+        limit: int | None = None,
+    ) -> list[Job]:
+        """Jobs in the local store (no SSH), oldest first.
+
+        Args:
+            platform: only this platform's jobs.
+            state: only jobs in this state.
+            limit: only the newest ``limit`` jobs.
+        """
+        states = [JobState(state)] if state else None
+        return self.store.query(platform=platform, states=states, limit=limit)
+
+
+async def _rsync(t: Transport, remote_dir: str, local: Path) -> None:
+    opts, src = t.rsync_args(remote_dir.rstrip("/") + "/")
+    if shutil.which("rsync") is None:
+        if isinstance(t, LocalTransport):
+            shutil.copytree(remote_dir, local, dirs_exist_ok=True, symlinks=True)
+            return
+        raise RemoteError("rsync is not installed on this machine")
+    argv = ["rsync", "-a", *opts, src, str(local) + os.sep]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RemoteError(
+            f"rsync from {t.host} failed (exit {proc.returncode}):"
+            f" {err.decode('utf-8', 'replace').strip()}"
+        )
+
+
+def _spec_summary(spec: JobSpec) -> dict[str, Any]:
+    d = asdict(spec)
+    d.pop("script", None)
+    d["environment"] = sorted(spec.environment)  # keys only: values may be secrets
+    if spec.walltime is not None:
+        d["walltime"] = spec.walltime.total_seconds()
+    return d
+
+
+class Client:
+    """Synchronous facade over :class:`AsyncClient`, with the same method names.
+
+    It owns an event loop; connections persist across calls until
+    :meth:`close` (or the end of a ``with`` block).
+    """
+
+    def __init__(
+        self, config: Config | str | Path | None = None, *, state_dir: str | Path | None = None
+    ) -> None:
+        self._runner = asyncio.Runner()
+        self._async = AsyncClient(config, state_dir=state_dir)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def aclient(self) -> AsyncClient:
+        """The underlying :class:`AsyncClient`."""
+        return self._async
+
+    def _run(self, coro: Any) -> Any:
+        return self._runner.run(coro)
+
+    def close(self) -> None:
+        """Close connections and the event loop."""
+        try:
+            self._run(self._async.close())
+        finally:
+            self._runner.close()
+
+    def submit(self, specs: JobSpec | Sequence[JobSpec], *, platform: str = "localhost") -> list[Job]:
+        """See :meth:`AsyncClient.submit`."""
+        result: list[Job] = self._run(self._async.submit(specs, platform=platform))
+        return result
+
+    def poll(self, ids: Sequence[int] | None = None, *, all: bool = False) -> list[Job]:
+        """See :meth:`AsyncClient.poll`."""
+        result: list[Job] = self._run(self._async.poll(ids, all=all))
+        return result
+
+    def wait(self, ids: Sequence[int], *, timeout: float | None = None,
+             interval: float = 1.0) -> list[Job]:
+        """See :meth:`AsyncClient.wait`."""
+        result: list[Job] = self._run(self._async.wait(ids, timeout=timeout, interval=interval))
+        return result
+
+    def kill(self, ids: Sequence[int], *, settle: float = 5.0) -> list[Job]:
+        """See :meth:`AsyncClient.kill`."""
+        result: list[Job] = self._run(self._async.kill(ids, settle=settle))
+        return result
+
+    def cat_log(self, job_id: int, file: LogFile = "out", *, offset: int = 0) -> bytes:
+        """See :meth:`AsyncClient.cat_log`."""
+        result: bytes = self._run(self._async.cat_log(job_id, file, offset=offset))
+        return result
+
+    def retrieve(self, ids: Sequence[int], *, dest: str | Path = ".") -> list[Path]:
+        """See :meth:`AsyncClient.retrieve`."""
+        result: list[Path] = self._run(self._async.retrieve(ids, dest=dest))
+        return result
+
+    def jobs(self, *, platform: str | None = None, state: JobState | str | None = None,
+             limit: int | None = None) -> list[Job]:
+        """See :meth:`AsyncClient.jobs`."""
+        result: list[Job] = self._run(self._async.jobs(platform=platform, state=state,
+                                                       limit=limit))
+        return result

@@ -1,0 +1,149 @@
+"""The exceptions sshq raises.
+
+Every exception derives from :class:`SshqError`. Each class says whether the
+failure is *transient* (worth retrying later: a host down, a job runner that
+timed out) and carries the ``exit_code`` the command-line interface exits
+with.  A failure of one job inside a batch is data in the result (its
+``state`` and ``message``); only a failure of the whole batch raises.
+
+::
+
+    SshqError                       exit 1
+    ├── ConfigError                 exit 2   bad platforms file or unknown platform
+    ├── InvalidInputError           exit 2   a job spec field refused before anything is sent
+    ├── UnknownJobError             exit 2   an sshq id not in the local store
+    ├── TransportError              exit 3   bytes could not reach the host
+    │   ├── HostUnreachableError    exit 3   transient: refused, timed out, DNS, link down
+    │   ├── AuthenticationError     exit 4   the server refused every credential we offered
+    │   ├── HostKeyError            exit 5   host key unknown or changed (strict checking)
+    │   └── CommandError            exit 3   the remote command could not be started
+    ├── RemoteError                 exit 6   the remote agent failed or replied nonsense
+    │   └── JobRunnerError          exit 6   the job runner's command failed for the batch
+    └── WaitTimeoutError            exit 124 ``sshq wait --timeout`` ran out
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SshqError",
+    "ConfigError",
+    "InvalidInputError",
+    "UnknownJobError",
+    "TransportError",
+    "HostUnreachableError",
+    "AuthenticationError",
+    "HostKeyError",
+    "CommandError",
+    "RemoteError",
+    "JobRunnerError",
+    "WaitTimeoutError",
+]
+
+
+class SshqError(Exception):
+    """Root of every sshq error.
+
+    Attributes:
+        transient: True when retrying later may succeed.
+        exit_code: the CLI's exit status for this error.
+    """
+
+    transient: bool = False
+    exit_code: int = 1
+
+
+class ConfigError(SshqError):
+    """The platforms file is invalid, or a platform name is unknown."""
+
+    exit_code = 2
+
+
+class InvalidInputError(SshqError):
+    """A job spec, name, environment key or directive value was refused.
+
+    Raised before anything is sent to a host.
+    """
+
+    exit_code = 2
+
+
+class UnknownJobError(SshqError):
+    """An sshq job id is not in the local state database."""
+
+    exit_code = 2
+
+
+class TransportError(SshqError):
+    """Bytes could not reach a host, or the remote command could not run.
+
+    Attributes:
+        host: the host (as configured) the failure is about.
+        command_sent: True when the command may have started before the
+            failure (then re-running it could repeat its effects).
+    """
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, host: str = "", command_sent: bool = False) -> None:
+        super().__init__(message)
+        self.host = host
+        self.command_sent = command_sent
+
+
+class HostUnreachableError(TransportError):
+    """Connection refused, timed out, name not resolved or link lost."""
+
+    transient = True
+
+
+class AuthenticationError(TransportError):
+    """The SSH server refused every key (and method) offered."""
+
+    exit_code = 4
+
+
+class HostKeyError(TransportError):
+    """The host key is not in known_hosts, or differs from the recorded one.
+
+    Attributes:
+        fingerprint: the SHA256 fingerprint the server offered ('' if unknown).
+        changed: True when known_hosts holds a *different* key for the host.
+    """
+
+    exit_code = 5
+
+    def __init__(
+        self, message: str, *, host: str = "", fingerprint: str = "", changed: bool = False
+    ) -> None:
+        super().__init__(message, host=host)
+        self.fingerprint = fingerprint
+        self.changed = changed
+
+
+class CommandError(TransportError):
+    """The remote command could not be started (e.g. python3 not found)."""
+
+
+class RemoteError(SshqError):
+    """The remote agent failed, or its reply could not be read."""
+
+    exit_code = 6
+
+
+class JobRunnerError(RemoteError):
+    """The job runner's command failed for the whole batch.
+
+    Attributes:
+        stderr: the command's standard error, decoded with replacement characters.
+    """
+
+    def __init__(self, message: str, *, stderr: str = "", transient: bool = False) -> None:
+        super().__init__(message)
+        self.stderr = stderr
+        self.transient = transient
+
+
+class WaitTimeoutError(SshqError):
+    """Jobs were still not final when the wait timeout ran out."""
+
+    exit_code = 124

@@ -1,0 +1,123 @@
+"""What a job runner handler is: a small, stateless, pure description.
+
+The shape follows Cylc's job runner handlers (``cylc/flow/job_runner_handlers``,
+seed 001): a directive prefix, a submit command, a regular expression that
+finds the job id in the submit output, one poll command for many ids, and a
+kill command for many ids.  A handler never imports a transport: it builds
+argument vectors and parses text.  The remote agent runs the commands.
+
+Poll and kill commands are *templates*: the element ``"{ids}"`` stands for
+the job ids, expanded by the agent either into one argument per id
+(``ids_sep is None``) or into one argument joined with ``ids_sep``.  The agent
+fills them only with the ids of jobs whose job status file records no exit,
+so finished jobs never cost a job runner query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..exceptions import InvalidInputError
+from ..model.job_spec import JobSpec
+
+__all__ = ["JobRunnerHandler", "RunnerJobState", "IDS", "expand_ids"]
+
+#: The placeholder for job ids in poll and kill command templates.
+IDS = "{ids}"
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerJobState:
+    """What the job runner says of a job it still knows.
+
+    Attributes:
+        job_id: the job runner's id.
+        running: True when the runner reports it running (or finishing).
+        raw: the runner's own state code (``PENDING``, ``R``, ...).
+    """
+
+    job_id: str
+    running: bool
+    raw: str
+
+
+class JobRunnerHandler:
+    """Base class for job runner handlers; subclasses set the class attributes.
+
+    Attributes:
+        name: the job runner's name in platform configs (``slurm``).
+        directive_prefix: prefix of directive lines (``#SBATCH``); '' for none.
+        job_id_regex: finds the job id in the submit command's stdout; must
+            have a named group ``id`` (Python ``re``, searched, MULTILINE).
+        poll_command: poll command template (see module docstring).
+        kill_command: kill command template.
+        ids_sep: how ``{ids}`` expands: None for separate arguments, else the
+            separator of one joined argument.
+        wrapper_walltime: True when the runner cannot enforce a walltime, so
+            the job wrapper enforces it (sends itself ``XCPU``).
+    """
+
+    name: str = ""
+    directive_prefix: str = ""
+    job_id_regex: str = r"(?P<id>\S+)"
+    poll_command: tuple[str, ...] = ()
+    kill_command: tuple[str, ...] = ()
+    ids_sep: str | None = None
+    wrapper_walltime: bool = False
+
+    def directives(self, spec: JobSpec, job_log_dir: str) -> list[str]:
+        """Directive lines (with prefix) for a normalized job spec.
+
+        Args:
+            spec: a spec that went through :meth:`JobSpec.normalized`.
+            job_log_dir: absolute job log directory, for stdout/stderr paths.
+
+        Raises:
+            InvalidInputError: the spec asks for something this runner cannot
+                express (never silently dropped).
+        """
+        raise NotImplementedError
+
+    def submit_argv(self, job_file: str, job_log_dir: str) -> list[str]:
+        """The argv that submits ``job_file`` (absolute path) to the runner."""
+        raise NotImplementedError
+
+    def parse_poll(
+        self, exit_status: int, stdout: str, stderr: str
+    ) -> dict[str, RunnerJobState]:
+        """Parse one poll command's output into the jobs the runner still knows.
+
+        Raises:
+            JobRunnerError: the command failed in a way that says nothing about
+                the jobs (the poll is then transient and changes no state).
+        """
+        raise NotImplementedError
+
+    def refuse(self, spec: JobSpec, *fields: str) -> None:
+        """Raise InvalidInputError if ``spec`` sets any of ``fields``."""
+        for f in fields:
+            value = getattr(spec, f)
+            if value not in (None, (), "", {}):
+                raise InvalidInputError(
+                    f"job runner {self.name!r} cannot express {f.replace('_', '-')}"
+                    f" (asked for {value!r}); remove it or use another job runner"
+                )
+
+
+def expand_ids(template: Sequence[str], ids: Sequence[str], sep: str | None) -> list[str]:
+    """Expand the ``{ids}`` element of a command template.
+
+    This is the same rule the remote agent applies; it lives here for tests
+    and for local use.
+    """
+    out: list[str] = []
+    for word in template:
+        if word == IDS:
+            if sep is None:
+                out.extend(ids)
+            else:
+                out.append(sep.join(ids))
+        else:
+            out.append(word)
+    return out

@@ -1,0 +1,87 @@
+"""Slurm: ``sbatch``, ``squeue``, ``scancel`` (Slurm 20.11+ man pages).
+
+Submit output (``sbatch(1)``, OUTPUT): ``Submitted batch job 123`` or, on a
+multi-cluster site, ``Submitted batch job 123 on cluster c1``.  Poll:
+``squeue -h -o '%i^^^%T' -j 1,2,3`` (a rare field separator, after AiiDA);
+squeue exits 1 with ``Invalid job id specified`` when none of the ids is
+known any more.
+"""
+
+from __future__ import annotations
+
+from ..exceptions import JobRunnerError
+from ..model.job_spec import JobSpec
+from ..model.resources import format_hms, format_memory_mib
+from .base import IDS, JobRunnerHandler, RunnerJobState
+
+__all__ = ["SlurmHandler", "HANDLER"]
+
+_SEP = "^^^"
+_MAIL = {"begin": "BEGIN", "end": "END", "fail": "FAIL", "all": "ALL"}
+# squeue(1) JOB STATE CODES that mean the job is executing or finishing.
+_RUNNING = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "SUSPENDED", "STOPPED"}
+
+
+class SlurmHandler(JobRunnerHandler):
+    """Slurm job runner handler."""
+
+    name = "slurm"
+    directive_prefix = "#SBATCH"
+    job_id_regex = r"^\s*Submitted batch job (?P<id>\d+)"
+    poll_command = ("squeue", "-h", "-o", f"%i{_SEP}%T", "-j", IDS)
+    kill_command = ("scancel", IDS)
+    ids_sep = ","
+
+    def directives(self, spec: JobSpec, job_log_dir: str) -> list[str]:
+        p = self.directive_prefix
+        lines = [
+            f"{p} --job-name={spec.job_name}",
+            f"{p} --output={job_log_dir}/job.out",
+            f"{p} --error={job_log_dir}/job.err",
+        ]
+        if spec.walltime is not None:
+            lines.append(f"{p} --time={format_hms(spec.walltime)}")
+        if spec.nodes is not None:
+            lines.append(f"{p} --nodes={spec.nodes}")
+        if spec.tasks is not None:
+            lines.append(f"{p} --ntasks={spec.tasks}")
+        if spec.cpus is not None:
+            lines.append(f"{p} --cpus-per-task={spec.cpus}")
+        if spec.memory is not None:
+            lines.append(f"{p} --mem={format_memory_mib(spec.memory)}M")
+        if spec.queue:
+            lines.append(f"{p} --partition={spec.queue}")
+        if spec.account:
+            lines.append(f"{p} --account={spec.account}")
+        if spec.mail_user:
+            lines.append(f"{p} --mail-user={spec.mail_user}")
+        if spec.mail_events:
+            lines.append(f"{p} --mail-type={','.join(_MAIL[e] for e in spec.mail_events)}")
+        lines.extend(f"{p} {d}" for d in spec.directives)
+        return lines
+
+    def submit_argv(self, job_file: str, job_log_dir: str) -> list[str]:
+        return ["sbatch", job_file]
+
+    def parse_poll(
+        self, exit_status: int, stdout: str, stderr: str
+    ) -> dict[str, RunnerJobState]:
+        if exit_status != 0:
+            if "Invalid job id" in stderr:
+                return {}
+            raise JobRunnerError(
+                f"squeue failed (exit {exit_status}): {stderr.strip()}",
+                stderr=stderr,
+                transient=True,
+            )
+        known: dict[str, RunnerJobState] = {}
+        for line in stdout.splitlines():
+            if _SEP not in line:
+                continue
+            job_id, _, state = line.strip().partition(_SEP)
+            state = state.split()[0] if state.split() else ""
+            known[job_id] = RunnerJobState(job_id, state in _RUNNING, state)
+        return known
+
+
+HANDLER = SlurmHandler()

@@ -1,0 +1,162 @@
+"""Render a job script: directives, then the wrapper, then the user's script.
+
+The wrapper follows Cylc's job script (seed 001): it records the job's life
+in the *job status file* ``job.status`` as ``KEY=VALUE`` lines, so that a poll
+can tell how the job ended even after the job runner has forgotten it:
+
+==============================  =================================  ==========
+key                             value                              written by
+==============================  =================================  ==========
+SSHQ_JOB_RUNNER_NAME            ``slurm``, ``background``, ...     agent
+SSHQ_JOB_ID                     the job runner's job id            agent
+SSHQ_JOB_RUNNER_SUBMIT_TIME     submit time, ISO 8601 UTC          agent
+SSHQ_JOB_PID                    the wrapper's pid                  wrapper
+SSHQ_JOB_HOST                   the execution host                 wrapper
+SSHQ_JOB_INIT_TIME              start time, ISO 8601 UTC           wrapper
+SSHQ_JOB_EXIT_STATUS            the user script's exit status      wrapper
+SSHQ_JOB_EXIT_SIGNAL            signal name: TERM, XCPU, INT, HUP  wrapper
+SSHQ_JOB_EXIT_TIME              end time, ISO 8601 UTC             wrapper
+==============================  =================================  ==========
+
+Traps on EXIT, ERR, TERM, XCPU, INT and HUP make a killed job record how it
+ended.  The user's script is embedded as a quoted here-document, written to
+``job.user`` in the job log directory and run with its arguments in the
+job's work directory, with the requested environment.  Every value that
+reaches the shell goes through :mod:`sshq.quoting`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+
+from ..job_runners.base import JobRunnerHandler
+from ..model.job_spec import JobSpec
+from ..quoting import join, quote
+
+__all__ = ["render_job_script", "STATUS_FILE"]
+
+STATUS_FILE = "job.status"
+
+_WRAPPER = r"""
+# ---- sshq job wrapper: records this job's life in job.status ----
+sshq__status="$SSHQ_JOB_LOG_DIR/job.status"
+sshq__child=
+sshq__ended=
+sshq__watchdog=
+sshq__now() { date -u +%Y-%m-%dT%H:%M:%SZ; }
+sshq__record() { printf '%s=%s\n' "$1" "$2" >>"$sshq__status"; }
+sshq__end() {
+    [ -n "$sshq__ended" ] && return 0
+    sshq__ended=1
+    if [ -n "$sshq__watchdog" ]; then
+        pkill -P "$sshq__watchdog" 2>/dev/null
+        kill "$sshq__watchdog" 2>/dev/null
+    fi
+    sshq__record "$1" "$2"
+    sshq__record SSHQ_JOB_EXIT_TIME "$(sshq__now)"
+}
+sshq__on_signal() {
+    trap '' TERM XCPU INT HUP
+    trap - ERR
+    if [ -n "$sshq__child" ]; then
+        kill -s TERM "$sshq__child" 2>/dev/null
+        if [ "$(ps -o pgid= -p $$ 2>/dev/null | tr -d ' ')" = "$$" ]; then
+            kill -s TERM -- "-$$" 2>/dev/null
+        fi
+    fi
+    sshq__end SSHQ_JOB_EXIT_SIGNAL "$1"
+    exit $((128 + $2))
+}
+trap 'sshq__end SSHQ_JOB_EXIT_STATUS "$?"' EXIT
+trap 'sshq__on_signal TERM 15' TERM
+trap 'sshq__on_signal XCPU 24' XCPU
+trap 'sshq__on_signal INT 2' INT
+trap 'sshq__on_signal HUP 1' HUP
+trap 'sshq__rc=$?; sshq__end SSHQ_JOB_EXIT_STATUS "$sshq__rc"; exit "$sshq__rc"' ERR
+sshq__record SSHQ_JOB_PID "$$"
+sshq__record SSHQ_JOB_HOST "$(hostname 2>/dev/null || uname -n)"
+sshq__record SSHQ_JOB_INIT_TIME "$(sshq__now)"
+mkdir -p "$SSHQ_WORK_DIR"
+cd "$SSHQ_WORK_DIR"
+"""
+
+_RUN = r"""chmod 700 "$SSHQ_JOB_LOG_DIR/job.user"
+trap - ERR
+"$SSHQ_JOB_LOG_DIR/job.user"{args} &
+sshq__child=$!
+wait "$sshq__child"
+exit $?
+"""
+
+_WATCHDOG = r"""# walltime {seconds} s, enforced by the wrapper: XCPU as a batch system would send
+( sleep {seconds} && kill -s XCPU $$ ) >/dev/null 2>&1 &
+sshq__watchdog=$!
+"""
+
+
+def _heredoc_delimiter(body: bytes) -> str:
+    digest = hashlib.sha256(body).hexdigest()[:16]
+    n = 0
+    while True:
+        delim = f"SSHQ_USER_SCRIPT_{digest}_{n}"
+        if delim.encode() not in body:
+            return delim
+        n += 1
+
+
+def render_job_script(
+    spec: JobSpec,
+    handler: JobRunnerHandler,
+    *,
+    job_log_dir: str,
+    work_dir: str,
+    extra_env: Mapping[str, str] | None = None,
+) -> bytes:
+    """Render the job file for one job.
+
+    Args:
+        spec: a normalized job spec (:meth:`JobSpec.normalized`).
+        handler: the job runner handler (gives the directives).
+        job_log_dir: absolute job log directory ``<run_dir>/log/job/<name>/<NN>``.
+        work_dir: absolute work directory.
+        extra_env: sshq's own variables (``SSHQ_ID``...), exported before the
+            user's environment.
+
+    Returns:
+        The job file's bytes (``#!/bin/bash``).
+
+    Raises:
+        InvalidInputError: the handler cannot express a field of the spec.
+    """
+    lines: list[str] = ["#!/bin/bash"]
+    lines.extend(handler.directives(spec, job_log_dir))
+    lines.append("#")
+    lines.append("# Job script written by sshq.  Job status file: job.status (KEY=VALUE).")
+    env: dict[str, str] = {
+        "SSHQ_JOB_LOG_DIR": job_log_dir,
+        "SSHQ_WORK_DIR": work_dir,
+        "SSHQ_JOB_NAME": spec.job_name,
+    }
+    env.update(extra_env or {})
+    for k, v in env.items():
+        lines.append(f"export {k}={quote(v)}")
+    head = "\n".join(lines) + "\n" + _WRAPPER
+    if spec.environment:
+        head += "# ---- the job's environment ----\n"
+        head += "".join(f"export {k}={quote(v)}\n" for k, v in spec.environment.items())
+    if handler.wrapper_walltime and spec.walltime is not None:
+        head += _WATCHDOG.format(seconds=math.ceil(spec.walltime.total_seconds()))
+    body = spec.user_script()
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    delim = _heredoc_delimiter(body)
+    args = (" " + join(spec.arguments)) if spec.arguments else ""
+    return (
+        head.encode("utf-8", "surrogateescape")
+        + f"# ---- the user's script ----\ncat >\"$SSHQ_JOB_LOG_DIR/job.user\" <<'{delim}'\n".encode()
+        + body
+        + f"{delim}\n".encode()
+        + _RUN.format(args=args).encode()
+    )

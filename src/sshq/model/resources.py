@@ -1,0 +1,85 @@
+"""Parsing of walltimes and memory sizes as users write them."""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import timedelta
+
+from ..exceptions import InvalidInputError
+
+__all__ = ["parse_walltime", "parse_memory", "format_hms", "format_memory_mib"]
+
+_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
+_MEM_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*\Z", re.IGNORECASE)
+_WALL_RE = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?\Z")
+
+
+def parse_walltime(text: str | int | float | timedelta) -> timedelta:
+    """Parse a walltime.
+
+    Accepts a ``timedelta``, a number of seconds, or Slurm's forms
+    (``sbatch(1)`` ``--time``): ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``,
+    ``D-HH:MM``, ``D-HH:MM:SS``.  A lone number is minutes, as in Slurm.
+
+    Returns:
+        The walltime; always positive.
+
+    Raises:
+        InvalidInputError: unparseable or not positive.
+    """
+    if isinstance(text, timedelta):
+        td = text
+    elif isinstance(text, (int, float)):
+        td = timedelta(seconds=text)
+    else:
+        m = _WALL_RE.match(text.strip())
+        if not m:
+            raise InvalidInputError(
+                f"invalid walltime {text!r}: use HH:MM:SS, MM:SS, minutes, or D-HH:MM:SS"
+            )
+        days, a, b, c = m.groups()
+        if days is not None:
+            hours, mins, secs = int(a), int(b or 0), int(c or 0)
+            td = timedelta(days=int(days), hours=hours, minutes=mins, seconds=secs)
+        elif c is not None:
+            td = timedelta(hours=int(a), minutes=int(b), seconds=int(c))
+        elif b is not None:
+            td = timedelta(minutes=int(a), seconds=int(b))
+        else:
+            td = timedelta(minutes=int(a))
+    if td.total_seconds() <= 0:
+        raise InvalidInputError(f"walltime must be positive, got {text!r}")
+    return td
+
+
+def format_hms(td: timedelta) -> str:
+    """Format a walltime as ``HH:MM:SS`` (hours may exceed 24), seconds rounded up."""
+    total = math.ceil(td.total_seconds())
+    return f"{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}"
+
+
+def parse_memory(text: str | int) -> int:
+    """Parse a memory size into bytes.
+
+    ``2G``, ``512M``, ``1.5GiB``, ``1024`` (bytes) are accepted; the suffixes
+    K, M, G, T, P are powers of 1024, as in ``sbatch --mem``.
+
+    Raises:
+        InvalidInputError: unparseable or not positive.
+    """
+    if isinstance(text, int):
+        value = text
+    else:
+        m = _MEM_RE.match(text)
+        if not m:
+            raise InvalidInputError(f"invalid memory size {text!r}: use e.g. 512M or 2G")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise InvalidInputError(f"memory must be positive, got {text!r}")
+    return value
+
+
+def format_memory_mib(nbytes: int) -> int:
+    """Bytes to whole MiB, rounded up (what batch systems accept)."""
+    return max(1, math.ceil(nbytes / 1024**2))

@@ -1,0 +1,1 @@
+"""Operations on a platform through the remote agent (``agent.py``, shipped over SSH)."""

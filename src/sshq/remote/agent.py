@@ -1,0 +1,331 @@
+# sshq remote agent.
+#
+# One file, Python 3.6+ standard library only.  sshq sends it over the SSH
+# channel on every call, never installs it: the remote command is always
+#
+#     python3 -c 'import sys;b=sys.stdin.buffer;exec(compile(b.read(int(b.readline())),"sshq-agent","exec"))'
+#
+# and stdin carries: the length of this file in bytes, a newline, this file,
+# then one JSON request.  The agent performs a batch of operations and writes
+# its reply on stdout between fence lines carrying the request's nonce, so
+# that whatever a login shell prints cannot be taken for the reply:
+#
+#     SSHQ-BEGIN-<nonce>\n  (<length>\n<json>)*  0\n  SSHQ-END-<nonce>\n
+#
+# Operations (the "op" field): init, submit, poll, kill, read, follow.
+# Nothing here builds shell text: every command is an argument vector run
+# without a shell.  The layout of the job log directory is Cylc's (seed 001):
+# <run_dir>/log/job/<name>/<NN>/{job,job.out,job.err,job.status}, NN -> latest.
+
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+STATUS = "job.status"
+EXIT_KEYS = ("SSHQ_JOB_EXIT_STATUS", "SSHQ_JOB_EXIT_SIGNAL")
+IDS = "{ids}"
+MAX_ARGS_BYTES = 65536  # far below any ARG_MAX; id lists are chunked to fit
+
+
+def now_iso():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def text(data):
+    return data.decode("utf-8", "replace")
+
+
+def b64(data):
+    return base64.b64encode(data).decode("ascii")
+
+
+class Writer(object):
+    def __init__(self, nonce):
+        self.out = sys.stdout.buffer
+        self.nonce = nonce
+        self.out.write(("\nSSHQ-BEGIN-%s\n" % nonce).encode("ascii"))
+
+    def frame(self, obj):
+        data = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+        self.out.write(("%d\n" % len(data)).encode("ascii") + data)
+        self.out.flush()
+
+    def close(self):
+        self.out.write(("0\nSSHQ-END-%s\n" % self.nonce).encode("ascii"))
+        self.out.flush()
+
+
+def run(argv, cwd=None, stdin_path=None, timeout=None):
+    """Run an argv (no shell); return a JSON-ready result dict."""
+    stdin = subprocess.DEVNULL
+    fh = None
+    try:
+        if stdin_path:
+            fh = open(stdin_path, "rb")
+            stdin = fh
+        proc = subprocess.Popen(
+            argv, cwd=cwd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            return {"exit": 124, "stdout": text(out), "stderr": text(err) + "\n(timed out)"}
+        return {"exit": proc.returncode, "stdout": text(out), "stderr": text(err)}
+    except OSError as exc:
+        return {"exit": 127, "stdout": "", "stderr": "%s: %s" % (argv[0], exc.strerror)}
+    finally:
+        if fh is not None:
+            fh.close()
+
+
+def read_status(log_dir):
+    """The job status file's text ('' when missing)."""
+    try:
+        with open(os.path.join(log_dir, STATUS), "rb") as fh:
+            return text(fh.read())
+    except (IOError, OSError):
+        return ""
+
+
+def has_exit(status_text):
+    for line in status_text.splitlines():
+        if line.split("=", 1)[0] in EXIT_KEYS:
+            return True
+    return False
+
+
+def append_status(log_dir, pairs):
+    data = "".join("%s=%s\n" % (k, v) for k, v in pairs).encode("utf-8")
+    fd = os.open(os.path.join(log_dir, STATUS), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def expand(template, ids, sep):
+    """Expand the "{ids}" word of a command template, in chunks that fit."""
+    chunks = []
+    cur = []
+    size = 0
+    for i in ids:
+        if cur and size + len(i) + 1 > MAX_ARGS_BYTES:
+            chunks.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += len(i) + 1
+    if cur:
+        chunks.append(cur)
+    out = []
+    for chunk in chunks:
+        argv = []
+        for word in template:
+            if word == IDS:
+                if sep is None:
+                    argv.extend(chunk)
+                else:
+                    argv.append(sep.join(chunk))
+            else:
+                argv.append(word)
+        out.append(argv)
+    return out
+
+
+# ---------------------------------------------------------------- operations
+
+
+def op_init(req, w):
+    run_dir = os.path.abspath(os.path.expanduser(req["run_dir"]))
+    os.makedirs(run_dir, exist_ok=True)
+    w.frame({
+        "home": os.path.expanduser("~"),
+        "run_dir": run_dir,
+        "hostname": socket.gethostname(),
+        "python": sys.version.split()[0],
+        "user": os.environ.get("USER") or os.environ.get("LOGNAME") or "",
+    })
+
+
+def link_latest(log_dir):
+    parent, nn = os.path.split(log_dir)
+    link = os.path.join(parent, "NN")
+    tmp = "%s.tmp%d" % (link, os.getpid())
+    try:
+        os.remove(tmp)
+    except OSError:
+        pass
+    os.symlink(nn, tmp)
+    os.rename(tmp, link)
+
+
+def submit_one(job):
+    log_dir = job["log_dir"]
+    try:
+        os.makedirs(os.path.dirname(log_dir), exist_ok=True)
+        try:
+            os.mkdir(log_dir, 0o755)
+        except FileExistsError:
+            return {"key": job["key"], "ok": False, "code": "exists",
+                    "error": "job log directory %s exists already" % log_dir}
+        job_file = os.path.join(log_dir, "job")
+        fd = os.open(job_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+        try:
+            os.write(fd, base64.b64decode(job["job_b64"]))
+        finally:
+            os.close(fd)
+        link_latest(log_dir)
+        os.makedirs(job["work_dir"], exist_ok=True)
+    except OSError as exc:
+        return {"key": job["key"], "ok": False, "code": "io",
+                "error": "%s: %s" % (exc.filename or log_dir, exc.strerror)}
+    res = run(job["submit_argv"], cwd=job["work_dir"],
+              stdin_path=job_file if job.get("stdin_job_file") else None,
+              timeout=job.get("timeout"))
+    res["key"] = job["key"]
+    submit_time = now_iso()
+    m = re.search(job["id_regex"], res["stdout"], re.MULTILINE)
+    if res["exit"] != 0 or not m:
+        res["ok"] = False
+        res["code"] = "runner"
+        append_status(log_dir, [("SSHQ_JOB_RUNNER_NAME", job["runner"]),
+                                ("SSHQ_JOB_RUNNER_SUBMIT_FAILED", submit_time)])
+        return res
+    res["ok"] = True
+    res["job_id"] = m.group("id")
+    res["submit_time"] = submit_time
+    append_status(log_dir, [("SSHQ_JOB_RUNNER_NAME", job["runner"]),
+                            ("SSHQ_JOB_ID", res["job_id"]),
+                            ("SSHQ_JOB_RUNNER_SUBMIT_TIME", submit_time)])
+    return res
+
+
+def op_submit(req, w):
+    jobs = req["jobs"]
+    workers = max(1, min(int(req.get("concurrency", 4)), len(jobs) or 1))
+    if workers == 1:
+        results = [submit_one(j) for j in jobs]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(submit_one, jobs))
+    w.frame({"results": results})
+
+
+def query_runners(req, pending, kind):
+    """Run each runner's command template once per chunk for its pending jobs."""
+    out = {}
+    by_runner = {}
+    for job in pending:
+        if job.get("job_id"):
+            by_runner.setdefault(job["runner"], []).append(job["job_id"])
+    for runner, ids in by_runner.items():
+        spec = req["runners"][runner]
+        results = []
+        for argv in expand(spec[kind], ids, spec.get("sep")):
+            results.append(run(argv, timeout=req.get("timeout", 60)))
+        out[runner] = results
+    return out
+
+
+def op_poll(req, w):
+    jobs = req["jobs"]
+    first = dict((j["key"], read_status(j["log_dir"])) for j in jobs)
+    pending = [j for j in jobs if not has_exit(first[j["key"]])]
+    runners = query_runners(req, pending, "poll")
+    # Re-read after the runner query: a job that ended meanwhile must be seen
+    # with its exit, not as "vanished".
+    status = dict(first)
+    for j in pending:
+        status[j["key"]] = read_status(j["log_dir"])
+    w.frame({
+        "status": status,
+        "queried": [j["key"] for j in pending if j.get("job_id")],
+        "runners": runners,
+    })
+
+
+def op_kill(req, w):
+    jobs = req["jobs"]
+    status = dict((j["key"], read_status(j["log_dir"])) for j in jobs)
+    pending = [j for j in jobs if not has_exit(status[j["key"]])]
+    runners = query_runners(req, pending, "kill")
+    deadline = time.time() + float(req.get("settle", 0))
+    while True:
+        for j in pending:
+            status[j["key"]] = read_status(j["log_dir"])
+        if all(has_exit(status[j["key"]]) for j in pending) or time.time() >= deadline:
+            break
+        time.sleep(0.1)
+    w.frame({"status": status, "runners": runners,
+             "killed": [j["key"] for j in pending if j.get("job_id")]})
+
+
+def op_read(req, w):
+    path = req["path"]
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(int(req.get("offset", 0)))
+            data = fh.read(int(req.get("max_bytes", 64 * 1024 * 1024)))
+            size = os.fstat(fh.fileno()).st_size
+        w.frame({"ok": True, "data_b64": b64(data), "size": size})
+    except (IOError, OSError) as exc:
+        w.frame({"ok": False, "error": "%s: %s" % (path, exc.strerror)})
+
+
+def op_follow(req, w):
+    """Stream appended bytes of several files until the status file records an exit."""
+    files = req["files"]
+    offsets = dict((f, 0) for f in files)
+    interval = float(req.get("interval", 0.2))
+    status_dir = req.get("log_dir")
+    last_beat = time.time()
+    while True:
+        done = bool(status_dir) and has_exit(read_status(status_dir))
+        sent = False
+        for name, path in files.items():
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(offsets[name])
+                    data = fh.read(1024 * 1024)
+            except (IOError, OSError):
+                continue
+            if data:
+                offsets[name] += len(data)
+                w.frame({"file": name, "data_b64": b64(data)})
+                sent = True
+        if done and not sent:
+            w.frame({"done": True, "status": read_status(status_dir)})
+            return
+        if not sent:
+            if time.time() - last_beat > 5:
+                w.frame({"beat": True})  # notices a client that went away
+                last_beat = time.time()
+            time.sleep(interval)
+
+
+OPS = {"init": op_init, "submit": op_submit, "poll": op_poll, "kill": op_kill,
+       "read": op_read, "follow": op_follow}
+
+
+def main():
+    raw = sys.stdin.buffer.read()
+    req = json.loads(raw.decode("utf-8"))
+    w = Writer(req["nonce"])
+    try:
+        OPS[req["op"]](req, w)
+    except BrokenPipeError:
+        return
+    except Exception as exc:  # reported, not hidden: the client raises RemoteError
+        w.frame({"agent_error": "%s: %s" % (type(exc).__name__, exc)})
+    w.close()
+
+
+if __name__ == "__main__":
+    main()

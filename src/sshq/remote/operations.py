@@ -1,0 +1,99 @@
+"""Operations on a platform host through the remote agent.
+
+Each function is one SSH command (one agent call), whatever the number of
+jobs: remote-init, submit, poll, kill, read, follow.  Inputs and outputs
+are plain data; deciding states is :mod:`sshq.remote.status`'s job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from ..exceptions import CommandError, RemoteError
+from ..job_runners import JobRunnerHandler
+from ..transport import Transport
+from .protocol import FrameParser, agent_argv, encode_request
+
+__all__ = ["call_agent", "stream_agent", "runner_templates"]
+
+log = logging.getLogger(__name__)
+
+
+def _no_reply(transport: Transport, python: str, exit_status: int, stderr: bytes) -> Exception:
+    err = stderr.decode("utf-8", "replace").strip()
+    if exit_status == 127 or "not found" in err.lower() or "No such file" in err:
+        return CommandError(
+            f"{transport.host}: cannot start the remote agent with {python!r}"
+            f" (exit {exit_status}): {err or 'no output'}; set `python` in the platform"
+            " to a Python 3.6+ interpreter",
+            host=transport.host,
+        )
+    return RemoteError(
+        f"{transport.host}: the remote agent gave no reply (exit {exit_status}):"
+        f" {err or 'no output'}"
+    )
+
+
+async def call_agent(
+    transport: Transport,
+    python: str,
+    op: str,
+    payload: dict[str, Any],
+    *,
+    timeout: float | None = 300.0,
+) -> dict[str, Any]:
+    """Run one agent operation and return its single reply frame.
+
+    Args:
+        transport: the host's transport.
+        python: remote interpreter.
+        op: ``init``, ``submit``, ``poll``, ``kill`` or ``read``.
+        payload: the request's fields.
+        timeout: seconds for the whole call.
+
+    Raises:
+        TransportError: the host could not be reached.
+        CommandError: the agent could not start (no Python).
+        RemoteError: the agent failed or replied nonsense.
+    """
+    nonce, stdin = encode_request(op, payload)
+    result = await transport.run(agent_argv(python), stdin=stdin, timeout=timeout)
+    parser = FrameParser(nonce)
+    frames = list(parser.feed(result.stdout))
+    if not parser.finished or not frames:
+        if not parser.started:
+            raise _no_reply(transport, python, result.exit_status, result.stderr)
+        raise RemoteError(f"{transport.host}: the remote agent's reply was cut short")
+    log.debug("%s: agent %s ok", transport.host, op)
+    return frames[0]
+
+
+async def stream_agent(
+    transport: Transport, python: str, op: str, payload: dict[str, Any]
+) -> AsyncIterator[dict[str, Any]]:
+    """Run a streaming agent operation (``follow``), yielding frames as they come.
+
+    Raises:
+        the same errors as :func:`call_agent`.
+    """
+    nonce, stdin = encode_request(op, payload)
+    parser = FrameParser(nonce)
+    async for chunk in transport.stream(agent_argv(python), stdin=stdin):
+        for frame in parser.feed(chunk):
+            yield frame
+        if parser.finished:
+            return
+    if not parser.started:
+        raise _no_reply(transport, python, -1, b"")
+    if not parser.finished:
+        raise RemoteError(f"{transport.host}: the remote agent's stream was cut short")
+
+
+def runner_templates(handlers: Sequence[JobRunnerHandler]) -> dict[str, Any]:
+    """The ``runners`` field of poll and kill requests."""
+    return {
+        h.name: {"poll": list(h.poll_command), "kill": list(h.kill_command), "sep": h.ids_sep}
+        for h in handlers
+    }

@@ -1,0 +1,118 @@
+"""The wire protocol between sshq and its remote agent (I/O-free).
+
+Request (stdin of the remote command)::
+
+    <len(agent.py)>\\n<agent.py bytes><JSON request>
+
+The remote command is fixed (:data:`BOOTSTRAP`): it reads the agent source
+from stdin and runs it; nothing user-supplied is ever on the command line.
+
+Reply (stdout), after whatever a login shell printed::
+
+    SSHQ-BEGIN-<nonce>\\n  (<len>\\n<JSON frame>)*  0\\n  SSHQ-END-<nonce>\\n
+
+The nonce is random per call and travels on stdin, so a banner cannot forge
+a reply.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from ..exceptions import RemoteError
+
+__all__ = ["BOOTSTRAP", "agent_source", "agent_argv", "encode_request", "FrameParser"]
+
+#: The remote command's program: one line, no ``!``, no newline, no single
+#: quote, so that any login shell (sh, bash, tcsh) passes it unchanged.
+BOOTSTRAP = (
+    "import sys;b=sys.stdin.buffer;"
+    'exec(compile(b.read(int(b.readline())),"sshq-agent","exec"))'
+)
+
+
+@cache
+def agent_source() -> bytes:
+    """The agent's source, as shipped."""
+    return resources.files("sshq.remote").joinpath("agent.py").read_bytes()
+
+
+def agent_argv(python: str = "python3") -> list[str]:
+    """The remote argv that starts the agent with interpreter ``python``."""
+    return [python, "-c", BOOTSTRAP]
+
+
+def encode_request(op: str, payload: dict[str, Any]) -> tuple[str, bytes]:
+    """Build the stdin for one agent call.
+
+    Returns:
+        ``(nonce, stdin_bytes)``.
+    """
+    nonce = secrets.token_hex(12)
+    src = agent_source()
+    req = dict(payload, op=op, nonce=nonce)
+    return nonce, b"%d\n" % len(src) + src + json.dumps(req).encode("utf-8")
+
+
+class FrameParser:
+    """Incremental parser of the agent's fenced, length-prefixed frames.
+
+    Feed it stdout bytes as they arrive; it yields each JSON frame once
+    complete.  Bytes before the BEGIN fence (banners) are ignored.
+    """
+
+    def __init__(self, nonce: str) -> None:
+        self._begin = f"SSHQ-BEGIN-{nonce}\n".encode()
+        self._end = f"SSHQ-END-{nonce}\n".encode()
+        self._buf = bytearray()
+        self.started = False
+        self.finished = False
+
+    def feed(self, data: bytes) -> Iterator[dict[str, Any]]:
+        """Add bytes; yield the frames they complete.
+
+        Raises:
+            RemoteError: a malformed frame.
+        """
+        self._buf += data
+        if not self.started:
+            i = self._buf.find(self._begin)
+            if i < 0:
+                # keep a tail that could hold a partial fence
+                del self._buf[: max(0, len(self._buf) - len(self._begin))]
+                return
+            del self._buf[: i + len(self._begin)]
+            self.started = True
+        while not self.finished:
+            nl = self._buf.find(b"\n")
+            if nl < 0:
+                if len(self._buf) > 32:
+                    raise RemoteError("malformed agent reply (bad frame header)")
+                return
+            head = bytes(self._buf[:nl])
+            if not head.isdigit():
+                raise RemoteError(f"malformed agent reply (frame header {head[:40]!r})")
+            n = int(head)
+            if n == 0:
+                if len(self._buf) < nl + 1 + len(self._end):
+                    return
+                if bytes(self._buf[nl + 1: nl + 1 + len(self._end)]) != self._end:
+                    raise RemoteError("malformed agent reply (no end fence)")
+                self.finished = True
+                return
+            if len(self._buf) < nl + 1 + n:
+                return
+            body = bytes(self._buf[nl + 1: nl + 1 + n])
+            del self._buf[: nl + 1 + n]
+            try:
+                frame = json.loads(body)
+            except ValueError:
+                raise RemoteError("malformed agent reply (frame is not JSON)") from None
+            if "agent_error" in frame:
+                raise RemoteError(f"remote agent failed: {frame['agent_error']}")
+            yield frame

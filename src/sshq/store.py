@@ -1,0 +1,297 @@
+"""Local state: an SQLite database (WAL mode, file mode 0600).
+
+Tables: ``jobs`` (every submitted job and its latest state), ``remote_init``
+(per platform: the absolute run directory and home found by remote-init),
+``bad_hosts`` (hosts skipped until a time, after a connection failure).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .exceptions import UnknownJobError
+from .model import Job, JobState
+
+__all__ = ["Store", "RemoteInit"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    platform TEXT NOT NULL,
+    host TEXT NOT NULL,
+    name TEXT NOT NULL,
+    job_runner TEXT NOT NULL,
+    job_id TEXT NOT NULL DEFAULT '',
+    submit_num INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    exit_status INTEGER,
+    signal TEXT,
+    job_log_dir TEXT NOT NULL DEFAULT '',
+    work_dir TEXT NOT NULL DEFAULT '',
+    submit_time TEXT,
+    start_time TEXT,
+    exit_time TEXT,
+    message TEXT NOT NULL DEFAULT '',
+    spec TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS jobs_platform_name ON jobs (platform, name);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS remote_init (
+    platform TEXT NOT NULL,
+    run_dir_spec TEXT NOT NULL,
+    run_dir TEXT NOT NULL,
+    home TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (platform, run_dir_spec)
+);
+CREATE TABLE IF NOT EXISTS bad_hosts (
+    platform TEXT NOT NULL,
+    host TEXT NOT NULL,
+    until REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (platform, host)
+);
+"""
+
+_COLS = (
+    "id, platform, host, name, job_runner, job_id, submit_num, state, exit_status, signal,"
+    " job_log_dir, work_dir, submit_time, start_time, exit_time, message"
+)
+
+
+def _ts(t: datetime | None) -> str | None:
+    return t.isoformat() if t else None
+
+
+def _dt(s: str | None) -> datetime | None:
+    if not s:
+        return None
+    t = datetime.fromisoformat(s)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        platform=row["platform"],
+        host=row["host"],
+        name=row["name"],
+        job_runner=row["job_runner"],
+        job_id=row["job_id"],
+        submit_num=row["submit_num"],
+        state=JobState(row["state"]),
+        exit_status=row["exit_status"],
+        signal=row["signal"],
+        job_log_dir=row["job_log_dir"],
+        work_dir=row["work_dir"],
+        submit_time=_dt(row["submit_time"]),
+        start_time=_dt(row["start_time"]),
+        exit_time=_dt(row["exit_time"]),
+        message=row["message"],
+    )
+
+
+class RemoteInit:
+    """What remote-init learned of a platform: absolute run dir and home."""
+
+    __slots__ = ("run_dir", "home")
+
+    def __init__(self, run_dir: str, home: str) -> None:
+        self.run_dir = run_dir
+        self.home = home
+
+
+class Store:
+    """The state database.
+
+    Args:
+        state_dir: directory for ``sshq.db`` (created 0700).
+    """
+
+    def __init__(self, state_dir: str | Path) -> None:
+        d = Path(state_dir)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = d / "sshq.db"
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(self.path, 0o600)
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        for suffix in ("-wal", "-shm"):
+            side = Path(str(self.path) + suffix)
+            if side.exists():
+                os.chmod(side, 0o600)
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """An immediate (write-locking) transaction."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ---------------------------------------------------------------- jobs
+
+    def reserve_jobs(
+        self, platform: str, host: str, job_runner: str, names: Sequence[str],
+        specs: Sequence[dict[str, Any]],
+    ) -> list[tuple[int, int]]:
+        """Create rows for jobs about to be submitted.
+
+        The rows start as ``submit-failed`` with the message "submission in
+        progress" until :meth:`update_job` records the outcome, so a crash
+        mid-submission leaves an honest record.
+
+        Returns:
+            ``(id, submit_num)`` per name, submit numbers counting on from the
+            highest one recorded for that platform and name.
+        """
+        out: list[tuple[int, int]] = []
+        with self.transaction() as db:
+            nums: dict[str, int] = {}
+            for name, spec in zip(names, specs, strict=True):
+                if name not in nums:
+                    row = db.execute(
+                        "SELECT MAX(submit_num) FROM jobs WHERE platform=? AND name=?",
+                        (platform, name),
+                    ).fetchone()
+                    nums[name] = row[0] or 0
+                nums[name] += 1
+                cur = db.execute(
+                    "INSERT INTO jobs (platform, host, name, job_runner, submit_num, state,"
+                    " message, spec) VALUES (?,?,?,?,?,?,?,?)",
+                    (platform, host, name, job_runner, nums[name],
+                     JobState.SUBMIT_FAILED.value, "submission in progress", json.dumps(spec)),
+                )
+                assert cur.lastrowid is not None
+                out.append((cur.lastrowid, nums[name]))
+        return out
+
+    def update_job(self, sshq_id: int, /, **fields: Any) -> None:
+        """Set columns of one job (datetimes and JobStates converted)."""
+        if not fields:
+            return
+        conv: dict[str, Any] = {}
+        for k, v in fields.items():
+            if isinstance(v, datetime):
+                v = _ts(v)
+            elif isinstance(v, JobState):
+                v = v.value
+            conv[k] = v
+        sets = ", ".join(f"{k}=?" for k in conv)
+        self._db.execute(f"UPDATE jobs SET {sets} WHERE id=?", (*conv.values(), sshq_id))
+
+    def update_jobs(self, updates: Iterable[tuple[int, dict[str, Any]]]) -> None:
+        """Several :meth:`update_job` calls in one transaction."""
+        with self.transaction():
+            for sshq_id, fields in updates:
+                self.update_job(sshq_id, **fields)
+
+    def delete_jobs(self, ids: Iterable[int]) -> None:
+        """Forget jobs (used when a submission provably sent nothing)."""
+        with self.transaction() as db:
+            db.executemany("DELETE FROM jobs WHERE id=?", [(i,) for i in ids])
+
+    def get(self, ids: Sequence[int]) -> list[Job]:
+        """Jobs by sshq id, in the order asked.
+
+        Raises:
+            UnknownJobError: an id is not in the database.
+        """
+        if not ids:
+            return []
+        rows: dict[int, Job] = {}
+        for i in range(0, len(ids), 500):
+            chunk = list(ids[i:i + 500])
+            marks = ",".join("?" * len(chunk))
+            for row in self._db.execute(f"SELECT {_COLS} FROM jobs WHERE id IN ({marks})", chunk):
+                rows[row["id"]] = _job(row)
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise UnknownJobError(
+                f"unknown job id{'s' if len(missing) > 1 else ''}:"
+                f" {', '.join(map(str, missing))} (see `sshq jobs`)"
+            )
+        return [rows[i] for i in ids]
+
+    def spec(self, job_id: int) -> dict[str, Any]:
+        """The stored job spec summary of a job."""
+        row = self._db.execute("SELECT spec FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return dict(json.loads(row[0])) if row else {}
+
+    def query(
+        self, *, platform: str | None = None, states: Sequence[JobState] | None = None,
+        limit: int | None = None,
+    ) -> list[Job]:
+        """Jobs filtered by platform and states, oldest first."""
+        where, args = [], []
+        if platform:
+            where.append("platform=?")
+            args.append(platform)
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args.extend(s.value for s in states)
+        sql = f"SELECT {_COLS} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id"
+        if limit:
+            sql = f"SELECT * FROM ({sql} DESC LIMIT {int(limit)}) ORDER BY id"
+        return [_job(r) for r in self._db.execute(sql, args)]
+
+    # ---------------------------------------------------------------- remote init
+
+    def remote_init(self, platform: str, run_dir_spec: str) -> RemoteInit | None:
+        """The cached remote-init result, if any."""
+        row = self._db.execute(
+            "SELECT run_dir, home FROM remote_init WHERE platform=? AND run_dir_spec=?",
+            (platform, run_dir_spec),
+        ).fetchone()
+        return RemoteInit(row[0], row[1]) if row else None
+
+    def set_remote_init(self, platform: str, run_dir_spec: str, info: RemoteInit) -> None:
+        """Cache a remote-init result."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO remote_init VALUES (?,?,?,?,?)",
+            (platform, run_dir_spec, info.run_dir, info.home, time.time()),
+        )
+
+    # ---------------------------------------------------------------- bad hosts
+
+    def bad_hosts(self, platform: str) -> set[str]:
+        """Hosts of ``platform`` currently skipped."""
+        now = time.time()
+        return {
+            r[0] for r in self._db.execute(
+                "SELECT host FROM bad_hosts WHERE platform=? AND until>?", (platform, now)
+            )
+        }
+
+    def mark_bad_host(self, platform: str, host: str, seconds: float, reason: str) -> None:
+        """Skip ``host`` for ``seconds``."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO bad_hosts VALUES (?,?,?,?)",
+            (platform, host, time.time() + seconds, reason),
+        )
+
+    def clear_bad_host(self, platform: str, host: str) -> None:
+        """Stop skipping ``host``."""
+        self._db.execute("DELETE FROM bad_hosts WHERE platform=? AND host=?", (platform, host))

@@ -1,0 +1,194 @@
+"""The ``asyncssh`` transport (default): one SSH connection per host, reused.
+
+Every operation in a process shares the host's connection; channels on it
+are bounded (sshd's ``MaxSessions`` is 10 by default).  Connecting retries
+transient failures with exponential backoff and jitter; a command is never
+re-run after its channel opened (it may have had effects).  Host keys are
+checked strictly against known_hosts; ~/.ssh/config is honoured (Host
+aliases, User, Port, IdentityFile, ProxyJump) by asyncssh's own parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import asyncssh
+
+from ..exceptions import AuthenticationError, ConfigError, HostUnreachableError
+from ..quoting import join
+from .base import CommandResult, HostParams, Transport, ssh_options
+from .hostkeys import host_key_error
+
+__all__ = ["AsyncSSHTransport"]
+
+log = logging.getLogger(__name__)
+
+
+class AsyncSSHTransport(Transport):
+    """asyncssh-based transport.
+
+    Args:
+        params: how to reach the host.
+        max_channels: concurrent channels on the connection.
+        connect_attempts: tries for a transient connect failure.
+        backoff: first retry delay in seconds (doubles, with jitter).
+    """
+
+    name = "asyncssh"
+
+    def __init__(
+        self,
+        params: HostParams,
+        *,
+        max_channels: int = 8,
+        connect_attempts: int = 3,
+        backoff: float = 0.5,
+    ) -> None:
+        super().__init__(params)
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._lock = asyncio.Lock()
+        self._channels = asyncio.Semaphore(max_channels)
+        self.connect_attempts = connect_attempts
+        self.backoff = backoff
+
+    def _connect_options(self) -> dict[str, Any]:
+        p = self.params
+        opts: dict[str, Any] = {
+            "connect_timeout": p.connect_timeout,
+            "keepalive_interval": p.keepalive_interval,
+            "keepalive_count_max": 3,
+            "agent_forwarding": False,
+            "password": None,
+            "kbdint_auth": False,
+        }
+        if p.port:
+            opts["port"] = p.port
+        if p.user:
+            opts["username"] = p.user
+        if p.identity_file:
+            if not os.path.exists(p.identity_file):
+                raise ConfigError(f"identity file {p.identity_file} does not exist")
+            opts["client_keys"] = [p.identity_file]
+        if p.known_hosts:
+            if not os.path.exists(p.known_hosts):
+                raise ConfigError(
+                    f"known_hosts file {p.known_hosts} does not exist; create it with"
+                    f" `sshq hosts trust {p.host}`"
+                )
+            opts["known_hosts"] = p.known_hosts
+        return opts
+
+    async def _connect_once(self) -> asyncssh.SSHClientConnection:
+        p = self.params
+        try:
+            return await asyncssh.connect(p.host, **self._connect_options())
+        except asyncssh.HostKeyNotVerifiable:
+            raise await host_key_error(p) from None
+        except asyncssh.PermissionDenied as exc:
+            raise AuthenticationError(
+                f"{p.label}: authentication refused ({exc.reason}); sshq uses keys, an"
+                " ssh-agent or Kerberos, never stored passwords",
+                host=p.host,
+            ) from None
+        except (OSError, TimeoutError, asyncssh.Error) as exc:
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+            raise HostUnreachableError(
+                f"{p.label}: cannot connect: {reason or type(exc).__name__}", host=p.host
+            ) from None
+
+    async def connection(self) -> asyncssh.SSHClientConnection:
+        """The host's connection, opened (with retries) on first use.
+
+        Raises:
+            HostUnreachableError: after ``connect_attempts`` transient failures.
+            AuthenticationError, HostKeyError: at once (not transient).
+        """
+        async with self._lock:
+            if self._conn is not None and not self._conn.is_closed():
+                return self._conn
+            self._conn = None
+            delay = self.backoff
+            for attempt in range(1, self.connect_attempts + 1):
+                try:
+                    self._conn = await self._connect_once()
+                    return self._conn
+                except HostUnreachableError:
+                    if attempt == self.connect_attempts:
+                        raise
+                    log.info("connect to %s failed; retry %d in %.1fs", self.host, attempt, delay)
+                    await asyncio.sleep(delay * (0.5 + random.random()))
+                    delay *= 2
+            raise AssertionError("unreachable")
+
+    def _lost(self, exc: BaseException) -> HostUnreachableError:
+        self._conn = None
+        return HostUnreachableError(
+            f"{self.host}: connection lost: {exc}", host=self.params.host, command_sent=True
+        )
+
+    async def _open(self, argv: Sequence[str]) -> asyncssh.SSHClientProcess[bytes]:
+        command = join(argv)
+        for attempt in (1, 2):
+            conn = await self.connection()
+            try:
+                return await conn.create_process(command, encoding=None)
+            except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, OSError) as exc:
+                # The channel never opened: the command did not run; safe to retry.
+                self._conn = None
+                if attempt == 2:
+                    raise HostUnreachableError(
+                        f"{self.host}: cannot open a channel: {exc}", host=self.params.host
+                    ) from None
+        raise AssertionError("unreachable")
+
+    async def run(
+        self, argv: Sequence[str], *, stdin: bytes = b"", timeout: float | None = None
+    ) -> CommandResult:
+        async with self._channels:
+            proc = await self._open(argv)
+            try:
+                out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+            except TimeoutError:
+                proc.close()
+                raise HostUnreachableError(
+                    f"{self.host}: command timed out after {timeout} s",
+                    host=self.params.host, command_sent=True,
+                ) from None
+            except (asyncssh.Error, OSError) as exc:
+                raise self._lost(exc) from None
+            finally:
+                proc.close()
+            status = proc.exit_status
+            return CommandResult(status if status is not None and status >= 0 else -1,
+                                 out or b"", err or b"")
+
+    async def stream(self, argv: Sequence[str], *, stdin: bytes = b"") -> AsyncIterator[bytes]:
+        async with self._channels:
+            proc = await self._open(argv)
+            try:
+                proc.stdin.write(stdin)
+                proc.stdin.write_eof()
+                while True:
+                    try:
+                        chunk = await proc.stdout.read(65536)
+                    except (asyncssh.Error, OSError) as exc:
+                        raise self._lost(exc) from None
+                    if not chunk:
+                        break
+                    yield chunk
+            finally:
+                proc.close()
+
+    def rsync_args(self, remote_path: str) -> tuple[list[str], str]:
+        return ["-e", join(["ssh", *ssh_options(self.params)])], f"{self.params.host}:{remote_path}"
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+            await conn.wait_closed()

@@ -1,0 +1,161 @@
+"""What a transport is: a way to run an argument vector on a host.
+
+Three transports implement :class:`Transport`: ``asyncssh`` (the default, one
+SSH connection per host reused by every operation), ``openssh`` (the system
+``ssh`` binary with ControlMaster, for MFA or Kerberos sites) and ``local``
+(this machine, no SSH).  One contract test suite runs over all three.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from ..exceptions import ConfigError
+
+__all__ = ["CommandResult", "HostParams", "Transport", "check_host", "ssh_options"]
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """The outcome of one remote command (like ``subprocess.CompletedProcess``).
+
+    Attributes:
+        exit_status: the command's exit status; -1 if it died of a signal or
+            the server sent none.
+        stdout: standard output, raw bytes.
+        stderr: standard error, raw bytes.
+    """
+
+    exit_status: int
+    stdout: bytes
+    stderr: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostParams:
+    """How to reach one host.
+
+    Attributes:
+        host: host name, address, or ~/.ssh/config alias.
+        port: TCP port; None for ssh config / default 22.
+        user: login user; None for ssh config / current user.
+        identity_file: private key path; None for ssh config / defaults.
+        known_hosts: known_hosts path; None for ~/.ssh/known_hosts.
+        connect_timeout: seconds to wait for a connection.
+        keepalive_interval: seconds between keepalives on an idle connection.
+    """
+
+    host: str
+    port: int | None = None
+    user: str | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    connect_timeout: float = 10.0
+    keepalive_interval: float = 15.0
+
+    @property
+    def label(self) -> str:
+        """``[user@]host[:port]`` for messages."""
+        s = f"{self.user}@{self.host}" if self.user else self.host
+        return f"{s}:{self.port}" if self.port else s
+
+
+def ssh_options(p: HostParams, *, batch_mode: bool = True) -> list[str]:
+    """System ``ssh`` options equivalent to ``p`` (everything before the host).
+
+    Strict host key checking always; ``BatchMode`` and ``ConnectTimeout`` as in
+    Cylc's remote commands (seed 001).
+    """
+    opts = [
+        "-o", f"BatchMode={'yes' if batch_mode else 'no'}",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"ConnectTimeout={int(p.connect_timeout)}",
+        "-o", f"ServerAliveInterval={int(p.keepalive_interval)}",
+        "-o", "ServerAliveCountMax=3",
+    ]
+    if p.port:
+        opts += ["-p", str(p.port)]
+    if p.user:
+        opts += ["-l", p.user]
+    if p.identity_file:
+        opts += ["-i", p.identity_file, "-o", "IdentitiesOnly=yes"]
+    if p.known_hosts:
+        opts += ["-o", f"UserKnownHostsFile={p.known_hosts}"]
+    return opts
+
+
+_HOST_RE = re.compile(r"[A-Za-z0-9_.:\[\]%-]+\Z")
+
+
+def check_host(host: str) -> str:
+    """Refuse a host name that could be read as an option or carries odd bytes.
+
+    Raises:
+        ConfigError: naming the host.
+    """
+    if not host or host.startswith("-") or not _HOST_RE.match(host):
+        raise ConfigError(f"invalid host name {host!r}")
+    return host
+
+
+class Transport(abc.ABC):
+    """Runs argument vectors on one host.
+
+    Implementations quote the argv with :func:`sshq.quoting.join` (the one
+    place) when a remote shell is involved.
+    """
+
+    #: The transport's name in platform configs.
+    name: str = ""
+
+    def __init__(self, params: HostParams) -> None:
+        self.params = params
+
+    @property
+    def host(self) -> str:
+        """The host label, for messages and the job store."""
+        return self.params.label
+
+    @abc.abstractmethod
+    async def run(
+        self, argv: Sequence[str], *, stdin: bytes = b"", timeout: float | None = None
+    ) -> CommandResult:
+        """Run ``argv`` to completion.
+
+        Args:
+            argv: the program and its arguments, each reaching it byte-exact.
+            stdin: bytes fed to the command's standard input, then EOF.
+            timeout: seconds before the command is abandoned; None for no limit.
+
+        Returns:
+            The exit status and output.
+
+        Raises:
+            HostUnreachableError: the host cannot be reached, or the connection
+                was lost (transient).
+            AuthenticationError: the server refused our credentials.
+            HostKeyError: the host key is unknown or changed.
+        """
+
+    @abc.abstractmethod
+    def stream(self, argv: Sequence[str], *, stdin: bytes = b"") -> AsyncIterator[bytes]:
+        """Run ``argv`` and yield its stdout as it arrives (for ``tail -F``-like use).
+
+        Raises:
+            the same errors as :meth:`run`.
+        """
+
+    def rsync_args(self, remote_path: str) -> tuple[list[str], str]:
+        """rsync options and the source/destination spelling of ``remote_path``.
+
+        Returns:
+            ``(options, location)``: e.g. ``(["-e", "ssh -p 2222 ..."],
+            "user@host:/path")``; for a local transport ``([], "/path")``.
+        """
+        return [], remote_path
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Close connections (idempotent)."""
