@@ -166,6 +166,7 @@ pid_alive() {
     st=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
     [ "$st" != Z ]
 }
+sshd_gone() { ! pid_alive "$SSHD_PID" sshd; }
 port_open() { (exec 3<>"/dev/tcp/$ADDR/$PORT") 2>/dev/null; }
 sshd_fail() {
     tail -n 20 "$SSHD_LOG" >&2 2>/dev/null || true
@@ -184,7 +185,7 @@ else
     if pid_alive "$SSHD_PID" sshd; then
         log "sshd pid $(cat "$SSHD_PID") is alive but not listening: restarting it"
         kill "$(cat "$SSHD_PID")" || true
-        wait_for 5 eval '! pid_alive "$SSHD_PID" sshd' || kill -9 "$(cat "$SSHD_PID")" 2>/dev/null || true
+        wait_for 5 sshd_gone || kill -9 "$(cat "$SSHD_PID")" 2>/dev/null || true
     fi
     port_open && die "port $ADDR:$PORT is taken by another process"
     rm -f "$SSHD_PID"
@@ -219,6 +220,7 @@ ensure_daemon() {
     done
     [ "$STARTED" = 1 ] || log "$comm already running"
 }
+
 # ------------------------------------------------------------------ munge
 mkdir -p /etc/munge /var/log/munge /run/munge /var/lib/munge
 if [ ! -s /etc/munge/munge.key ]; then
@@ -277,6 +279,7 @@ NodeName=$H $cpus_spec RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$H Default=YES MaxTime=INFINITE State=UP
 EOF
 
+proc_gone() { ! pgrep -x "$1"; }
 # stop_proc COMM: stop the process(es) named COMM, SIGKILL after 10 s.
 stop_proc() {
     local pids
@@ -284,10 +287,10 @@ stop_proc() {
     [ -n "$pids" ] || return 0
     # shellcheck disable=SC2086
     kill $pids 2>/dev/null || true
-    wait_for 10 eval "! pgrep -x $1" && return 0
+    wait_for 10 proc_gone "$1" && return 0
     # shellcheck disable=SC2086
     kill -9 $pids 2>/dev/null || true
-    wait_for 5 eval "! pgrep -x $1" || die "cannot stop $1"
+    wait_for 5 proc_gone "$1" || die "cannot stop $1"
 }
 if [ "$slurm_changed" = 1 ] && { pgrep -x slurmctld || pgrep -x slurmd; } >/dev/null; then
     log "slurm.conf changed: restarting slurmctld and slurmd"

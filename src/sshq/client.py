@@ -593,16 +593,22 @@ class AsyncClient:
         return out
 
     async def jobs(
-        self, *, platform: str | None = None, state: JobState | str | None = None,
-        limit: int | None = None,
+        self, ids: Sequence[int] | None = None, *, platform: str | None = None,
+        state: JobState | str | None = None, limit: int | None = None,
     ) -> list[Job]:
         """Jobs in the local store (no SSH), oldest first.
 
         Args:
+            ids: only these sshq ids (in this order).
             platform: only this platform's jobs.
             state: only jobs in this state.
             limit: only the newest ``limit`` jobs.
+
+        Raises:
+            UnknownJobError: an id in ``ids`` is not known.
         """
+        if ids is not None:
+            return self.store.get(list(ids))
         states = [JobState(state)] if state else None
         return self.store.query(platform=platform, states=states, limit=limit)
 
@@ -701,9 +707,9 @@ class Client:
         result: list[Path] = self._run(self._async.retrieve(ids, dest=dest))
         return result
 
-    def jobs(self, *, platform: str | None = None, state: JobState | str | None = None,
-             limit: int | None = None) -> list[Job]:
+    def jobs(self, ids: Sequence[int] | None = None, *, platform: str | None = None,
+             state: JobState | str | None = None, limit: int | None = None) -> list[Job]:
         """See :meth:`AsyncClient.jobs`."""
-        result: list[Job] = self._run(self._async.jobs(platform=platform, state=state,
+        result: list[Job] = self._run(self._async.jobs(ids, platform=platform, state=state,
                                                        limit=limit))
         return result

@@ -1,0 +1,528 @@
+"""The ``sshq`` command: a thin layer over :class:`sshq.AsyncClient`.
+
+Errors exit non-zero with one line on stderr (a traceback with ``--debug``).
+Every command takes ``--json``.  Progress is drawn on stderr, only when it
+is a terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import codecs
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from .. import __version__
+from ..client import LOG_FILES, AsyncClient
+from ..exceptions import InvalidInputError, SshqError, WaitTimeoutError
+from ..model import Job, JobSpec, JobState
+from ..model.job_spec import default_name
+from ..model.resources import parse_memory, parse_walltime
+from .render import Renderer
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_state: dict[str, Any] = {"debug": False}
+
+JOB_FIELDS_HELP = (
+    "With --json, prints a JSON array of job objects: id, platform, host, name,"
+    " job_runner, job_id, submit_num, state, exit_status, signal, job_log_dir, work_dir,"
+    " submit_time, start_time, exit_time, message."
+)
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        _state["debug"] = True
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    return value
+
+
+def common(f: F) -> F:
+    """Options every command takes: --json, --config, --debug."""
+    f = click.option("--debug", is_flag=True, expose_value=False, is_eager=True,
+                     callback=_set_debug, help="Show tracebacks and debug logs.")(f)
+    f = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                     default=None, help="Platforms file (default: $SSHQ_CONFIG, then the"
+                     " user config dir's sshq/platforms.toml).")(f)
+    f = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
+    return f
+
+
+def _client(ctx: click.Context, config_path: str | None) -> AsyncClient:
+    path = config_path or (ctx.obj or {}).get("config") or os.environ.get("SSHQ_CONFIG")
+    state = os.environ.get("SSHQ_STATE_DIR") or None
+    return AsyncClient(path, state_dir=state)
+
+
+T = TypeVar("T")
+
+
+def _run(ctx: click.Context, config_path: str | None,
+         body: Callable[[AsyncClient], Coroutine[Any, Any, T]]) -> T:
+    async def main() -> T:
+        client = _client(ctx, config_path)
+        try:
+            return await body(client)
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+def _ids(values: Sequence[str]) -> list[int]:
+    out = []
+    for v in values:
+        for part in v.replace(",", " ").split():
+            if not part.isdigit():
+                raise InvalidInputError(f"invalid sshq job id {part!r}: ids are numbers")
+            out.append(int(part))
+    return out
+
+
+# ---------------------------------------------------------------- the group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="sshq")
+@click.option("--config", type=click.Path(dir_okay=False), default=None,
+              help="Platforms file (default: $SSHQ_CONFIG, then the user config dir).")
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+              help="Show tracebacks and debug logs.")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None) -> None:
+    """Manage jobs on clusters and hosts you can only reach by SSH.
+
+    sshq submits jobs to a platform's job runner (Slurm, or background
+    processes on a host) over SSH, polls and kills them in batches (one SSH
+    command per host, however many jobs), and reads their logs.  A job
+    wrapper writes a job status file, so a job's end is known even after the
+    batch system has forgotten it.
+
+    \b
+    Platforms live in a TOML file (see `sshq submit --help`); the built-in
+    platform "localhost" runs background jobs on this machine and needs no
+    configuration.  Local state: an SQLite database in the user state dir
+    ($SSHQ_STATE_DIR overrides).
+
+    \b
+    Examples:
+      sshq submit --wait examples/hello.sh
+      sshq submit -p mycluster --walltime 0:10:00 --cpus 4 job.sh
+      sshq poll --all
+      sshq cat-log 3 --follow
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+
+
+# ---------------------------------------------------------------- submit
+
+
+def _parse_env(values: Sequence[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidInputError(f"--env {item!r}: use KEY=VALUE")
+        env[key] = value
+    return env
+
+
+@cli.command(epilog=JOB_FIELDS_HELP)
+@click.argument("scripts", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("-p", "--platform", default="localhost", show_default=True,
+              help="Platform to submit to.")
+@click.option("-c", "--command", help="Run this shell command line instead of a script file.")
+@click.option("--name", help="Job name (default: the script's file stem, or 'job').")
+@click.option("--arg", "args", multiple=True, help="Argument for the script (repeatable);"
+              " passed byte-exact, never interpreted by a shell.")
+@click.option("--env", "envs", multiple=True, metavar="KEY=VALUE",
+              help="Environment variable for the job (repeatable); the value is byte-exact.")
+@click.option("--walltime", help="Run time limit: HH:MM:SS, MM:SS, minutes, D-HH:MM:SS.")
+@click.option("--nodes", type=click.IntRange(min=1), help="Number of nodes.")
+@click.option("--tasks", type=click.IntRange(min=1), help="Number of tasks.")
+@click.option("--cpus", type=click.IntRange(min=1), help="CPUs per task.")
+@click.option("--memory", help="Memory per node, e.g. 512M, 2G.")
+@click.option("--queue", help="Queue or partition.")
+@click.option("--account", help="Account or project to charge.")
+@click.option("--mail-user", help="Address for the job runner's mail.")
+@click.option("--mail-events", help="Comma-separated: begin,end,fail,all.")
+@click.option("--directive", "directives", multiple=True,
+              help="Raw extra directive for the job runner (repeatable), e.g."
+              " '--constraint=gpu' for Slurm.")
+@click.option("--work-dir", help="Absolute remote working directory"
+              " (default: <run_dir>/work/<name>).")
+@click.option("--wait", "wait_", is_flag=True, help="Wait until the jobs are final; exit 0"
+              " only if all succeeded.")
+@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+@common
+@click.pass_context
+def submit(ctx: click.Context, scripts: tuple[str, ...], platform: str, command: str | None,
+           name: str | None, args: tuple[str, ...], envs: tuple[str, ...],
+           walltime: str | None, nodes: int | None, tasks: int | None, cpus: int | None,
+           memory: str | None, queue: str | None, account: str | None,
+           mail_user: str | None, mail_events: str | None, directives: tuple[str, ...],
+           work_dir: str | None, wait_: bool, timeout: float | None, as_json: bool,
+           config_path: str | None) -> None:
+    """Submit job scripts (or --command) to a platform, all in one SSH command.
+
+    Prints, for each job, the sshq id, the platform and the job runner's job
+    id.  Jobs the job runner refused are reported on stderr with its error,
+    and the exit status is then 1.
+
+    \b
+    Examples:
+      sshq submit --wait examples/hello.sh
+      sshq submit -p mycluster a.sh b.sh c.sh
+      sshq submit -p mycluster --name sim --walltime 0:10:00 --cpus 4 \\
+           --memory 2G --env ALPHA=1 --command 'python run.py --seed 3'
+    """
+    if bool(scripts) == bool(command):
+        raise InvalidInputError("give job script files, or --command, not both (nor neither)")
+    if name is not None and len(scripts) > 1:
+        raise InvalidInputError("--name applies to one job; omit it to name jobs after scripts")
+    fields: dict[str, Any] = {
+        "arguments": tuple(args),
+        "environment": _parse_env(envs),
+        "walltime": parse_walltime(walltime) if walltime else None,
+        "nodes": nodes, "tasks": tasks, "cpus": cpus,
+        "memory": parse_memory(memory) if memory else None,
+        "queue": queue, "account": account, "mail_user": mail_user,
+        "mail_events": tuple(e for e in (mail_events or "").split(",") if e),
+        "directives": tuple(directives), "work_dir": work_dir,
+    }
+    if command is not None:
+        specs = [JobSpec(command=command, name=name or "job", **fields)]
+    else:
+        specs = [JobSpec.from_file(s, name=name or default_name(Path(s).stem), **fields)
+                 for s in scripts]
+    r = Renderer(as_json)
+
+    async def body(client: AsyncClient) -> list[Job]:
+        with r.progress(f"submitting {len(specs)} job(s) to {platform}"):
+            jobs = await client.submit(specs, platform=platform)
+        if not wait_:
+            return jobs
+        ok = [j.id for j in jobs if j.state is not JobState.SUBMIT_FAILED]
+        if not as_json and r.out_tty:
+            r.jobs(jobs, title="submitted")
+        with r.wait_progress() as on_poll:
+            waited = await client.wait(ok, timeout=timeout, on_poll=on_poll) if ok else []
+        by_id = {j.id: j for j in waited}
+        return [by_id.get(j.id, j) for j in jobs]
+
+    jobs = _run(ctx, config_path, body)
+    if as_json or not wait_:
+        r.jobs(jobs)
+    else:
+        r.jobs(jobs, title="final")
+    for j in jobs:
+        if j.state is JobState.SUBMIT_FAILED:
+            r.error(f"job {j.id} ({j.name}) submit-failed: {j.message}")
+    if any(j.state is JobState.SUBMIT_FAILED for j in jobs):
+        ctx.exit(1)
+    if wait_ and not all(j.state is JobState.SUCCEEDED for j in jobs):
+        ctx.exit(1)
+
+
+# ---------------------------------------------------------------- poll / wait / kill
+
+
+@cli.command(epilog=JOB_FIELDS_HELP)
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Poll every job not yet final.")
+@common
+@click.pass_context
+def poll(ctx: click.Context, ids: tuple[str, ...], all_: bool, as_json: bool,
+         config_path: str | None) -> None:
+    """Update job states from job status files and the job runner.
+
+    One SSH command per host, however many jobs.  A host that cannot be
+    reached changes no job's state (the failure is reported on stderr).
+    """
+    if not ids and not all_:
+        raise InvalidInputError("give job ids, or --all")
+    r = Renderer(as_json)
+
+    async def body(client: AsyncClient) -> list[Job]:
+        with r.progress("polling"):
+            return await client.poll(_ids(ids), all=all_)
+
+    r.jobs(_run(ctx, config_path, body))
+
+
+@cli.command(epilog=JOB_FIELDS_HELP + " Exit status: 0 if all succeeded, 1 if any did not,"
+             " 124 on timeout.")
+@click.argument("ids", nargs=-1, required=True)
+@click.option("--timeout", type=float, help="Give up after this many seconds (exit 124).")
+@click.option("--interval", type=float, default=1.0, show_default=True,
+              help="First poll interval in seconds (grows to 10 s).")
+@common
+@click.pass_context
+def wait(ctx: click.Context, ids: tuple[str, ...], timeout: float | None, interval: float,
+         as_json: bool, config_path: str | None) -> None:
+    """Wait until jobs are final; exit 0 only if all succeeded."""
+    r = Renderer(as_json)
+
+    async def body(client: AsyncClient) -> list[Job]:
+        with r.wait_progress() as on_poll:
+            return await client.wait(_ids(ids), timeout=timeout, interval=interval,
+                                     on_poll=on_poll)
+
+    try:
+        jobs = _run(ctx, config_path, body)
+    except WaitTimeoutError as exc:
+        r.jobs(getattr(exc, "jobs", []))
+        raise
+    r.jobs(jobs)
+    if not all(j.state is JobState.SUCCEEDED for j in jobs):
+        ctx.exit(1)
+
+
+@cli.command(epilog=JOB_FIELDS_HELP)
+@click.argument("ids", nargs=-1, required=True)
+@click.option("--settle", type=float, default=5.0, show_default=True,
+              help="Seconds to wait for killed jobs to record how they ended.")
+@common
+@click.pass_context
+def kill(ctx: click.Context, ids: tuple[str, ...], settle: float, as_json: bool,
+         config_path: str | None) -> None:
+    """Kill jobs through their job runner (one SSH command per host)."""
+    r = Renderer(as_json)
+
+    async def body(client: AsyncClient) -> list[Job]:
+        with r.progress("killing"):
+            return await client.kill(_ids(ids), settle=settle)
+
+    r.jobs(_run(ctx, config_path, body))
+
+
+# ---------------------------------------------------------------- logs
+
+
+_SIGNUMS = {s.name[3:]: int(s) for s in signal.Signals if s.name.startswith("SIG")
+            and not s.name.startswith("SIG_")}
+
+
+def job_exit_code(job: Job) -> int:
+    """A shell-style exit code for a final job: its status, or 128+signal."""
+    if job.exit_status is not None:
+        return job.exit_status
+    if job.signal:
+        return 128 + _SIGNUMS.get(job.signal, 0)
+    return 0 if job.state is JobState.SUCCEEDED else 1
+
+
+@cli.command("cat-log")
+@click.argument("job_id")
+@click.option("-f", "--file", "file_", type=click.Choice(list(LOG_FILES)), default="out",
+              show_default=True, help="out: job.out, err: job.err, status: job.status,"
+              " job: the job script.")
+@click.option("--follow", is_flag=True, help="Stream job.out and job.err as they grow"
+              " (tail -F) until the job ends; exit with the job's exit status.")
+@common
+@click.pass_context
+def cat_log(ctx: click.Context, job_id: str, file_: str, follow: bool, as_json: bool,
+            config_path: str | None) -> None:
+    """Print a job's log file, or follow its output live.
+
+    On a terminal, bytes that are not valid UTF-8 are shown as replacement
+    characters; piped, the bytes pass through unchanged.  With --json, the
+    job object gains "file" and "content" (text) and "content_b64" (bytes).
+    """
+    (sid,) = _ids([job_id])
+    r = Renderer(as_json)
+    if follow:
+        async def follow_body(client: AsyncClient) -> Job:
+            decoders = {k: codecs.getincrementaldecoder("utf-8")("replace") for k in LOG_FILES}
+            async for name, data in client.follow_log(sid):
+                r.stream(data, decoders[name], err=(name == "err"))
+            (job,) = await client.jobs(ids=[sid])
+            return job
+
+        job = _run(ctx, config_path, follow_body)
+        if as_json:
+            r.jobs([job])
+        ctx.exit(job_exit_code(job))
+
+    async def body(client: AsyncClient) -> tuple[Job, bytes]:
+        data = await client.cat_log(sid, file_)  # type: ignore[arg-type]
+        (job,) = await client.jobs(ids=[sid])
+        return job, data
+
+    job, data = _run(ctx, config_path, body)
+    if as_json:
+        r.jobs([job], extra={"file": file_, "content": data.decode("utf-8", "replace"),
+                             "content_b64": base64.b64encode(data).decode()})
+    else:
+        r.raw(data)
+
+
+@cli.command(epilog=JOB_FIELDS_HELP + " Each object gains local_dir.")
+@click.argument("ids", nargs=-1, required=True)
+@click.option("--dest", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Local directory; each job lands in DEST/<name>/<NN>/.")
+@common
+@click.pass_context
+def retrieve(ctx: click.Context, ids: tuple[str, ...], dest: str, as_json: bool,
+             config_path: str | None) -> None:
+    """Copy job log directories back with rsync."""
+    r = Renderer(as_json)
+    sids = _ids(ids)
+
+    async def body(client: AsyncClient) -> tuple[list[Job], list[Path]]:
+        with r.progress("retrieving"):
+            dirs = await client.retrieve(sids, dest=dest)
+        return await client.jobs(ids=sids), dirs
+
+    jobs, dirs = _run(ctx, config_path, body)
+    if as_json:
+        r.jobs_with(jobs, [{"local_dir": str(d)} for d in dirs])
+    else:
+        for j, d in zip(jobs, dirs, strict=True):
+            r.line(f"{j.id}\t{d}")
+
+
+@cli.command(epilog=JOB_FIELDS_HELP)
+@click.option("-p", "--platform", help="Only this platform's jobs.")
+@click.option("-s", "--state", type=click.Choice([s.value for s in JobState]),
+              help="Only jobs in this state.")
+@click.option("-n", "--limit", type=click.IntRange(min=1), help="Only the newest N jobs.")
+@common
+@click.pass_context
+def jobs(ctx: click.Context, platform: str | None, state: str | None, limit: int | None,
+         as_json: bool, config_path: str | None) -> None:
+    """List known jobs from the local state (no SSH; run `sshq poll` to refresh)."""
+    r = Renderer(as_json)
+
+    async def body(client: AsyncClient) -> list[Job]:
+        return await client.jobs(platform=platform, state=state, limit=limit)
+
+    r.jobs(_run(ctx, config_path, body))
+
+
+# ---------------------------------------------------------------- hosts
+
+
+@cli.group()
+def hosts() -> None:
+    """Host keys: check and trust them explicitly."""
+
+
+@hosts.command("trust")
+@click.argument("host")
+@click.option("--port", type=click.IntRange(1, 65535), help="SSH port (default 22, or the"
+              " platform's).")
+@click.option("--known-hosts", type=click.Path(dir_okay=False),
+              help="known_hosts file (default: the platform's, else ~/.ssh/known_hosts).")
+@click.option("--fingerprint", help="Expected SHA256:... fingerprint; the key is added only"
+              " if it matches (no prompt).")
+@click.option("--yes", is_flag=True, help="Add without prompting, after you have checked the"
+              " fingerprint shown.")
+@common
+@click.pass_context
+def hosts_trust(ctx: click.Context, host: str, port: int | None, known_hosts: str | None,
+                fingerprint: str | None, yes: bool, as_json: bool,
+                config_path: str | None) -> None:
+    """Show HOST's key fingerprint; add it to known_hosts only on confirmation.
+
+    HOST may be a platform name (its first host, port and known_hosts are
+    used).  Nothing is ever added silently: without --yes or a matching
+    --fingerprint, sshq asks on the terminal, and refuses when there is none.
+    """
+    from ..transport.hostkeys import (
+        default_known_hosts,
+        fetch_host_key,
+        known_hosts_entry_name,
+        known_keys,
+        record_host_key,
+    )
+    from ..transport.hostkeys import fingerprint as fp_of
+
+    r = Renderer(as_json)
+    path = config_path or ctx.obj.get("config") or os.environ.get("SSHQ_CONFIG")
+    from ..config import load_config
+
+    cfg = load_config(path, must_exist=path is not None)
+    if host in cfg.platforms and cfg.platforms[host].transport != "local":
+        plat = cfg.platforms[host]
+        host, port = plat.hosts[0], port or plat.port
+        known_hosts = known_hosts or plat.known_hosts
+    kh = known_hosts or default_known_hosts()
+    key = asyncio.run(fetch_host_key(host, port))
+    fp = fp_of(key)
+    name = known_hosts_entry_name(host, port)
+    algo = key.get_algorithm()
+    existing = known_keys(kh, host, port)
+    result = {"host": host, "port": port or 22, "key_type": algo, "fingerprint": fp,
+              "known_hosts": kh, "added": False, "already_known": False}
+    if any(fp_of(k) == fp for k in existing):
+        result["already_known"] = True
+        r.host_result(result, f"{name} is already trusted in {kh} ({algo} {fp})")
+        return
+    if existing:
+        raise SshqError(
+            f"HOST KEY CHANGED for {name}: {kh} holds a different key; the server offers"
+            f" {algo} {fp}. If the change is legitimate, remove the old entry"
+            f" (ssh-keygen -R '{name}' -f {kh}) and run this again."
+        )
+    if not as_json:
+        click.echo(f"{name} offers a {algo} key with fingerprint {fp}", err=True)
+    if fingerprint is not None:
+        if fingerprint.strip() != fp:
+            raise SshqError(f"fingerprint mismatch for {name}: expected {fingerprint.strip()},"
+                            f" server offers {fp}; nothing added")
+    elif not yes:
+        if not sys.stdin.isatty():
+            raise SshqError("refusing to add a host key without confirmation: check the"
+                            " fingerprint, then pass --yes or --fingerprint")
+        if not click.confirm(f"Add it to {kh}?", default=False, err=True):
+            raise SshqError("not added")
+    record_host_key(kh, host, port, key)
+    result["added"] = True
+    r.host_result(result, f"added {name} ({algo} {fp}) to {kh}")
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the CLI; errors become one line on stderr and an exit status."""
+    try:
+        rc = cli.main(args=list(argv) if argv is not None else None, prog_name="sshq",
+                      standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("sshq: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("sshq: interrupted", err=True)
+        sys.exit(130)
+    except SshqError as exc:
+        if _state["debug"]:
+            raise
+        msg = str(exc).replace("\n", " ")
+        click.echo(f"sshq: error: {msg}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # an unexpected bug: one line unless --debug
+        if _state["debug"]:
+            raise
+        click.echo(f"sshq: internal error: {type(exc).__name__}: {exc} (run with --debug)",
+                   err=True)
+        sys.exit(70)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
