@@ -36,7 +36,7 @@ from .job_runners import HANDLERS, JobRunnerHandler, RunnerJobState, get_handler
 from .jobscript import render_job_script
 from .model import Job, JobSpec, JobState
 from .remote.operations import call_agent, runner_templates, stream_agent
-from .remote.status import decide, parse_status
+from .remote.status import decide
 from .store import RemoteInit, Store
 from .transport import Transport
 from .transport.asyncssh_ import AsyncSSHTransport
@@ -676,7 +676,9 @@ class Client:
         finally:
             self._runner.close()
 
-    def submit(self, specs: JobSpec | Sequence[JobSpec], *, platform: str = "localhost") -> list[Job]:
+    def submit(
+        self, specs: JobSpec | Sequence[JobSpec], *, platform: str = "localhost"
+    ) -> list[Job]:
         """See :meth:`AsyncClient.submit`."""
         result: list[Job] = self._run(self._async.submit(specs, platform=platform))
         return result

@@ -102,7 +102,7 @@ def _job(row: sqlite3.Row) -> Job:
 class RemoteInit:
     """What remote-init learned of a platform: absolute run dir and home."""
 
-    __slots__ = ("run_dir", "home")
+    __slots__ = ("home", "run_dir")
 
     def __init__(self, run_dir: str, home: str) -> None:
         self.run_dir = run_dir

@@ -155,7 +155,8 @@ def render_job_script(
     args = (" " + join(spec.arguments)) if spec.arguments else ""
     return (
         head.encode("utf-8", "surrogateescape")
-        + f"# ---- the user's script ----\ncat >\"$SSHQ_JOB_LOG_DIR/job.user\" <<'{delim}'\n".encode()
+        + b"# ---- the user's script ----\n"
+        + f"cat >\"$SSHQ_JOB_LOG_DIR/job.user\" <<'{delim}'\n".encode()
         + body
         + f"{delim}\n".encode()
         + _RUN.format(args=args).encode()

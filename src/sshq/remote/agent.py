@@ -3,7 +3,8 @@
 # One file, Python 3.6+ standard library only.  sshq sends it over the SSH
 # channel on every call, never installs it: the remote command is always
 #
-#     python3 -c 'import sys;b=sys.stdin.buffer;exec(compile(b.read(int(b.readline())),"sshq-agent","exec"))'
+#     python3 -c "<BOOTSTRAP>"   (sshq.remote.protocol.BOOTSTRAP: reads this file
+#     from stdin, compiles and runs it)
 #
 # and stdin carries: the length of this file in bytes, a newline, this file,
 # then one JSON request.  The agent performs a batch of operations and writes
@@ -25,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutorfrom typing import Any, Dict, List  # noqa: F401  (type comments)
 
 STATUS = "job.status"
 EXIT_KEYS = ("SSHQ_JOB_EXIT_STATUS", "SSHQ_JOB_EXIT_SIGNAL")
@@ -63,7 +64,7 @@ class Writer(object):
 
 def run(argv, cwd=None, stdin_path=None, timeout=None):
     """Run an argv (no shell); return a JSON-ready result dict."""
-    stdin = subprocess.DEVNULL
+    stdin = subprocess.DEVNULL  # type: Any
     fh = None
     try:
         if stdin_path:
@@ -113,8 +114,8 @@ def append_status(log_dir, pairs):
 
 def expand(template, ids, sep):
     """Expand the "{ids}" word of a command template, in chunks that fit."""
-    chunks = []
-    cur = []
+    chunks = []  # type: List[List[str]]
+    cur = []  # type: List[str]
     size = 0
     for i in ids:
         if cur and size + len(i) + 1 > MAX_ARGS_BYTES:
@@ -221,7 +222,7 @@ def op_submit(req, w):
 def query_runners(req, pending, kind):
     """Run each runner's command template once per chunk for its pending jobs."""
     out = {}
-    by_runner = {}
+    by_runner = {}  # type: Dict[str, List[str]]
     for job in pending:
         if job.get("job_id"):
             by_runner.setdefault(job["runner"], []).append(job["job_id"])

@@ -22,7 +22,7 @@ import asyncssh
 from ..exceptions import AuthenticationError, ConfigError, HostUnreachableError
 from ..quoting import join
 from .base import CommandResult, HostParams, Transport, ssh_options
-from .hostkeys import host_key_error
+from .hostkeys import default_known_hosts, host_key_error
 
 __all__ = ["AsyncSSHTransport"]
 
@@ -74,6 +74,8 @@ class AsyncSSHTransport(Transport):
             if not os.path.exists(p.identity_file):
                 raise ConfigError(f"identity file {p.identity_file} does not exist")
             opts["client_keys"] = [p.identity_file]
+        # Always explicit: asyncssh would otherwise follow an ssh config's
+        # ``UserKnownHostsFile none`` and check nothing.
         if p.known_hosts:
             if not os.path.exists(p.known_hosts):
                 raise ConfigError(
@@ -81,6 +83,9 @@ class AsyncSSHTransport(Transport):
                     f" `sshq hosts trust {p.host}`"
                 )
             opts["known_hosts"] = p.known_hosts
+        else:
+            default = default_known_hosts()
+            opts["known_hosts"] = default if os.path.isfile(default) else b""
         return opts
 
     async def _connect_once(self) -> asyncssh.SSHClientConnection:

@@ -157,5 +157,5 @@ class Transport(abc.ABC):
         """
         return [], remote_path
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:
         """Close connections (idempotent)."""

@@ -8,6 +8,7 @@ records it only on explicit confirmation.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -44,7 +45,7 @@ async def fetch_host_key(host: str, port: int | None, timeout: float = 10.0) -> 
         HostUnreachableError: the server cannot be reached.
     """
     try:
-        key = await asyncssh.get_server_host_key(host, port or 22, connect_timeout=timeout)
+        key = await asyncio.wait_for(asyncssh.get_server_host_key(host, port or 22), timeout)
     except (OSError, asyncssh.Error, TimeoutError) as exc:
         raise HostUnreachableError(f"{host}: cannot fetch host key: {exc}", host=host) from None
     if key is None:

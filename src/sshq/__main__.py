@@ -1,0 +1,5 @@
+"""``python -m sshq``."""
+
+from .cli.main import main
+
+main()

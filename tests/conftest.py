@@ -1,0 +1,147 @@
+"""Shared fixtures: the real test bed (sshd on loopback, Slurm), platforms, clients.
+
+The test bed is made by ``.ci/setup-testbed.sh``, which writes
+``/var/lib/sshq-testbed/testbed.env``.  Without it, tests that need it are
+skipped, unless ``SSHQ_REQUIRE_TESTBED=1`` (CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from sshq import AsyncClient
+
+TESTBED_ENV = os.environ.get("SSHQ_TESTBED_ENV", "/var/lib/sshq-testbed/testbed.env")
+
+
+def _load_testbed() -> dict[str, str] | None:
+    try:
+        text = Path(TESTBED_ENV).read_text()
+    except OSError:
+        return None
+    env = {}
+    for line in text.splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            env[k.strip()] = v.strip()
+    return env
+
+
+@pytest.fixture(scope="session")
+def testbed() -> dict[str, str]:
+    """The test bed's facts (host, port, user, key, known_hosts, ...)."""
+    env = _load_testbed()
+    if env is None:
+        if os.environ.get("SSHQ_REQUIRE_TESTBED") == "1":
+            pytest.fail(f"test bed required but {TESTBED_ENV} is missing")
+        pytest.skip("no test bed (run .ci/setup-testbed.sh as root)")
+    return env
+
+
+@pytest.fixture
+def slurm_testbed(testbed: dict[str, str]) -> dict[str, str]:
+    """The test bed, with Slurm."""
+    if testbed.get("SSHQ_TEST_SLURM") != "1":
+        if os.environ.get("SSHQ_REQUIRE_TESTBED") == "1":
+            pytest.fail("Slurm test bed required")
+        pytest.skip("no Slurm in the test bed")
+    return testbed
+
+
+def platform_toml(testbed: dict[str, str], name: str, *, job_runner: str, transport: str,
+                  run_dir: str, **extra: object) -> str:
+    """One [platforms.NAME] table pointing at the test bed's sshd."""
+    lines = [f"[platforms.{name}]"]
+    if transport == "local":
+        lines += ['hosts = ["localhost"]']
+    else:
+        lines += [
+            f'hosts = ["{testbed["SSHQ_TEST_HOST"]}"]',
+            f"port = {testbed['SSHQ_TEST_PORT']}",
+            f'user = "{testbed["SSHQ_TEST_USER"]}"',
+            f'identity_file = "{testbed["SSHQ_TEST_KEY"]}"',
+            f'known_hosts = "{testbed["SSHQ_TEST_KNOWN_HOSTS"]}"',
+        ]
+    lines += [f'job_runner = "{job_runner}"', f'transport = "{transport}"',
+              f'run_dir = "{run_dir}"']
+    for k, v in extra.items():
+        lines.append(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"')
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def run_id() -> str:
+    """A unique name for this test's remote run directory."""
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, testbed: dict[str, str], run_id: str) -> Path:
+    """A platforms file with every combination the tests use.
+
+    Platforms: ``slurm`` (asyncssh), ``slurm-openssh``, ``bg`` (asyncssh,
+    background), ``bg-openssh``, ``local`` (local transport, background).
+    """
+    rd = f"~/sshq-test/{run_id}"
+    text = "".join([
+        platform_toml(testbed, "slurm", job_runner="slurm", transport="asyncssh", run_dir=rd),
+        platform_toml(testbed, "slurm-openssh", job_runner="slurm", transport="openssh",
+                      run_dir=rd),
+        platform_toml(testbed, "bg", job_runner="background", transport="asyncssh",
+                      run_dir=rd),
+        platform_toml(testbed, "bg-openssh", job_runner="background", transport="openssh",
+                      run_dir=rd),
+        platform_toml(testbed, "local", job_runner="background", transport="local",
+                      run_dir=str(tmp_path / "local-run")),
+    ])
+    p = tmp_path / "platforms.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    """A fresh sshq state directory."""
+    d = tmp_path / "state"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+async def client(config_file: Path, state_dir: Path) -> AsyncIterator[AsyncClient]:
+    """An AsyncClient on the test bed's platforms."""
+    c = AsyncClient(config_file, state_dir=state_dir)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture
+def cli_env(config_file: Path, state_dir: Path) -> dict[str, str]:
+    """Environment for running the ``sshq`` command on the test bed."""
+    env = dict(os.environ)
+    env["SSHQ_CONFIG"] = str(config_file)
+    env["SSHQ_STATE_DIR"] = str(state_dir)
+    return env
+
+
+@pytest.fixture
+def sshq(cli_env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess[bytes]]:
+    """Run the real ``sshq`` command (as a user would), capturing its output."""
+
+    def run(*args: str, input: bytes | None = None, timeout: float = 180,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "sshq", *args],
+            input=input, capture_output=True, timeout=timeout, env=env or cli_env,
+        )
+
+    return run
