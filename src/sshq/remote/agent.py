@@ -26,7 +26,8 @@ import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutorfrom typing import Any, Dict, List  # noqa: F401  (type comments)
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List  # noqa: F401  (type comments)
 
 STATUS = "job.status"
 EXIT_KEYS = ("SSHQ_JOB_EXIT_STATUS", "SSHQ_JOB_EXIT_SIGNAL")
