@@ -147,7 +147,8 @@ class AsyncClient:
         if cached is not None:
             return cached
         async with self._init_lock:
-            reply = await call_agent(t, platform.python, "init", {"run_dir": platform.run_dir})
+            reply = await call_agent(t, platform.python, "init", {"run_dir": platform.run_dir},
+                                     login_shell=platform.login_shell)
             info = RemoteInit(reply["run_dir"], reply["home"])
             self.store.set_remote_init(platform.name, platform.run_dir, info)
             return info
@@ -237,14 +238,19 @@ class AsyncClient:
                 reply = await call_agent(
                     t, plat.python, "submit",
                     {"jobs": jobs_req, "concurrency": plat.submit_concurrency},
-                    timeout=max(300.0, 2.0 * len(jobs_req)),
+                    timeout=max(300.0, 2.0 * len(jobs_req)), login_shell=plat.login_shell,
                 )
                 retry = self._record_submissions(reply["results"], plat, handler)
                 if not retry:
                     break
+                # Another client (or a lost local state) used these submit
+                # numbers: continue after the highest one on the remote side.
                 todo = [(i, s) for i, s in todo if i in retry]
-                for i in retry:
-                    nums[i] += 1
+                taken: dict[str, int] = {}
+                for i, s in todo:
+                    base = max(taken.get(s.job_name, 0), retry[i])
+                    nums[i] = base + 1
+                    taken[s.job_name] = nums[i]
             else:
                 for i, _s in todo:
                     self.store.update_job(i, message="job log directories exist already")
@@ -264,8 +270,9 @@ class AsyncClient:
 
     def _record_submissions(
         self, results: list[dict[str, Any]], plat: Platform, handler: JobRunnerHandler
-    ) -> set[int]:
-        retry: set[int] = set()
+    ) -> dict[int, int]:
+        """Record the agent's submit results; return {sshq id: highest NN} to retry."""
+        retry: dict[int, int] = {}
         updates: list[tuple[int, dict[str, Any]]] = []
         for r in results:
             job_id = int(r["key"])
@@ -275,7 +282,7 @@ class AsyncClient:
                     "submit_time": _utc(r.get("submit_time")), "message": "",
                 }))
             elif r.get("code") == "exists":
-                retry.add(job_id)
+                retry[job_id] = int(r.get("max_submit_num") or 0)
             else:
                 detail = (r.get("stderr") or r.get("error") or "").strip()
                 if r.get("code") == "runner" and r.get("exit") == 0:
@@ -320,7 +327,8 @@ class AsyncClient:
     ) -> dict[str, Any]:
         plat = self.config.platform(plat_name)
         t = self.transport(plat, self._host_of(plat, host_label))
-        return await call_agent(t, plat.python, op, payload, timeout=timeout)
+        return await call_agent(t, plat.python, op, payload, timeout=timeout,
+                                login_shell=plat.login_shell)
 
     def _apply(
         self, jobs: list[Job], reply: dict[str, Any], queried: set[str]
@@ -537,7 +545,8 @@ class AsyncClient:
 
         async def pump() -> None:
             try:
-                async for frame in stream_agent(t, plat.python, "follow", payload):
+                async for frame in stream_agent(t, plat.python, "follow", payload,
+                                                login_shell=plat.login_shell):
                     if "file" in frame:
                         await queue.put((frame["file"], base64.b64decode(frame["data_b64"])))
                     elif frame.get("done"):

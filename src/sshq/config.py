@@ -13,6 +13,7 @@ also honours ``SSHQ_CONFIG`` and ``--config``)::
     run_dir = "~/sshq-run"        # remote; absolute once resolved by remote-init
     transport = "asyncssh"        # asyncssh | openssh | local
     python = "python3"            # remote interpreter for the agent (3.6+)
+    login_shell = false           # true: run the agent from `bash -l` (modules, PATH)
 
 Every key is optional; ``hosts`` defaults to ``[NAME]`` (an ~/.ssh/config
 alias works).  The built-in platform ``localhost`` (transport ``local``,
@@ -67,6 +68,8 @@ class Platform:
         bad_host_seconds: how long a failing host is skipped, in seconds.
         batch_mode: openssh only; False lets ssh prompt (MFA).
         submit_concurrency: concurrent job runner submissions in the agent.
+        login_shell: start the agent from ``bash -l`` so that it sees a login
+            environment (module systems, PATH to the job runner's commands).
     """
 
     name: str
@@ -83,6 +86,7 @@ class Platform:
     bad_host_seconds: float = 300.0
     batch_mode: bool = True
     submit_concurrency: int = 4
+    login_shell: bool = False
 
     def host_params(self, host: str) -> HostParams:
         """Connection parameters for one of the platform's hosts."""
@@ -102,7 +106,7 @@ LOCALHOST = Platform(name="localhost", hosts=("localhost",), transport="local",
 _KEYS = {
     "hosts", "port", "user", "identity_file", "known_hosts", "job_runner", "run_dir",
     "transport", "python", "connect_timeout", "bad_host_seconds", "batch_mode",
-    "submit_concurrency",
+    "submit_concurrency", "login_shell",
 }
 
 
@@ -189,10 +193,11 @@ def _platform(name: str, table: Any, source: str) -> Platform:
             if not isinstance(table[key], (int, float)) or table[key] < 0:
                 raise ConfigError(f"{where}: {key} must be a number of seconds")
             kw[key] = float(table[key])
-    if "batch_mode" in table:
-        if not isinstance(table["batch_mode"], bool):
-            raise ConfigError(f"{where}: batch_mode must be true or false")
-        kw["batch_mode"] = table["batch_mode"]
+    for key in ("batch_mode", "login_shell"):
+        if key in table:
+            if not isinstance(table[key], bool):
+                raise ConfigError(f"{where}: {key} must be true or false")
+            kw[key] = table[key]
     if "submit_concurrency" in table:
         n = table["submit_concurrency"]
         if not isinstance(n, int) or n < 1:

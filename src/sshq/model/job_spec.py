@@ -25,7 +25,8 @@ class JobSpec:
     Exactly one of ``script`` and ``command`` says what runs.
 
     Attributes:
-        script: the user's script, bytes exactly as on disk. A ``#!`` line
+        script: the user's script, bytes exactly as on disk (a ``str`` is
+            encoded as UTF-8). A ``#!`` line
             chooses its interpreter; without one it runs under ``/bin/sh``
             semantics of bash.
         command: a shell command line, run by ``/bin/bash -c``-like semantics
@@ -34,9 +35,11 @@ class JobSpec:
         name: the job name (also the job's directory in the job log layout);
             defaults to the script's file stem, or ``job``.
         environment: variables exported to the job, values byte-exact.
-        walltime: the run time limit.
+        walltime: the run time limit (a ``timedelta``; ``"HH:MM:SS"`` strings
+            and seconds are converted on construction).
         nodes, tasks, cpus: nodes, tasks, and CPUs per task.
-        memory: memory per node in bytes.
+        memory: memory per node in bytes (``"2G"``-style strings are
+            converted on construction, powers of 1024).
         queue: the queue or partition.
         account: the account or project charged.
         mail_user: address for the job runner's mail.
@@ -63,6 +66,20 @@ class JobSpec:
     mail_events: tuple[str, ...] = ()
     directives: tuple[str, ...] = ()
     work_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        # Accept the forms people write ("0:10:00", 600, "2G"); store the types.
+        if self.walltime is not None and not isinstance(self.walltime, timedelta):
+            object.__setattr__(self, "walltime", parse_walltime(self.walltime))
+        if self.memory is not None and not isinstance(self.memory, int):
+            object.__setattr__(self, "memory", parse_memory(self.memory))
+        if isinstance(self.script, str):
+            object.__setattr__(self, "script", self.script.encode("utf-8", "surrogateescape"))
+        for name in ("arguments", "mail_events", "directives"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise InvalidInputError(f"{name} must be a sequence of strings, not one string")
+            object.__setattr__(self, name, tuple(value))
 
     @classmethod
     def from_file(cls, path: str | Path, **fields: object) -> JobSpec:

@@ -25,6 +25,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List  # noqa: F401  (type comments)
@@ -156,10 +157,27 @@ def op_init(req, w):
     })
 
 
+def highest_submit_num(parent):
+    """The highest NN directory under a job's log directory (0 if none)."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return 0
+    nums = [int(n) for n in names if n.isdigit()]
+    return max(nums) if nums else 0
+
+
 def link_latest(log_dir):
+    """Point the NN link at this submit, unless a later one exists already."""
     parent, nn = os.path.split(log_dir)
     link = os.path.join(parent, "NN")
-    tmp = "%s.tmp%d" % (link, os.getpid())
+    try:
+        current = os.readlink(link)
+        if current.isdigit() and int(current) > int(nn):
+            return
+    except OSError:
+        pass
+    tmp = "%s.tmp%d.%d" % (link, os.getpid(), threading.get_ident())
     try:
         os.remove(tmp)
     except OSError:
@@ -176,6 +194,7 @@ def submit_one(job):
             os.mkdir(log_dir, 0o755)
         except FileExistsError:
             return {"key": job["key"], "ok": False, "code": "exists",
+                    "max_submit_num": highest_submit_num(os.path.dirname(log_dir)),
                     "error": "job log directory %s exists already" % log_dir}
         job_file = os.path.join(log_dir, "job")
         fd = os.open(job_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)

@@ -43,6 +43,7 @@ async def call_agent(
     payload: dict[str, Any],
     *,
     timeout: float | None = 300.0,
+    login_shell: bool = False,
 ) -> dict[str, Any]:
     """Run one agent operation and return its single reply frame.
 
@@ -52,6 +53,7 @@ async def call_agent(
         op: ``init``, ``submit``, ``poll``, ``kill`` or ``read``.
         payload: the request's fields.
         timeout: seconds for the whole call.
+        login_shell: start the agent from ``bash -l``.
 
     Raises:
         TransportError: the host could not be reached.
@@ -59,7 +61,9 @@ async def call_agent(
         RemoteError: the agent failed or replied nonsense.
     """
     nonce, stdin = encode_request(op, payload)
-    result = await transport.run(agent_argv(python), stdin=stdin, timeout=timeout)
+    result = await transport.run(
+        agent_argv(python, login_shell=login_shell), stdin=stdin, timeout=timeout
+    )
     parser = FrameParser(nonce)
     frames = list(parser.feed(result.stdout))
     if not parser.finished or not frames:
@@ -71,7 +75,8 @@ async def call_agent(
 
 
 async def stream_agent(
-    transport: Transport, python: str, op: str, payload: dict[str, Any]
+    transport: Transport, python: str, op: str, payload: dict[str, Any],
+    *, login_shell: bool = False,
 ) -> AsyncIterator[dict[str, Any]]:
     """Run a streaming agent operation (``follow``), yielding frames as they come.
 
@@ -80,7 +85,9 @@ async def stream_agent(
     """
     nonce, stdin = encode_request(op, payload)
     parser = FrameParser(nonce)
-    async for chunk in transport.stream(agent_argv(python), stdin=stdin):
+    async for chunk in transport.stream(
+        agent_argv(python, login_shell=login_shell), stdin=stdin
+    ):
         for frame in parser.feed(chunk):
             yield frame
         if parser.finished:

@@ -42,9 +42,20 @@ def agent_source() -> bytes:
     return resources.files("sshq.remote").joinpath("agent.py").read_bytes()
 
 
-def agent_argv(python: str = "python3") -> list[str]:
-    """The remote argv that starts the agent with interpreter ``python``."""
-    return [python, "-c", BOOTSTRAP]
+#: With ``login_shell``: a fixed bash program that runs its arguments, so the
+#: agent sees the environment of a login shell (modules, PATH to sbatch).
+LOGIN_SHELL = ["bash", "-l", "-c", 'exec "$0" "$@"']
+
+
+def agent_argv(python: str = "python3", *, login_shell: bool = False) -> list[str]:
+    """The remote argv that starts the agent with interpreter ``python``.
+
+    Args:
+        python: the remote Python 3.6+ interpreter.
+        login_shell: run it from ``bash -l`` (Cylc's "use login shell").
+    """
+    argv = [python, "-c", BOOTSTRAP]
+    return [*LOGIN_SHELL, *argv] if login_shell else argv
 
 
 def encode_request(op: str, payload: dict[str, Any]) -> tuple[str, bytes]:
