@@ -388,21 +388,13 @@ class AsyncClient:
         await self._poll_jobs(jobs)
         return self.store.get([j.id for j in jobs])
 
-    async def _poll_jobs(self, jobs: list[Job], *, raise_errors: bool = False) -> list[str]:
+    async def _poll_jobs(self, jobs: list[Job]) -> list[str]:
         errors: list[str] = []
 
         async def one(key: tuple[str, str], group: list[Job]) -> None:
-            runners = {HANDLERS[j.job_runner] for j in group}
-            payload = {
-                "jobs": [{"key": str(j.id), "log_dir": j.job_log_dir, "job_id": j.job_id,
-                          "runner": j.job_runner} for j in group],
-                "runners": runner_templates(sorted(runners, key=lambda h: h.name)),
-            }
             try:
-                reply = await self._agent_on_group(key[0], key[1], "poll", payload)
+                reply = await self._agent_on_group(key[0], key[1], "poll", _jobs_payload(group))
             except SshqError as exc:
-                if raise_errors and not exc.transient:
-                    raise
                 log.warning("poll of %s on %s failed (no state changed): %s", key[0], key[1], exc)
                 errors.append(str(exc))
                 return
@@ -430,13 +422,7 @@ class AsyncClient:
         live = [j for j in jobs if not j.state.is_final and j.job_id]
 
         async def one(key: tuple[str, str], group: list[Job]) -> None:
-            runners = {HANDLERS[j.job_runner] for j in group}
-            payload = {
-                "jobs": [{"key": str(j.id), "log_dir": j.job_log_dir, "job_id": j.job_id,
-                          "runner": j.job_runner} for j in group],
-                "runners": runner_templates(sorted(runners, key=lambda h: h.name)),
-                "settle": settle,
-            }
+            payload = dict(_jobs_payload(group), settle=settle)
             reply = await self._agent_on_group(key[0], key[1], "kill", payload,
                                                timeout=120 + settle)
             self._apply(group, reply, set())
@@ -640,6 +626,16 @@ async def _rsync(t: Transport, remote_dir: str, local: Path) -> None:
             f"rsync from {t.host} failed (exit {proc.returncode}):"
             f" {err.decode('utf-8', 'replace').strip()}"
         )
+
+
+def _jobs_payload(group: Sequence[Job]) -> dict[str, Any]:
+    """The ``jobs`` and ``runners`` fields of an agent poll or kill request."""
+    runners = sorted({HANDLERS[j.job_runner] for j in group}, key=lambda h: h.name)
+    return {
+        "jobs": [{"key": str(j.id), "log_dir": j.job_log_dir, "job_id": j.job_id,
+                  "runner": j.job_runner} for j in group],
+        "runners": runner_templates(runners),
+    }
 
 
 def _spec_summary(spec: JobSpec) -> dict[str, Any]:
