@@ -112,8 +112,7 @@ class AsyncClient:
                 t = LocalTransport(params)
             elif platform.transport == "openssh":
                 t = OpenSSHTransport(
-                    params,
-                    control_dir=str(self.state_dir / "cm"),
+                    params, control_dir=str(self.state_dir / "cm"),
                     batch_mode=platform.batch_mode,
                 )
             else:
@@ -130,15 +129,16 @@ class AsyncClient:
         bad = self.store.bad_hosts(platform.name)
         hosts = [h for h in platform.hosts if h not in bad] or list(platform.hosts)
         last: TransportError | None = None
-        for host in hosts:
+        for n, host in enumerate(hosts):
             try:
                 return await op(host, self.transport(platform, host))
             except TransportError as exc:
                 if not exc.transient or exc.command_sent:
                     raise
                 last = exc
-                log.warning("%s: %s; trying the next host", platform.name, exc)
                 self.store.mark_bad_host(platform.name, host, platform.bad_host_seconds, str(exc))
+                if n + 1 < len(hosts):
+                    log.warning("%s: %s; trying %s", platform.name, exc, hosts[n + 1])
         assert last is not None
         raise last
 

@@ -42,7 +42,7 @@ JOB_FIELDS_HELP = (
 def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
     if value:
         _state["debug"] = True
-        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("sshq").setLevel(logging.DEBUG)
     return value
 
 
@@ -497,6 +497,10 @@ def hosts_trust(ctx: click.Context, host: str, port: int | None, known_hosts: st
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the CLI; errors become one line on stderr and an exit status."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("sshq: %(levelname)s: %(message)s"))
+    logging.getLogger("sshq").addHandler(handler)
+    logging.getLogger("sshq").setLevel(logging.WARNING)
     try:
         rc = cli.main(args=list(argv) if argv is not None else None, prog_name="sshq",
                       standalone_mode=False)

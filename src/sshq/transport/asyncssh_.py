@@ -130,26 +130,47 @@ class AsyncSSHTransport(Transport):
                     delay *= 2
             raise AssertionError("unreachable")
 
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
+
     def _lost(self, exc: BaseException) -> HostUnreachableError:
-        self._conn = None
+        self._drop()
         return HostUnreachableError(
             f"{self.host}: connection lost: {exc}", host=self.params.host, command_sent=True
         )
 
     async def _open(self, argv: Sequence[str]) -> asyncssh.SSHClientProcess[bytes]:
+        """Open a channel running ``argv``.
+
+        A refused channel (sshd's ``MaxSessions`` reached by other users of
+        the connection) is retried on the same connection after a short
+        pause; a dead connection is replaced once.  Either way the command
+        never started, so retrying is safe.
+        """
         command = join(argv)
-        for attempt in (1, 2):
+        refused = 0
+        reconnected = False
+        while True:
             conn = await self.connection()
             try:
                 return await conn.create_process(command, encoding=None)
-            except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, OSError) as exc:
-                # The channel never opened: the command did not run; safe to retry.
-                self._conn = None
-                if attempt == 2:
+            except asyncssh.ChannelOpenError as exc:
+                refused += 1
+                if refused > 50:
+                    raise HostUnreachableError(
+                        f"{self.host}: the server keeps refusing channels: {exc.reason}",
+                        host=self.params.host,
+                    ) from None
+                await asyncio.sleep(min(0.02 * refused, 0.5) * (0.5 + random.random()))
+            except (asyncssh.ConnectionLost, asyncssh.DisconnectError, OSError) as exc:
+                self._drop()
+                if reconnected:
                     raise HostUnreachableError(
                         f"{self.host}: cannot open a channel: {exc}", host=self.params.host
                     ) from None
-        raise AssertionError("unreachable")
+                reconnected = True
 
     async def run(
         self, argv: Sequence[str], *, stdin: bytes = b"", timeout: float | None = None
@@ -157,7 +178,9 @@ class AsyncSSHTransport(Transport):
         async with self._channels:
             proc = await self._open(argv)
             try:
-                out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+                if not stdin:
+                    proc.stdin.write_eof()  # communicate() sends EOF only after data
+                out, err = await asyncio.wait_for(proc.communicate(stdin or None), timeout)
             except TimeoutError:
                 proc.close()
                 raise HostUnreachableError(

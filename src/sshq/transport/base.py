@@ -24,7 +24,8 @@ class CommandResult:
 
     Attributes:
         exit_status: the command's exit status; -1 if it died of a signal or
-            the server sent none.
+            the server sent none (the ``openssh`` transport reports 255 then,
+            as ssh does).
         stdout: standard output, raw bytes.
         stderr: standard error, raw bytes.
     """

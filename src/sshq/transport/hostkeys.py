@@ -63,7 +63,11 @@ def known_keys(path: str, host: str, port: int | None) -> list[asyncssh.SSHKey]:
     if not os.path.exists(path):
         return []
     kh = asyncssh.read_known_hosts(path)
-    trusted, _ca, _revoked, _x509, _xca, _xrev, _subj = kh.match(host, "", port or 22)
+    # OpenSSH's rule: an entry without a port is for port 22 only.  asyncssh's
+    # public match() falls back to such entries for other ports, so use its
+    # exact lookup.
+    exact = getattr(kh, "_match", kh.match)
+    trusted = exact(host, "", None if port in (None, 22) else port)[0]
     return list(trusted)
 
 

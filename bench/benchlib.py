@@ -1,0 +1,185 @@
+"""Shared helpers for the sshq benchmarks (bench/*.py): the test bed, ssh, Slurm clean-up.
+
+Not part of sshq.  Everything here talks to the real test bed written by
+``.ci/setup-testbed.sh`` (``/var/lib/sshq-testbed/testbed.env``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+TESTBED_ENV = os.environ.get("SSHQ_TESTBED_ENV", "/var/lib/sshq-testbed/testbed.env")
+SUBMITTED_RE = re.compile(r"Submitted batch job (\d+)")
+
+
+def load_testbed() -> dict[str, str]:
+    try:
+        text = Path(TESTBED_ENV).read_text()
+    except OSError:
+        sys.exit(f"no test bed: {TESTBED_ENV} is missing (run .ci/setup-testbed.sh as root)")
+    env = {}
+    for line in text.splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            env[k.strip()] = v.strip()
+    return env
+
+
+def new_tag() -> str:
+    """A short random tag: remote directory name and job name prefix of one run."""
+    return "sb" + secrets.token_hex(4)
+
+
+class Bed:
+    """The test bed: ssh argv, remote commands, platforms files."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.host = env["SSHQ_TEST_HOST"]
+        self.port = env["SSHQ_TEST_PORT"]
+        self.user = env["SSHQ_TEST_USER"]
+        self.key = env["SSHQ_TEST_KEY"]
+        self.known_hosts = env["SSHQ_TEST_KNOWN_HOSTS"]
+        self.slurm = env.get("SSHQ_TEST_SLURM") == "1"
+        self._home: str | None = None
+
+    def ssh_argv(self, *extra: str) -> list[str]:
+        """The ssh command line of the brief (plus ``extra`` options), up to the destination."""
+        return [
+            "ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={self.known_hosts}", "-i", self.key, "-p", self.port,
+            *extra, f"{self.user}@{self.host}",
+        ]
+
+    def ssh(self, command: str, *, input: bytes | None = None, check: bool = True,
+            timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+        """Run a remote shell command line (no multiplexing)."""
+        p = subprocess.run(
+            [*self.ssh_argv("-o", "ControlMaster=no", "-o", "ControlPath=none"), command],
+            input=input, capture_output=True, timeout=timeout,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+        if check and p.returncode != 0:
+            raise RuntimeError(f"remote command failed ({p.returncode}): {command}\n"
+                               f"{p.stderr.decode(errors='replace')}")
+        return p
+
+    @property
+    def home(self) -> str:
+        if self._home is None:
+            self._home = self.ssh("echo $HOME").stdout.decode().strip()
+        return self._home
+
+    def platform_toml(self, name: str, *, job_runner: str, run_dir: str,
+                      transport: str = "asyncssh", **extra: object) -> str:
+        """One [platforms.NAME] table pointing at the test bed (as tests/conftest.py)."""
+        lines = [
+            f"[platforms.{name}]",
+            f'hosts = ["{self.host}"]',
+            f"port = {self.port}",
+            f'user = "{self.user}"',
+            f'identity_file = "{self.key}"',
+            f'known_hosts = "{self.known_hosts}"',
+            f'job_runner = "{job_runner}"',
+            f'transport = "{transport}"',
+            f'run_dir = "{run_dir}"',
+        ]
+        for k, v in extra.items():
+            lines.append(f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v!r}")
+        return "\n".join(lines) + "\n"
+
+    def remove_remote_dir(self, tag: str) -> None:
+        """rm -rf ~/sshq-bench/<tag> (and ~/sshq-bench if it is then empty)."""
+        q = shlex.quote(tag)
+        self.ssh(f'rm -rf "$HOME/sshq-bench/"{q}; rmdir "$HOME/sshq-bench" 2>/dev/null; true',
+                 check=False)
+
+
+# ---------------------------------------------------------------- Slurm clean-up
+
+
+def _squeue_mine(user: str, prefix: str) -> list[str]:
+    p = subprocess.run(["squeue", "-h", "-u", user, "-o", "%i %j"], capture_output=True,
+                       text=True)
+    ids = []
+    for line in p.stdout.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[1].startswith(prefix):
+            ids.append(parts[0])
+    return ids
+
+
+def cancel_jobs(user: str, prefix: str, *, whole_user: bool = False,
+                timeout: float = 120) -> float:
+    """Cancel this run's Slurm jobs and wait until squeue no longer shows them.
+
+    Only jobs whose name starts with ``prefix`` (this run's tag) are cancelled,
+    so other engineers' jobs for the same test user survive; ``whole_user``
+    does ``scancel -u USER`` instead, as the brief literally says.  Runs as
+    root on the test bed.  Returns the seconds it took.
+    """
+    t0 = time.monotonic()
+    while True:
+        if whole_user:
+            subprocess.run(["scancel", "-u", user], check=False)
+            left = subprocess.run(["squeue", "-h", "-u", user, "-o", "%i"],
+                                  capture_output=True, text=True).stdout.split()
+        else:
+            left = _squeue_mine(user, prefix)
+            for i in range(0, len(left), 500):
+                subprocess.run(["scancel", *left[i:i + 500]], check=False,
+                               capture_output=True)
+        if not left:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            print(f"warning: {len(left)} job(s) still in squeue after {timeout} s",
+                  file=sys.stderr)
+            return time.monotonic() - t0
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    rows = [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    out = [line, sep]
+    for r in rows:
+        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+    return "\n".join(out)
+
+
+def machine_facts() -> dict[str, str]:
+    def sh(argv: list[str]) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return "?"
+    import sshq  # noqa: PLC0415
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "nproc": sh(["nproc"]),
+        "slurm": sh(["sinfo", "--version"]),
+        "python3 (system)": sh(["python3", "--version"]),
+        "python (bench)": sys.version.split()[0],
+        "sshq": getattr(sshq, "__version__", "?"),
+        "kernel": sh(["uname", "-r"]),
+        "load": sh(["cat", "/proc/loadavg"]),
+    }
