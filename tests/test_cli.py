@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,8 @@ Run = Callable[..., subprocess.CompletedProcess[bytes]]
 
 @pytest.fixture
 def state_dir() -> Iterator[Path]:
-    """A fresh, SHORT state directory (openssh ControlPath length; see
-    test_integration_background.py::test_openssh_with_a_long_state_dir)."""
+    """A fresh, SHORT state directory (openssh ControlMaster sockets stay private
+    to the test; see test_integration_slurm.py)."""
     d = Path(tempfile.mkdtemp(prefix="sq-", dir="/tmp"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
@@ -68,6 +69,14 @@ def one_error_line(r: subprocess.CompletedProcess[bytes]) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     return lines[0]
+
+
+def wait_started(sshq: Run, sid: int, timeout: float = 60) -> None:
+    """Wait until the job wrapper has recorded its start (its traps are set)."""
+    deadline = time.monotonic() + timeout
+    while b"SSHQ_JOB_INIT_TIME=" not in sshq("cat-log", str(sid), "--file", "status").stdout:
+        assert time.monotonic() < deadline, f"job {sid} did not start in {timeout} s"
+        time.sleep(0.2)
 
 
 def submit_json(sshq: Run, *args: str) -> list[dict[str, Any]]:
@@ -136,7 +145,7 @@ def test_json_output_of_every_command(testbed: dict[str, str], sshq: Run,
     # kill (and poll --all) on a running job
     (k,) = submit_json(sshq, "-p", "local", "--name", "sleeper", "--command",
                        "echo up; sleep 120")
-    r = sshq("wait", str(k["id"]), "--timeout", "1", "--json")  # let it start
+    wait_started(sshq, k["id"])
     r = sshq("poll", "--all", "--json")
     assert r.returncode == 0, r.stderr
     assert [j["id"] for j in jobs_of(r)] == [k["id"]]
@@ -437,12 +446,6 @@ def test_submit_three_scripts_to_slurm(slurm_testbed: dict[str, str], sshq: Run,
 # ---------------------------------------------------------------- non-UTF-8
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: jobscript/render.py render_job_script() encodes the argument line with"
-    " `_RUN.format(args=args).encode()` (strict UTF-8) while env values use"
-    " surrogateescape: a non-UTF-8 --arg (argv bytes, decoded by Python with"
-    " surrogateescape) crashes submit with 'internal error: UnicodeEncodeError' (exit 70)"
-    " and leaves a phantom job row 'submission in progress' in the store"))
 def test_non_utf8_argument_reaches_the_job_byte_exact(testbed: dict[str, str],
                                                       cli_env: dict[str, str]) -> None:
     def run(*args: str | bytes) -> subprocess.CompletedProcess[bytes]:

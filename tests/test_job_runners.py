@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import subprocess
 import time
 from datetime import timedelta
@@ -25,6 +24,7 @@ from sshq.job_runners.background import HANDLER as BG
 from sshq.job_runners.base import IDS, RunnerJobState, expand_ids
 from sshq.job_runners.slurm import HANDLER as SLURM
 from sshq.model.job_spec import JobSpec
+from sshq.quoting import directive_word
 from sshq.remote import agent
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -41,6 +41,47 @@ def job_id_from(handler: Any, stdout: str) -> str | None:
     """The job id as the agent finds it (re.search, MULTILINE)."""
     m = re.search(handler.job_id_regex, stdout, re.MULTILINE)
     return m.group("id") if m else None
+
+
+def sbatch_reads(line: str) -> str:
+    """The argument of one ``#SBATCH`` line as sbatch reads it.
+
+    A model of sbatch's directive parser: blanks end the argument, ``"``
+    toggles quoting, backslash escapes the next character (also in quotes), an
+    unquoted ``#`` starts a comment.  Checked against real sbatch by
+    :func:`test_sbatch_model_matches_real_sbatch`.
+    """
+    assert line.startswith("#SBATCH ")
+    out: list[str] = []
+    quoted = escaped = False
+    for c in line[len("#SBATCH "):].lstrip():
+        if escaped:
+            out.append(c)
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif not quoted and (c == "#" or c.isspace()):
+            break
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def test_sbatch_model_matches_real_sbatch() -> None:
+    cap = fixture("sbatch_directive_parsing")
+    checked = 0
+    for case in cap["cases"]:
+        for line in case["directives"]:
+            opt = line.split("=", 1)[0][len("#SBATCH "):]
+            assert sbatch_reads(line) == f"{opt}={case['stored'][opt]}", line
+            checked += 1
+    assert checked >= 8
+    # the captures cover what matters: '#', backslash, blanks, quotes
+    text = json.dumps(cap["cases"])
+    for needle in ("#", "\\\\", " ", '\\"', "'"):
+        assert needle in text
 
 
 def test_handlers_registry() -> None:
@@ -117,16 +158,44 @@ def test_slurm_log_dir_with_space_is_refused_by_real_sbatch() -> None:
     assert " " in cap["job_log_dir"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: slurm.py writes --output/--error with the job log "
-                   "dir unquoted; sbatch splits the directive at a space and refuses the script "
-                   "(fixtures/sbatch_log_dir_with_space.json)")
 def test_slurm_directives_keep_log_dir_with_space_one_word() -> None:
+    # unquoted, sbatch splits the directive at the space and refuses the script
+    # (fixtures/sbatch_log_dir_with_space.json); double-quoted it is accepted
     log = fixture("sbatch_log_dir_with_space")["job_log_dir"]
     lines = SLURM.directives(JobSpec(command="true", name="j").normalized(), log)
     for opt, path in (("--output", f"{log}/job.out"), ("--error", f"{log}/job.err")):
         line = next(x for x in lines if x.startswith(f"#SBATCH {opt}="))
-        # sbatch reads directive arguments as words, honouring double quotes
-        assert shlex.split(line[len("#SBATCH "):]) == [f"{opt}={path}"]
+        assert sbatch_reads(line) == f"{opt}={path}"
+    assert lines[1:3] != fixture("sbatch_log_dir_with_space")["directives"][1:3]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: quoting.directive_word quotes only values with "
+                   "blanks; sbatch cuts an unquoted value at '#' (a comment) and drops every "
+                   "backslash (an escape, also inside quotes), so such paths/values are mangled "
+                   "(fixtures/sbatch_directive_parsing.json)")
+@pytest.mark.parametrize("odd", ["#", "\\", "# \\"])
+def test_slurm_directive_values_survive_sbatch_parsing(odd: str) -> None:
+    log = f"/home/u/run{odd}x/log/job/j/01"
+    spec = JobSpec(command="true", name="j", account=f"proj{odd}1").normalized()
+    lines = SLURM.directives(spec, log)
+    wanted = {"--output": f"{log}/job.out", "--error": f"{log}/job.err",
+              "--account": f"proj{odd}1"}
+    for opt, value in wanted.items():
+        line = next(x for x in lines if x.startswith(f"#SBATCH {opt}="))
+        assert sbatch_reads(line) == f"{opt}={value}", line
+
+
+@pytest.mark.parametrize("value", ["plain", "a b", "it's", "x  y z", "/p/my runs/job.out"])
+def test_directive_word_read_back_by_sbatch_model(value: str) -> None:
+    assert sbatch_reads(f"#SBATCH --comment={directive_word(value)}") == f"--comment={value}"
+
+
+@pytest.mark.parametrize(("field", "opt"), [("queue", "--partition"), ("account", "--account"),
+                                            ("mail_user", "--mail-user")])
+def test_slurm_directive_values_with_blanks_stay_one_word(field: str, opt: str) -> None:
+    spec = JobSpec(command="true", **{field: "a b  c"}).normalized()
+    line = next(x for x in SLURM.directives(spec, LOG) if x.startswith(f"#SBATCH {opt}="))
+    assert sbatch_reads(line) == f"{opt}=a b  c"
 
 
 def test_slurm_submit_argv() -> None:

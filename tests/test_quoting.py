@@ -15,6 +15,7 @@ from sshq.quoting import (
     check_env_key,
     check_env_value,
     check_job_name,
+    directive_word,
     join,
     quote,
 )
@@ -159,6 +160,12 @@ def test_env_key_refused(key: str) -> None:
     assert repr(key) in str(ei.value)
 
 
+@pytest.mark.parametrize("key", ["SSHQ_JOB_LOG_DIR", "SSHQ_WORK_DIR", "SSHQ_X", "sshq_x"])
+def test_env_key_reserved_for_wrapper(key: str) -> None:
+    with pytest.raises(InvalidInputError, match="reserved"):
+        check_env_key(key)
+
+
 @pytest.mark.parametrize("value", HOSTILE)
 def test_env_value_accepted(value: str) -> None:
     assert check_env_value("K", value) == value
@@ -223,3 +230,24 @@ def test_directive_value_refused(value: str, what: str) -> None:
         check_directive_value("account", value)
     assert "account" in str(ei.value)
     assert what in str(ei.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("gpu", "gpu"),
+        ("/home/u/run/log/job.out", "/home/u/run/log/job.out"),
+        ("/home/u/my runs/job.out", '"/home/u/my runs/job.out"'),
+        ("a  b", '"a  b"'),
+        ("it's", "it's"),
+    ],
+)
+def test_directive_word(value: str, expected: str) -> None:
+    assert directive_word(value) == expected
+    # how sbatch reads such values is checked against real sbatch in test_job_runners.py
+
+
+@pytest.mark.parametrize("value", ['a"b', '"', "a\nb", "a\x00b", "a\rb"])
+def test_directive_word_refused(value: str) -> None:
+    with pytest.raises(InvalidInputError):
+        directive_word(value)

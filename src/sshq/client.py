@@ -254,17 +254,14 @@ class AsyncClient:
             else:
                 for i, _s in todo:
                     self.store.update_job(i, message="job log directories exist already")
-        except TransportError as exc:
-            if not sent_any or not exc.command_sent:
-                self.store.delete_jobs(ids)
+        except BaseException as exc:
+            if not sent_any or (isinstance(exc, TransportError) and not exc.command_sent):
+                self.store.delete_jobs(ids)  # provably nothing was submitted
             else:
-                for i in ids:
-                    self.store.update_job(
-                        i, message=f"connection lost during submission; the job may have"
-                        f" been submitted: {exc}")
-            raise
-        except RemoteError:
-            self.store.delete_jobs(ids)
+                pending = [j.id for j in self.store.get(ids) if not j.job_id]
+                self.store.update_jobs(
+                    (i, {"message": f"submission outcome unknown (the job may have been"
+                                    f" submitted): {exc}"}) for i in pending)
             raise
         return self.store.get(ids)
 

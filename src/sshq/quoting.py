@@ -23,6 +23,7 @@ __all__ = [
     "check_env_value",
     "check_job_name",
     "check_directive_value",
+    "directive_word",
 ]
 
 #: POSIX environment variable names (IEEE Std 1003.1, 8.1): portable set.
@@ -67,6 +68,22 @@ def join(argv: Iterable[str]) -> str:
     return " ".join(quote(w) for w in argv)
 
 
+def directive_word(value: str) -> str:
+    """A value for a batch system directive line (``#SBATCH --output=VALUE``).
+
+    Directive lines are parsed by the batch system, not by a shell: a value
+    with blanks is wrapped in double quotes, which sbatch, qsub and bsub
+    strip; a value holding a double quote, newline or NUL is refused.
+
+    Raises:
+        InvalidInputError: the value cannot be carried in a directive.
+    """
+    check_directive_value("directive", value)
+    if '"' in value:
+        raise InvalidInputError(f"directive value {value!r} contains a double quote")
+    return f'"{value}"' if any(c.isspace() for c in value) else value
+
+
 def check_env_key(key: str) -> str:
     """Refuse an environment variable name that is not a portable POSIX name.
 
@@ -77,6 +94,11 @@ def check_env_key(key: str) -> str:
         raise InvalidInputError(
             f"invalid environment variable name {key!r}: use letters, digits and _,"
             " not starting with a digit"
+        )
+    if key.upper().startswith("SSHQ_"):
+        raise InvalidInputError(
+            f"environment variable name {key!r} is reserved: names starting with SSHQ_"
+            " belong to the job wrapper"
         )
     return key
 

@@ -104,8 +104,9 @@ class Renderer:
             target.buffer.flush()
 
     def error(self, text: str) -> None:
-        """One line on stderr."""
-        click.echo(f"sshq: {text}", err=True)
+        """One line on stderr (embedded newlines become " | ")."""
+        one = " | ".join(part.strip() for part in text.splitlines() if part.strip())
+        click.echo(f"sshq: {one}", err=True)
 
     @contextlib.contextmanager
     def progress(self, text: str) -> Iterator[None]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from ..exceptions import JobRunnerError
 from ..model.job_spec import JobSpec
 from ..model.resources import format_hms, format_memory_mib
+from ..quoting import directive_word
 from .base import IDS, JobRunnerHandler, RunnerJobState
 
 __all__ = ["SlurmHandler", "HANDLER"]
@@ -36,8 +37,8 @@ class SlurmHandler(JobRunnerHandler):
         p = self.directive_prefix
         lines = [
             f"{p} --job-name={spec.job_name}",
-            f"{p} --output={job_log_dir}/job.out",
-            f"{p} --error={job_log_dir}/job.err",
+            f"{p} --output={directive_word(job_log_dir + '/job.out')}",
+            f"{p} --error={directive_word(job_log_dir + '/job.err')}",
         ]
         if spec.walltime is not None:
             lines.append(f"{p} --time={format_hms(spec.walltime)}")
@@ -50,11 +51,11 @@ class SlurmHandler(JobRunnerHandler):
         if spec.memory is not None:
             lines.append(f"{p} --mem={format_memory_mib(spec.memory)}M")
         if spec.queue:
-            lines.append(f"{p} --partition={spec.queue}")
+            lines.append(f"{p} --partition={directive_word(spec.queue)}")
         if spec.account:
-            lines.append(f"{p} --account={spec.account}")
+            lines.append(f"{p} --account={directive_word(spec.account)}")
         if spec.mail_user:
-            lines.append(f"{p} --mail-user={spec.mail_user}")
+            lines.append(f"{p} --mail-user={directive_word(spec.mail_user)}")
         if spec.mail_events:
             lines.append(f"{p} --mail-type={','.join(_MAIL[e] for e in spec.mail_events)}")
         lines.extend(f"{p} {d}" for d in spec.directives)

@@ -45,24 +45,26 @@ sshq__status="$SSHQ_JOB_LOG_DIR/job.status"
 sshq__child=
 sshq__ended=
 sshq__watchdog=
-sshq__now() { date -u +%Y-%m-%dT%H:%M:%SZ; }
+sshq__path=$PATH
+sshq__now() { PATH=$sshq__path date -u +%Y-%m-%dT%H:%M:%SZ; }
 sshq__record() { printf '%s=%s\n' "$1" "$2" >>"$sshq__status"; }
 sshq__end() {
     [ -n "$sshq__ended" ] && return 0
     sshq__ended=1
     if [ -n "$sshq__watchdog" ]; then
-        pkill -P "$sshq__watchdog" 2>/dev/null
+        PATH=$sshq__path pkill -P "$sshq__watchdog" 2>/dev/null
         kill "$sshq__watchdog" 2>/dev/null
     fi
-    sshq__record "$1" "$2"
-    sshq__record SSHQ_JOB_EXIT_TIME "$(sshq__now)"
+    # One write, so that a poll never sees the exit without its time.
+    printf '%s=%s\nSSHQ_JOB_EXIT_TIME=%s\n' "$1" "$2" "$(sshq__now)" >>"$sshq__status"
 }
 sshq__on_signal() {
     trap '' TERM XCPU INT HUP
     trap - ERR
     if [ -n "$sshq__child" ]; then
         kill -s TERM "$sshq__child" 2>/dev/null
-        if [ "$(ps -o pgid= -p $$ 2>/dev/null | tr -d ' ')" = "$$" ]; then
+        sshq__pgid=$(PATH=$sshq__path ps -o pgid= -p $$ 2>/dev/null)
+        if [ "${sshq__pgid// /}" = "$$" ]; then
             kill -s TERM -- "-$$" 2>/dev/null
         fi
     fi
@@ -84,7 +86,7 @@ cd "$SSHQ_WORK_DIR"
 
 _RUN = r"""chmod 700 "$SSHQ_JOB_LOG_DIR/job.user"
 trap - ERR
-"$SSHQ_JOB_LOG_DIR/job.user"{args} &
+{env}"$SSHQ_JOB_LOG_DIR/job.user"{args} &
 sshq__child=$!
 wait "$sshq__child"
 exit $?
@@ -143,9 +145,6 @@ def render_job_script(
     for k, v in env.items():
         lines.append(f"export {k}={quote(v)}")
     head = "\n".join(lines) + "\n" + _WRAPPER
-    if spec.environment:
-        head += "# ---- the job's environment ----\n"
-        head += "".join(f"export {k}={quote(v)}\n" for k, v in spec.environment.items())
     if handler.wrapper_walltime and spec.walltime is not None:
         head += _WATCHDOG.format(seconds=math.ceil(spec.walltime.total_seconds()))
     body = spec.user_script()
@@ -153,11 +152,16 @@ def render_job_script(
         body += b"\n"
     delim = _heredoc_delimiter(body)
     args = (" " + join(spec.arguments)) if spec.arguments else ""
+    # The job's environment is exported last, so that a PATH of the user's
+    # cannot break the wrapper's own commands.
+    env_lines = "".join(f"export {k}={quote(v)}\n" for k, v in spec.environment.items())
+    if env_lines:
+        env_lines = "# ---- the job's environment ----\n" + env_lines
     return (
         head.encode("utf-8", "surrogateescape")
         + b"# ---- the user's script ----\n"
         + f"cat >\"$SSHQ_JOB_LOG_DIR/job.user\" <<'{delim}'\n".encode()
         + body
         + f"{delim}\n".encode()
-        + _RUN.format(args=args).encode()
+        + _RUN.format(args=args, env=env_lines).encode("utf-8", "surrogateescape")
     )
