@@ -143,16 +143,12 @@ def test_error_names_source_and_platform() -> None:
     assert "[platforms.hpc]" in str(ei.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a non-string job_runner raises TypeError "
-                   "(unhashable) instead of ConfigError (config.py: `runner not in HANDLERS`)")
 @pytest.mark.parametrize("value", ['["slurm"]', '{ name = "slurm" }'])
 def test_job_runner_of_wrong_type_is_config_error(value: str) -> None:
     with pytest.raises(ConfigError, match="job_runner"):
         parse_config(f"[platforms.a]\njob_runner = {value}\n")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: TOML booleans pass isinstance(x, int) checks, "
-                   "so port/submit_concurrency/connect_timeout = true are accepted")
 @pytest.mark.parametrize("key", ["port", "submit_concurrency", "connect_timeout"])
 def test_boolean_for_number_refused(key: str) -> None:
     with pytest.raises(ConfigError, match=key):

@@ -434,10 +434,6 @@ def test_signal_recorded_and_children_killed(tmp_path: Path, target: str,
     assert not (job.work_dir / "after").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: render.py _WRAPPER/_RUN: a signal that arrives "
-                   "after the user's script is forked but before `sshq__child=$!` runs finds "
-                   "sshq__child empty, so sshq__on_signal kills neither the child nor the group: "
-                   "job.status says TERM while the user's processes keep running")
 def test_signal_right_after_fork_still_kills_user_processes(tmp_path: Path) -> None:
     """Deterministic repro of a race seen about once in 200 runs under load.
 

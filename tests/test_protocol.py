@@ -206,9 +206,6 @@ def test_malformed_raises_remote_error_when_fed_in_pieces(chunk: int) -> None:
         parse(data, chunks=[chunk] * (len(data) // chunk + 1))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a frame that is valid JSON but not an object "
-                   "raises TypeError (or is yielded) instead of RemoteError "
-                   "(protocol.py: `'agent_error' in frame`)")
 @pytest.mark.parametrize("obj", [5, "agent_error", None, [1]])
 def test_non_object_frame_raises_remote_error(obj: Any) -> None:
     with pytest.raises(RemoteError):

@@ -173,24 +173,25 @@ def _platform(name: str, table: Any, source: str) -> Platform:
             kw[key] = _expand(table[key], f"{where}: {key}")
     if "port" in table:
         port = table["port"]
-        if not isinstance(port, int) or not 0 < port < 65536:
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigError(f"{where}: port must be an integer 1-65535")
         kw["port"] = port
     runner = table.get("job_runner", "background")
-    if runner not in HANDLERS:
+    if not isinstance(runner, str) or runner not in HANDLERS:
         raise ConfigError(
             f"{where}: unknown job_runner {runner!r}; known: {', '.join(sorted(HANDLERS))}"
         )
     kw["job_runner"] = runner
     transport = table.get("transport", "local" if name == "localhost" else "asyncssh")
-    if transport not in TRANSPORTS:
+    if not isinstance(transport, str) or transport not in TRANSPORTS:
         raise ConfigError(
             f"{where}: unknown transport {transport!r}; known: {', '.join(TRANSPORTS)}"
         )
     kw["transport"] = transport
     for key in ("connect_timeout", "bad_host_seconds"):
         if key in table:
-            if not isinstance(table[key], (int, float)) or table[key] < 0:
+            v = table[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ConfigError(f"{where}: {key} must be a number of seconds")
             kw[key] = float(table[key])
     for key in ("batch_mode", "login_shell"):
@@ -200,7 +201,7 @@ def _platform(name: str, table: Any, source: str) -> Platform:
             kw[key] = table[key]
     if "submit_concurrency" in table:
         n = table["submit_concurrency"]
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"{where}: submit_concurrency must be a positive integer")
         kw["submit_concurrency"] = n
     return Platform(**kw)

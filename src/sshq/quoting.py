@@ -72,16 +72,19 @@ def directive_word(value: str) -> str:
     """A value for a batch system directive line (``#SBATCH --output=VALUE``).
 
     Directive lines are parsed by the batch system, not by a shell: a value
-    with blanks is wrapped in double quotes, which sbatch, qsub and bsub
-    strip; a value holding a double quote, newline or NUL is refused.
+    with blanks or ``#`` (which would start a comment) is wrapped in double
+    quotes, which sbatch, qsub and bsub strip; a value holding a double quote
+    or a backslash (sbatch drops it, even quoted), a newline or a NUL is
+    refused.
 
     Raises:
         InvalidInputError: the value cannot be carried in a directive.
     """
     check_directive_value("directive", value)
-    if '"' in value:
-        raise InvalidInputError(f"directive value {value!r} contains a double quote")
-    return f'"{value}"' if any(c.isspace() for c in value) else value
+    for bad in ('"', "\\"):
+        if bad in value:
+            raise InvalidInputError(f"directive value {value!r} contains {bad!r}")
+    return f'"{value}"' if "#" in value or any(c.isspace() for c in value) else value
 
 
 def check_env_key(key: str) -> str:

@@ -68,7 +68,7 @@ class SlurmHandler(JobRunnerHandler):
         self, exit_status: int, stdout: str, stderr: str
     ) -> dict[str, RunnerJobState]:
         if exit_status != 0:
-            if "Invalid job id" in stderr:
+            if "Invalid job id specified" in stderr:
                 return {}
             raise JobRunnerError(
                 f"squeue failed (exit {exit_status}): {stderr.strip()}",

@@ -61,12 +61,13 @@ sshq__end() {
 sshq__on_signal() {
     trap '' TERM XCPU INT HUP
     trap - ERR
-    if [ -n "$sshq__child" ]; then
-        kill -s TERM "$sshq__child" 2>/dev/null
-        sshq__pgid=$(PATH=$sshq__path ps -o pgid= -p $$ 2>/dev/null)
-        if [ "${sshq__pgid// /}" = "$$" ]; then
-            kill -s TERM -- "-$$" 2>/dev/null
-        fi
+    # The user's processes: our children (even one forked a moment ago, before
+    # $! was known), and the whole process group when we lead it.
+    [ -n "$sshq__child" ] && kill -s TERM "$sshq__child" 2>/dev/null
+    PATH=$sshq__path pkill -TERM -P $$ 2>/dev/null
+    sshq__pgid=$(PATH=$sshq__path ps -o pgid= -p $$ 2>/dev/null)
+    if [ "${sshq__pgid// /}" = "$$" ]; then
+        kill -s TERM -- "-$$" 2>/dev/null
     fi
     sshq__end SSHQ_JOB_EXIT_SIGNAL "$1"
     exit $((128 + $2))

@@ -28,6 +28,22 @@ def parse_walltime(text: str | int | float | timedelta) -> timedelta:
     Raises:
         InvalidInputError: unparseable or not positive.
     """
+    try:
+        td = _walltime(text)
+    except (OverflowError, ValueError):
+        raise InvalidInputError(f"walltime {text!r} is out of range") from None
+    if td.total_seconds() <= 0:
+        raise InvalidInputError(f"walltime must be positive, got {text!r}")
+    if td > MAX_WALLTIME:
+        raise InvalidInputError(f"walltime {text!r} is out of range (at most 3650 days)")
+    return td
+
+
+#: No batch system's limit is near this; larger values are typos.
+MAX_WALLTIME = timedelta(days=3650)
+
+
+def _walltime(text: str | int | float | timedelta) -> timedelta:
     if isinstance(text, timedelta):
         td = text
     elif isinstance(text, (int, float)):
@@ -48,8 +64,6 @@ def parse_walltime(text: str | int | float | timedelta) -> timedelta:
             td = timedelta(minutes=int(a), seconds=int(b))
         else:
             td = timedelta(minutes=int(a))
-    if td.total_seconds() <= 0:
-        raise InvalidInputError(f"walltime must be positive, got {text!r}")
     return td
 
 
@@ -74,7 +88,10 @@ def parse_memory(text: str | int) -> int:
         m = _MEM_RE.match(text)
         if not m:
             raise InvalidInputError(f"invalid memory size {text!r}: use e.g. 512M or 2G")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+        try:
+            value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+        except OverflowError:
+            raise InvalidInputError(f"memory size {text!r} is out of range") from None
     if value <= 0:
         raise InvalidInputError(f"memory must be positive, got {text!r}")
     return value

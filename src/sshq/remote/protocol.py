@@ -124,6 +124,8 @@ class FrameParser:
                 frame = json.loads(body)
             except ValueError:
                 raise RemoteError("malformed agent reply (frame is not JSON)") from None
+            if not isinstance(frame, dict):
+                raise RemoteError("malformed agent reply (frame is not a JSON object)")
             if "agent_error" in frame:
                 raise RemoteError(f"remote agent failed: {frame['agent_error']}")
             yield frame
