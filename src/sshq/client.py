@@ -26,6 +26,7 @@ from typing import Any, Literal, TypeVar
 from .config import Config, Platform, default_state_dir, load_config
 from .exceptions import (
     InvalidInputError,
+    JobNotRunningError,
     JobRunnerError,
     RemoteError,
     SshqError,
@@ -35,10 +36,12 @@ from .exceptions import (
 from .job_runners import HANDLERS, JobRunnerHandler, RunnerJobState, get_handler
 from .jobscript import render_job_script
 from .model import Job, JobSpec, JobState
+from .remote.attach import launch_argv
 from .remote.operations import call_agent, runner_templates, stream_agent
+from .remote.protocol import LOGIN_SHELL
 from .remote.status import decide
 from .store import RemoteInit, Store
-from .transport import Transport
+from .transport import CommandResult, Transport
 from .transport.asyncssh_ import AsyncSSHTransport
 from .transport.local import LocalTransport
 from .transport.openssh import OpenSSHTransport
@@ -561,6 +564,79 @@ class AsyncClient:
                 task.cancel()
             await asyncio.gather(pump_task, watch_task, return_exceptions=True)
         await self.poll([job_id])
+
+    # ------------------------------------------------------------ ssh to job
+
+    async def _running_job(self, job_id: int) -> tuple[Job, Platform, Transport]:
+        (job,) = await self.poll([job_id])
+        if job.state is not JobState.RUNNING:
+            detail = f" ({job.message})" if job.message else ""
+            raise JobNotRunningError(f"job {job_id} is {job.state.value}, not running{detail}")
+        plat = self.config.platform(job.platform)
+        return job, plat, self.transport(plat, self._host_of(plat, job.host))
+
+    def _attach_remote_argv(self, job: Job, command: str | None, *, tty: bool) -> list[str]:
+        inner = launch_argv(f"{job.job_log_dir}/job.env", job.work_dir, command)
+        return HANDLERS[job.job_runner].attach_argv(job.job_id, inner, tty=tty)
+
+    async def ssh_to_job(self, job_id: int, command: str, *,
+                         timeout: float | None = None) -> CommandResult:
+        """Run one command inside a running job's environment (non-interactive).
+
+        The command runs with the job's environment variables, in its work
+        directory, on its execution host (for Slurm, as a step of the job:
+        ``srun --jobid=ID --overlap``).
+
+        Args:
+            job_id: sshq id.
+            command: a shell command line (run by ``/bin/bash -c``).
+            timeout: seconds; None for no limit.
+
+        Returns:
+            The command's exit status and output.
+
+        Raises:
+            JobNotRunningError: the job is not running (the message says its state).
+            JobRunnerError: the job runner refused to step into the job.
+            TransportError: the host could not be reached.
+        """
+        job, plat, t = await self._running_job(job_id)
+        argv = self._attach_remote_argv(job, command, tty=False)
+        if plat.login_shell:
+            argv = [*LOGIN_SHELL, *argv]
+        result = await t.run(argv, timeout=timeout)
+        why = HANDLERS[job.job_runner].attach_error(
+            result.exit_status, result.stderr.decode("utf-8", "replace"))
+        if result.exit_status != 0 and why:
+            raise JobRunnerError(f"job {job_id}: {why}",
+                                 stderr=result.stderr.decode("utf-8", "replace"))
+        return result
+
+    async def ssh_to_job_argv(self, job_id: int) -> list[str]:
+        """The local argv of an interactive terminal inside a running job.
+
+        For a platform reached by SSH this is a system ``ssh -t`` command
+        (terminal handling, window-size changes and Ctrl-C are OpenSSH's);
+        for the local transport, the shell itself.  Run it with the terminal
+        attached; its exit status is the remote shell's.
+
+        Raises:
+            JobNotRunningError: the job is not running.
+            JobRunnerError: the job runner cannot step into the job.
+        """
+        job, plat, t = await self._running_job(job_id)
+        handler = HANDLERS[job.job_runner]
+        probe = handler.attach_argv(job.job_id, ["true"], tty=False)
+        if probe[0] != "true":  # a job runner step: check it is allowed, cheaply
+            result = await t.run(probe, timeout=60)
+            why = handler.attach_error(result.exit_status,
+                                       result.stderr.decode("utf-8", "replace"))
+            if why:
+                raise JobRunnerError(f"job {job_id}: {why}")
+        argv = self._attach_remote_argv(job, None, tty=True)
+        if plat.login_shell:
+            argv = [*LOGIN_SHELL, *argv]
+        return t.interactive_argv(argv)
 
     async def retrieve(self, ids: Sequence[int], *, dest: str | Path = ".") -> list[Path]:
         """Copy job log directories back with rsync (Cylc's log retrieval).

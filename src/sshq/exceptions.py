@@ -12,6 +12,7 @@ with.  A failure of one job inside a batch is data in the result (its
     ├── ConfigError                 exit 2   bad platforms file or unknown platform
     ├── InvalidInputError           exit 2   a job spec field refused before anything is sent
     ├── UnknownJobError             exit 2   an sshq id not in the local store
+    ├── JobNotRunningError          exit 2   ssh-to-job on a job that is not running
     ├── TransportError              exit 3   bytes could not reach the host
     │   ├── HostUnreachableError    exit 3   transient: refused, timed out, DNS, link down
     │   ├── AuthenticationError     exit 4   the server refused every credential we offered
@@ -29,6 +30,7 @@ __all__ = [
     "ConfigError",
     "InvalidInputError",
     "UnknownJobError",
+    "JobNotRunningError",
     "TransportError",
     "HostUnreachableError",
     "AuthenticationError",
@@ -69,6 +71,12 @@ class InvalidInputError(SshqError):
 
 class UnknownJobError(SshqError):
     """An sshq job id is not in the local state database."""
+
+    exit_code = 2
+
+
+class JobNotRunningError(SshqError):
+    """The operation needs a running job (``ssh-to-job``); the message says its state."""
 
     exit_code = 2
 

@@ -367,6 +367,61 @@ def cat_log(ctx: click.Context, job_id: str, file_: str, follow: bool, as_json: 
         r.raw(data)
 
 
+@cli.command("ssh-to-job", epilog="Exit status: the remote shell's, or the command's.")
+@click.argument("job_id")
+@click.option("--command", "command", help="Run this one command in the job's environment"
+              " instead of an interactive shell, and exit with its status.")
+@common
+@click.pass_context
+def ssh_to_job(ctx: click.Context, job_id: str, command: str | None, as_json: bool,
+               config_path: str | None) -> None:
+    """Open a terminal inside a running job: same variables, directory and host.
+
+    \b
+    Slurm jobs: a step of the job (srun --jobid=ID --overlap --pty), inside
+    its allocation and cgroup.  Background jobs: a shell on the job's host.
+    The job's environment comes from the job.env snapshot its wrapper wrote
+    at start.  Window-size changes and Ctrl-C go to the remote side
+    (OpenSSH's terminal handling).
+
+    \b
+    Examples:
+      sshq ssh-to-job 12
+      sshq ssh-to-job 12 --command 'nvidia-smi; ls -l'
+    """
+    (sid,) = _ids([job_id])
+    r = Renderer(as_json)
+    if command is not None:
+        async def body(client: AsyncClient) -> tuple[Job, Any]:
+            result = await client.ssh_to_job(sid, command)
+            (job,) = await client.jobs(ids=[sid])
+            return job, result
+
+        job, result = _run(ctx, config_path, body)
+        status = result.exit_status if result.exit_status >= 0 else 255
+        if as_json:
+            r.jobs([job], extra={
+                "command": command, "command_exit_status": status,
+                "stdout": result.stdout.decode("utf-8", "replace"),
+                "stderr": result.stderr.decode("utf-8", "replace")})
+        else:
+            r.raw(result.stdout)
+            sys.stderr.buffer.write(result.stderr)
+            sys.stderr.flush()
+        ctx.exit(status)
+
+    async def argv_body(client: AsyncClient) -> list[str]:
+        return await client.ssh_to_job_argv(sid)
+
+    argv = _run(ctx, config_path, argv_body)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        raise SshqError(f"cannot run {argv[0]!r}: {exc.strerror}") from None
+
+
 @cli.command(epilog=JOB_FIELDS_HELP + " Each object gains local_dir.")
 @click.argument("ids", nargs=-1, required=True)
 @click.option("--dest", type=click.Path(file_okay=False), default=".", show_default=True,

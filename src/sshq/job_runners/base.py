@@ -94,6 +94,23 @@ class JobRunnerHandler:
         """
         raise NotImplementedError
 
+    def attach_argv(self, job_id: str, inner: list[str], *, tty: bool) -> list[str]:
+        """The argv that runs ``inner`` inside the running job (``ssh-to-job``).
+
+        Run on the host the job was submitted through.  The default runs
+        ``inner`` right there (the job runs on that host).
+
+        Args:
+            job_id: the job runner's id.
+            inner: the argv to run in the job's environment.
+            tty: whether an interactive terminal is wanted.
+        """
+        return list(inner)
+
+    def attach_error(self, exit_status: int, stderr: str) -> str | None:
+        """Explain a failure of :meth:`attach_argv`'s command, or None."""
+        return None
+
     def refuse(self, spec: JobSpec, *fields: str) -> None:
         """Raise InvalidInputError if ``spec`` sets any of ``fields``."""
         for f in fields:

@@ -64,6 +64,18 @@ class SlurmHandler(JobRunnerHandler):
     def submit_argv(self, job_file: str, job_log_dir: str) -> list[str]:
         return ["sbatch", job_file]
 
+    def attach_argv(self, job_id: str, inner: list[str], *, tty: bool) -> list[str]:
+        # A step in the job's allocation and cgroup; --overlap (Slurm 20.11+)
+        # shares the job's resources instead of waiting for free ones.
+        pty = ["--pty"] if tty else []
+        return ["srun", f"--jobid={job_id}", "--overlap", *pty, "--quiet", *inner]
+
+    def attach_error(self, exit_status: int, stderr: str) -> str | None:
+        if "overlap" in stderr and ("unrecognized" in stderr or "invalid option" in stderr):
+            return ("this Slurm refuses `srun --overlap` (it needs Slurm 20.11 or later), so"
+                    " sshq cannot step into the job's allocation")
+        return None
+
     def parse_poll(
         self, exit_status: int, stdout: str, stderr: str
     ) -> dict[str, RunnerJobState]:

@@ -18,6 +18,10 @@ SSHQ_JOB_EXIT_SIGNAL            signal name: TERM, XCPU, INT, HUP  wrapper
 SSHQ_JOB_EXIT_TIME              end time, ISO 8601 UTC             wrapper
 ==============================  =================================  ==========
 
+The wrapper also writes ``job.env`` (mode 0600): the job's environment as
+``export -p`` prints it, so that ``sshq ssh-to-job`` can open a shell with
+the same variables.
+
 Traps on EXIT, ERR, TERM, XCPU, INT and HUP make a killed job record how it
 ended.  The user's script is embedded as a quoted here-document, written to
 ``job.user`` in the job log directory and run with its arguments in the
@@ -87,7 +91,9 @@ cd "$SSHQ_WORK_DIR"
 
 _RUN = r"""chmod 700 "$SSHQ_JOB_LOG_DIR/job.user"
 trap - ERR
-{env}"$SSHQ_JOB_LOG_DIR/job.user"{args} &
+{env}# snapshot of the job's environment, for `sshq ssh-to-job` (bash syntax, mode 0600)
+( umask 077; export -p >"$SSHQ_JOB_LOG_DIR/job.env" )
+"$SSHQ_JOB_LOG_DIR/job.user"{args} &
 sshq__child=$!
 wait "$sshq__child"
 exit $?

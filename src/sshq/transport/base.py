@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from ..exceptions import ConfigError
+from ..quoting import join
 
 __all__ = ["CommandResult", "HostParams", "Transport", "check_host", "ssh_options"]
 
@@ -148,6 +149,14 @@ class Transport(abc.ABC):
         Raises:
             the same errors as :meth:`run`.
         """
+
+    def interactive_argv(self, argv: Sequence[str]) -> list[str]:
+        """The local argv that runs ``argv`` on the host with a terminal.
+
+        The default (SSH transports) is the system ``ssh -t`` with options
+        equivalent to the transport's; the local transport runs ``argv``.
+        """
+        return ["ssh", "-t", *ssh_options(self.params), "--", self.params.host, join(argv)]
 
     def rsync_args(self, remote_path: str) -> tuple[list[str], str]:
         """rsync options and the source/destination spelling of ``remote_path``.

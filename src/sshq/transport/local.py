@@ -16,3 +16,6 @@ class LocalTransport(SubprocessTransport):
 
     def local_argv(self, argv: Sequence[str]) -> list[str]:
         return list(argv)
+
+    def interactive_argv(self, argv: Sequence[str]) -> list[str]:
+        return list(argv)

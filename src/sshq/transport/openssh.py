@@ -122,6 +122,9 @@ class OpenSSHTransport(SubprocessTransport):
                                        command_sent=True)
         return result
 
+    def interactive_argv(self, argv: Sequence[str]) -> list[str]:
+        return ["ssh", "-t", *self.ssh_options(), "--", self.params.host, join(argv)]
+
     def rsync_args(self, remote_path: str) -> tuple[list[str], str]:
         return ["-e", join(["ssh", *self.ssh_options()])], f"{self.params.host}:{remote_path}"
 
