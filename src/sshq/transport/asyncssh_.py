@@ -74,8 +74,6 @@ class AsyncSSHTransport(Transport):
             if not os.path.exists(p.identity_file):
                 raise ConfigError(f"identity file {p.identity_file} does not exist")
             opts["client_keys"] = [p.identity_file]
-        # Always explicit: asyncssh would otherwise follow an ssh config's
-        # ``UserKnownHostsFile none`` and check nothing.
         if p.known_hosts:
             if not os.path.exists(p.known_hosts):
                 raise ConfigError(
@@ -83,17 +81,29 @@ class AsyncSSHTransport(Transport):
                     f" `sshq hosts trust {p.host}`"
                 )
             opts["known_hosts"] = p.known_hosts
-        else:
-            default = default_known_hosts()
-            opts["known_hosts"] = default if os.path.isfile(default) else b""
         return opts
 
     async def _connect_once(self) -> asyncssh.SSHClientConnection:
         p = self.params
+        opts = self._connect_options()
         try:
-            return await asyncssh.connect(p.host, **self._connect_options())
+            # ~/.ssh/config resolved as asyncssh will (HostName, Port, User,
+            # UserKnownHostsFile); "UserKnownHostsFile none" would make asyncssh
+            # check nothing, so it falls back to ~/.ssh/known_hosts: strict always.
+            resolved = await asyncssh.SSHClientConnectionOptions.construct(
+                None, config=(), host=p.host, **opts)
+            if not resolved.known_hosts:
+                default = default_known_hosts()
+                opts["known_hosts"] = default if os.path.isfile(default) else b""
+            return await asyncssh.connect(p.host, **opts)
         except asyncssh.HostKeyNotVerifiable:
-            raise await host_key_error(p) from None
+            files = resolved.known_hosts or opts.get("known_hosts") or [default_known_hosts()]
+            if isinstance(files, (str, bytes)):
+                files = [files]
+            raise await host_key_error(
+                p, host=resolved.host, port=resolved.port,
+                known_hosts=[f for f in files if isinstance(f, str)],
+            ) from None
         except asyncssh.PermissionDenied as exc:
             raise AuthenticationError(
                 f"{p.label}: authentication refused ({exc.reason}); sshq uses keys, an"

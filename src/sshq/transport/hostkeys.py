@@ -89,30 +89,47 @@ def record_host_key(path: str, host: str, port: int | None, key: asyncssh.SSHKey
     return line
 
 
-async def host_key_error(params: HostParams) -> HostKeyError:
+async def host_key_error(
+    params: HostParams,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    known_hosts: list[str] | None = None,
+) -> HostKeyError:
     """Build the error for a host key that failed verification.
 
     Fetches the offered key to name its fingerprint and tells an unknown key
     from a changed one.
+
+    Args:
+        params: the host as configured.
+        host, port: the address ~/.ssh/config resolved it to (default: params').
+        known_hosts: the known_hosts files in force (default: params' or
+            ~/.ssh/known_hosts).
     """
-    kh = params.known_hosts or default_known_hosts()
-    name = known_hosts_entry_name(params.host, params.port)
+    real_host = host or params.host
+    real_port = port if port is not None else params.port
+    if real_port == 22:
+        real_port = None
+    files = known_hosts or [params.known_hosts or default_known_hosts()]
+    name = known_hosts_entry_name(real_host, real_port)
     try:
-        key = await fetch_host_key(params.host, params.port, params.connect_timeout)
+        key = await fetch_host_key(real_host, real_port, params.connect_timeout)
         fp = fingerprint(key)
     except HostUnreachableError:
         fp = ""
     shown = fp or "(could not fetch the key)"
-    if known_keys(kh, params.host, params.port):
+    where = " or ".join(files)
+    if any(known_keys(f, real_host, real_port) for f in files):
         return HostKeyError(
             f"HOST KEY CHANGED for {name}: the server offers {shown}, which is not the key"
-            f" recorded in {kh}. Someone may be intercepting the connection. If the change"
+            f" recorded in {where}. Someone may be intercepting the connection. If the change"
             " is legitimate, remove the old line and run `sshq hosts trust`.",
             host=params.host, fingerprint=fp, changed=True,
         )
     return HostKeyError(
-        f"unknown host key for {name}: the server offers {shown}, not found in {kh}."
-        f" Check it with the site, then run `sshq hosts trust {params.host}"
-        + (f" --port {params.port}" if params.port else "") + "`.",
+        f"unknown host key for {name}: the server offers {shown}, not found in {where}."
+        f" Check it with the site, then run `sshq hosts trust {real_host}"
+        + (f" --port {real_port}" if real_port else "") + "`.",
         host=params.host, fingerprint=fp, changed=False,
     )
