@@ -356,3 +356,23 @@ def test_after_trusting_a_platform_runs_a_job(sshq: Run, cli_env: dict[str, str]
          f"rm -rf -- sshq-test/{run_id}"],
         capture_output=True, timeout=30, check=False, env={**os.environ},
     )
+
+
+# ---------------------------------------------------------------- answers on stdin
+
+
+@pytest.mark.parametrize(("answer", "added"), [(b"y\n", True), (b"yes\n", True),
+                                               (b"n\n", False), (b"\n", False),
+                                               (b"maybe\n", False)])
+def test_answer_read_from_stdin(sshq: Run, testbed: dict[str, str], tmp_path: Path,
+                                host_fp: str, answer: bytes, added: bool) -> None:
+    kh = tmp_path / "known_hosts"
+    p = sshq("hosts", "trust", testbed["SSHQ_TEST_HOST"], "--port", testbed["SSHQ_TEST_PORT"],
+             "--known-hosts", str(kh), input=answer, timeout=60)
+    assert host_fp in p.stderr.decode(), text(p)  # the fingerprint is shown before asking
+    if added:
+        assert p.returncode == 0, text(p)
+        assert kh.read_text().startswith(f"[{testbed['SSHQ_TEST_HOST']}]:")
+    else:
+        assert_error_line(p)
+        assert not kh.exists() or kh.read_text() == ""

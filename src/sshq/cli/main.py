@@ -492,7 +492,8 @@ def hosts_trust(ctx: click.Context, host: str, port: int | None, known_hosts: st
 
     HOST may be a platform name (its first host, port and known_hosts are
     used).  Nothing is ever added silently: without --yes or a matching
-    --fingerprint, sshq asks on the terminal, and refuses when there is none.
+    --fingerprint, sshq asks (on the terminal, or reads the answer from
+    stdin) and refuses unless the answer is y.
     """
     from ..transport.hostkeys import (
         default_known_hosts,
@@ -537,10 +538,17 @@ def hosts_trust(ctx: click.Context, host: str, port: int | None, known_hosts: st
             raise SshqError(f"fingerprint mismatch for {name}: expected {fingerprint.strip()},"
                             f" server offers {fp}; nothing added")
     elif not yes:
-        if not sys.stdin.isatty():
-            raise SshqError("refusing to add a host key without confirmation: check the"
-                            " fingerprint, then pass --yes or --fingerprint")
-        if not click.confirm(f"Add it to {kh}?", default=False, err=True):
+        if sys.stdin.isatty():
+            confirmed = click.confirm(f"Add it to {kh}?", default=False, err=True)
+        else:  # a script may answer on stdin; no answer (EOF) is a refusal
+            click.echo(f"Add it to {kh}? [y/N]: ", err=True, nl=False)
+            answer = sys.stdin.readline()
+            click.echo("", err=True)
+            if not answer:
+                raise SshqError("refusing to add a host key without confirmation: check the"
+                                " fingerprint, then answer y, or pass --yes or --fingerprint")
+            confirmed = answer.strip().lower() in ("y", "yes")
+        if not confirmed:
             raise SshqError("not added")
     record_host_key(kh, host, port, key)
     result["added"] = True
