@@ -42,7 +42,6 @@ from .remote.protocol import LOGIN_SHELL
 from .remote.status import decide
 from .store import RemoteInit, Store
 from .transport import CommandResult, Transport
-from .transport.asyncssh_ import AsyncSSHTransport
 from .transport.local import LocalTransport
 from .transport.openssh import OpenSSHTransport
 
@@ -119,6 +118,8 @@ class AsyncClient:
                     batch_mode=platform.batch_mode,
                 )
             else:
+                from .transport.asyncssh_ import AsyncSSHTransport  # 0.1 s to import
+
                 t = AsyncSSHTransport(params)
             self._transports[key] = t
         return t
@@ -364,8 +365,9 @@ class AsyncClient:
                 fields["state"] = d.state
             if j.state.is_final and d.state is None:
                 continue
-            if fields:
-                updates.append((j.id, fields))
+            changed = {k: v for k, v in fields.items() if getattr(j, k) != v}
+            if changed:  # most polls change nothing: write only what moved
+                updates.append((j.id, changed))
         self.store.update_jobs(updates)
         return errors
 

@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from ..model import Job
 
@@ -38,7 +36,11 @@ class Renderer:
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
         self.out_tty = sys.stdout.isatty()
-        self.err = Console(stderr=True) if sys.stderr.isatty() else None
+        self.err: Any = None
+        if sys.stderr.isatty():
+            from rich.console import Console  # only for people at a terminal
+
+            self.err = Console(stderr=True)
 
     def jobs(self, jobs: Sequence[Job], *, title: str | None = None,
              extra: dict[str, Any] | None = None) -> None:
@@ -54,6 +56,9 @@ class Renderer:
                                   indent=2))
             return
         if self.out_tty:
+            from rich.console import Console
+            from rich.table import Table
+
             table = Table(title=title, title_justify="left")
             for c in _COLUMNS:
                 table.add_column(c.replace("_", " "))

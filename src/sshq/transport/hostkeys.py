@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-
-import asyncssh
+from typing import TYPE_CHECKING
 
 from ..exceptions import HostKeyError, HostUnreachableError
 from .base import HostParams
+
+if TYPE_CHECKING:  # asyncssh is imported when used: it costs 0.1 s of CLI start-up
+    import asyncssh
 
 __all__ = [
     "default_known_hosts",
@@ -44,6 +46,8 @@ async def fetch_host_key(host: str, port: int | None, timeout: float = 10.0) -> 
     Raises:
         HostUnreachableError: the server cannot be reached.
     """
+    import asyncssh
+
     try:
         key = await asyncio.wait_for(asyncssh.get_server_host_key(host, port or 22), timeout)
     except (OSError, asyncssh.Error, TimeoutError) as exc:
@@ -62,6 +66,8 @@ def known_keys(path: str, host: str, port: int | None) -> list[asyncssh.SSHKey]:
     """Host keys recorded for ``host``/``port`` in the known_hosts file ``path``."""
     if not os.path.exists(path):
         return []
+    import asyncssh
+
     kh = asyncssh.read_known_hosts(path)
     # OpenSSH's rule: an entry without a port is for port 22 only.  asyncssh's
     # public match() falls back to such entries for other ports, so use its
