@@ -14,8 +14,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 TESTBED_ENV = os.environ.get("SSHQ_TESTBED_ENV", "/var/lib/sshq-testbed/testbed.env")
 SUBMITTED_RE = re.compile(r"Submitted batch job (\d+)")
@@ -154,8 +156,8 @@ def median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    rows = [["" if c is None else str(c) for c in r] for r in rows]
+def table(headers: Sequence[str], rows_in: Iterable[Sequence[object]]) -> str:
+    rows = [["" if c is None else str(c) for c in r] for r in rows_in]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
     line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
@@ -172,7 +174,7 @@ def machine_facts() -> dict[str, str]:
             return subprocess.run(argv, capture_output=True, text=True).stdout.strip()
         except OSError:
             return "?"
-    import sshq  # noqa: PLC0415
+    import sshq
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "nproc": sh(["nproc"]),
@@ -180,6 +182,51 @@ def machine_facts() -> dict[str, str]:
         "python3 (system)": sh(["python3", "--version"]),
         "python (bench)": sys.version.split()[0],
         "sshq": getattr(sshq, "__version__", "?"),
+        "sshq git": sh(["git", "-C", str(Path(__file__).resolve().parent.parent), "describe",
+                        "--always", "--dirty"]),
         "kernel": sh(["uname", "-r"]),
         "load": sh(["cat", "/proc/loadavg"]),
     }
+
+
+# ---------------------------------------------------------------- instrumentation
+
+
+@contextmanager
+def timed_agent() -> Iterator[list[tuple[float, float, int]]]:
+    """Time sshq's agent calls from the inside, without touching src/.
+
+    While active, the remote command sshq runs is wrapped in ``sh -c`` that
+    notes ``date +%s.%N`` before and after (on stderr), and the asyncssh
+    transport's ``run`` is timed.  Yields a list that receives, per agent
+    call, ``(channel wall s, remote agent wall s, bytes in + out)``.
+    """
+    import sshq.remote.operations as ops
+    from sshq.transport.asyncssh_ import AsyncSSHTransport
+
+    records: list[tuple[float, float, int]] = []
+    orig_argv = ops.agent_argv  # type: ignore[attr-defined]
+    orig_run = AsyncSSHTransport.run
+
+    def timed_argv(*a: Any, **kw: Any) -> list[str]:
+        prog = ('t0=$(date +%s.%N); "$@"; rc=$?; t1=$(date +%s.%N);'
+                ' echo "SSHQBENCH_AGENT $t0 $t1" >&2; exit $rc')
+        return ["sh", "-c", prog, "sh", *orig_argv(*a, **kw)]
+
+    async def timed_run(self_: Any, argv: Any, *, stdin: bytes = b"",
+                        timeout: float | None = None) -> Any:
+        t0 = time.perf_counter()
+        res = await orig_run(self_, argv, stdin=stdin, timeout=timeout)
+        chan = time.perf_counter() - t0
+        m = re.search(rb"SSHQBENCH_AGENT (\S+) (\S+)", res.stderr)
+        agent = float(m.group(2)) - float(m.group(1)) if m else float("nan")
+        records.append((chan, agent, len(stdin) + len(res.stdout)))
+        return res
+
+    setattr(ops, "agent_argv", timed_argv)  # noqa: B010
+    setattr(AsyncSSHTransport, "run", timed_run)  # noqa: B010
+    try:
+        yield records
+    finally:
+        setattr(ops, "agent_argv", orig_argv)  # noqa: B010
+        setattr(AsyncSSHTransport, "run", orig_run)  # noqa: B010

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (  # noqa: E402
+from benchlib import (
     Bed,
     cancel_jobs,
     load_testbed,
@@ -55,9 +55,10 @@ from benchlib import (  # noqa: E402
     median,
     new_tag,
     table,
+    timed_agent,
 )
 
-from sshq import AsyncClient, JobSpec  # noqa: E402
+from sshq import AsyncClient, JobSpec
 
 BATCH = 250
 
@@ -90,7 +91,10 @@ class PollBench:
 
     # ------------------------------------------------------------ creating jobs
 
-    async def _submit_batches(self, specs: list[JobSpec], platform: str) -> list[int]:
+    async def _submit_batches(self, specs: list[JobSpec], platform: str, *,
+                              wait_each: bool = False) -> list[int]:
+        """Submit in batches of BATCH; ``wait_each``: let each batch finish first, so
+        that at most BATCH job wrappers run at once on the 2-core box."""
         assert self.client is not None
         ids: list[int] = []
         for i in range(0, len(specs), BATCH):
@@ -103,6 +107,9 @@ class PollBench:
             print(f"  submitted {len(ids)}/{len(specs)} to {platform}"
                   f" ({time.perf_counter() - t0:.2f} s for this batch)", file=sys.stderr,
                   flush=True)
+            if wait_each:
+                await self.client.wait([j.id for j in jobs], timeout=300, interval=0.5,
+                                       max_interval=2.0)
         return ids
 
     def make_finished(self) -> list[int]:
@@ -111,7 +118,7 @@ class PollBench:
 
         async def go() -> list[int]:
             assert self.client is not None
-            ids = await self._submit_batches(specs, "bg")
+            ids = await self._submit_batches(specs, "bg", wait_each=True)
             t0 = time.perf_counter()
             jobs = await self.client.wait(ids, timeout=300, interval=1.0, max_interval=3.0)
             print(f"  all {n} final after {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -119,12 +126,14 @@ class PollBench:
             if bad:
                 raise RuntimeError(f"{len(bad)} job(s) did not succeed: {bad[0]}")
             return ids
-        return self.arun(go())
+        ids: list[int] = self.arun(go())
+        return ids
 
     def make_held(self) -> list[int]:
         specs = [JobSpec(command="true", name=f"{self.tag}_h{i:04d}", directives=("--hold",))
                  for i in range(self.args.jobs)]
-        return self.arun(self._submit_batches(specs, "sl"))
+        ids: list[int] = self.arun(self._submit_batches(specs, "sl"))
+        return ids
 
     def make_running(self) -> list[int]:
         specs = [JobSpec(command="sleep 300", name=f"{self.tag}_r{i:04d}")
@@ -144,7 +153,8 @@ class PollBench:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"only {n}/{len(ids)} running after 120 s")
                 await asyncio.sleep(1.0)
-        return self.arun(go())
+        ids: list[int] = self.arun(go())
+        return ids
 
     # ------------------------------------------------------------ measuring
 
@@ -188,40 +198,15 @@ class PollBench:
 
     async def breakdown(self, ids: list[int]) -> dict[str, Any]:
         """One API poll with the remote agent timed and the client side profiled."""
-        import sshq.remote.operations as ops
-        from sshq.transport.asyncssh_ import AsyncSSHTransport
-
         assert self.client is not None
-        records: list[tuple[float, bytes, int]] = []
-        orig_argv, orig_run = ops.agent_argv, AsyncSSHTransport.run
-
-        def timed_argv(*a: Any, **kw: Any) -> list[str]:
-            prog = ('t0=$(date +%s.%N); "$@"; rc=$?; t1=$(date +%s.%N);'
-                    ' echo "SSHQBENCH_AGENT $t0 $t1" >&2; exit $rc')
-            return ["sh", "-c", prog, "sh", *orig_argv(*a, **kw)]
-
-        async def timed_run(self_: Any, argv: Any, *, stdin: bytes = b"",
-                            timeout: float | None = None) -> Any:
-            t0 = time.perf_counter()
-            res = await orig_run(self_, argv, stdin=stdin, timeout=timeout)
-            records.append((time.perf_counter() - t0, res.stderr, len(stdin) + len(res.stdout)))
-            return res
-
-        ops.agent_argv = timed_argv  # type: ignore[assignment]
-        AsyncSSHTransport.run = timed_run  # type: ignore[method-assign]
         prof = cProfile.Profile()
-        try:
+        with timed_agent() as records:
             t0 = time.perf_counter()
             prof.enable()
             await self.client.poll(ids)
             prof.disable()
             total = time.perf_counter() - t0
-        finally:
-            ops.agent_argv = orig_argv  # type: ignore[assignment]
-            AsyncSSHTransport.run = orig_run  # type: ignore[method-assign]
-        (chan, err, nbytes), = records
-        m = re.search(rb"SSHQBENCH_AGENT (\S+) (\S+)", err)
-        agent = float(m.group(2)) - float(m.group(1)) if m else float("nan")
+        (chan, agent, nbytes), = records
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(r"sshq|sqlite3", 8)
         return {
@@ -273,7 +258,9 @@ class PollBench:
     def kill_running(self) -> None:
         if not self.running_ids or self.client is None:
             return
-        jobs = self.arun(self.client.kill(self.running_ids, settle=10))
+        jobs = []
+        for i in range(0, len(self.running_ids), 50):  # 50 wrappers' traps at a time
+            jobs += self.arun(self.client.kill(self.running_ids[i:i + 50], settle=10))
         left = [j for j in jobs if not j.state.is_final]
         if left:
             print(f"warning: {len(left)} background job(s) not final after kill",
@@ -340,6 +327,8 @@ def main() -> None:
         b.run()
     finally:
         b.cleanup()
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in facts.items()))
+    print(f"load average at the end: {Path('/proc/loadavg').read_text().strip()}")
     print(b.report())
     print(f"(benchmark wall time {time.monotonic() - t0:.0f} s)")
     if args.json_out:

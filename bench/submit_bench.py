@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (  # noqa: E402
+from benchlib import (
     SUBMITTED_RE,
     Bed,
     cancel_jobs,
@@ -57,10 +57,11 @@ from benchlib import (  # noqa: E402
     median,
     new_tag,
     table,
+    timed_agent,
 )
 
-from sshq import AsyncClient, JobSpec  # noqa: E402
-from sshq.config import load_config  # noqa: E402
+from sshq import AsyncClient, JobSpec
+from sshq.config import load_config
 
 SCRIPT = b"#!/bin/bash\ntrue\n"
 
@@ -159,9 +160,10 @@ class Bench:
     # ------------------------------------------------------------ variants
 
     def cli(self, files: list[str], platform: str, env: dict[str, str],
-            exe: str | None = None) -> float:
+            exe: str | list[str] | None = None) -> float:
+        exe = [exe] if isinstance(exe, str) else exe or [self.sshq]
         t0 = time.perf_counter()
-        p = subprocess.run([exe or self.sshq, "submit", "--json", "-p", platform, *files],
+        p = subprocess.run([*exe, "submit", "--json", "-p", platform, *files],
                            capture_output=True, env=env, stdin=subprocess.DEVNULL, timeout=600)
         dt = time.perf_counter() - t0
         if p.returncode != 0:
@@ -319,31 +321,10 @@ class Bench:
             return time.perf_counter() - t0
 
     async def _agent_breakdown(self) -> dict[str, Any]:
-        import sshq.remote.operations as ops
-        from sshq.transport.asyncssh_ import AsyncSSHTransport
-
-        records: list[tuple[float, bytes]] = []
-        orig_argv, orig_run = ops.agent_argv, AsyncSSHTransport.run
-
-        def timed_argv(*a: Any, **kw: Any) -> list[str]:
-            # wrap whatever sshq runs remotely in a shell that times it
-            prog = ('t0=$(date +%s.%N); "$@"; rc=$?; t1=$(date +%s.%N);'
-                    ' echo "SSHQBENCH_AGENT $t0 $t1" >&2; exit $rc')
-            return ["sh", "-c", prog, "sh", *orig_argv(*a, **kw)]
-
-        async def timed_run(self_: Any, argv: Any, *, stdin: bytes = b"",
-                            timeout: float | None = None) -> Any:
-            t0 = time.perf_counter()
-            res = await orig_run(self_, argv, stdin=stdin, timeout=timeout)
-            records.append((time.perf_counter() - t0, res.stderr))
-            return res
-
-        ops.agent_argv = timed_argv  # type: ignore[assignment]
-        AsyncSSHTransport.run = timed_run  # type: ignore[method-assign]
         rows = []
         prof = cProfile.Profile()
-        try:
-            assert self.api_conn is not None
+        assert self.api_conn is not None
+        with timed_agent() as records:
             for rep in range(self.args.repeat):
                 records.clear()
                 if rep == 0:
@@ -353,14 +334,9 @@ class Bench:
                 total = time.perf_counter() - t0
                 if rep == 0:
                     prof.disable()
-                (chan, err), = records
-                m = re.search(rb"SSHQBENCH_AGENT (\S+) (\S+)", err)
-                agent = float(m.group(2)) - float(m.group(1)) if m else float("nan")
+                (chan, agent, _nbytes), = records
                 rows.append((total, chan, agent))
                 self.clean()
-        finally:
-            ops.agent_argv = orig_argv  # type: ignore[assignment]
-            AsyncSSHTransport.run = orig_run  # type: ignore[method-assign]
         s = io.StringIO()
         st = pstats.Stats(prof, stream=s)
         st.sort_stats("cumulative").print_stats(r"sshq|sqlite3|asyncssh", 18)
@@ -511,6 +487,8 @@ def main() -> None:
         b.run()
     finally:
         b.cleanup()
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in facts.items()))
+    print(f"load average at the end: {Path('/proc/loadavg').read_text().strip()}")
     print(b.report())
     print(f"(benchmark wall time {time.monotonic() - t0:.0f} s)")
     if args.json_out:
