@@ -151,8 +151,7 @@ class AsyncClient:
         if cached is not None:
             return cached
         async with self._init_lock:
-            reply = await call_agent(t, platform.python, "init", {"run_dir": platform.run_dir},
-                                     login_shell=platform.login_shell)
+            reply = await self._agent(platform, t, "init", {"run_dir": platform.run_dir})
             info = RemoteInit(reply["run_dir"], reply["home"])
             self.store.set_remote_init(platform.name, platform.run_dir, info)
             return info
@@ -239,10 +238,10 @@ class AsyncClient:
                     self.store.update_job(job_id, job_log_dir=log_dir, work_dir=work_dir,
                                           submit_num=nn)
                 sent_any = True
-                reply = await call_agent(
-                    t, plat.python, "submit",
+                reply = await self._agent(
+                    plat, t, "submit",
                     {"jobs": jobs_req, "concurrency": plat.submit_concurrency},
-                    timeout=max(300.0, 2.0 * len(jobs_req)), login_shell=plat.login_shell,
+                    timeout=max(300.0, 2.0 * len(jobs_req)),
                 )
                 retry = self._record_submissions(reply["results"], plat, handler)
                 if not retry:
@@ -328,8 +327,16 @@ class AsyncClient:
     ) -> dict[str, Any]:
         plat = self.config.platform(plat_name)
         t = self.transport(plat, self._host_of(plat, host_label))
-        return await call_agent(t, plat.python, op, payload, timeout=timeout,
-                                login_shell=plat.login_shell)
+        return await self._agent(plat, t, op, payload, timeout=timeout)
+
+    @staticmethod
+    async def _agent(platform: Platform, t: Transport, op: str, payload: dict[str, Any],
+                     timeout: float = 120.0) -> dict[str, Any]:
+        """One agent call with the platform's interpreter, login shell and PATH."""
+        if platform.path_prepend:
+            payload = dict(payload, path_prepend=list(platform.path_prepend))
+        return await call_agent(t, platform.python, op, payload, timeout=timeout,
+                                login_shell=platform.login_shell)
 
     def _apply(
         self, jobs: list[Job], reply: dict[str, Any], queried: set[str]

@@ -14,6 +14,7 @@ also honours ``SSHQ_CONFIG`` and ``--config``)::
     transport = "asyncssh"        # asyncssh | openssh | local
     python = "python3"            # remote interpreter for the agent (3.6+)
     login_shell = false           # true: run the agent from `bash -l` (modules, PATH)
+    path_prepend = []             # remote dirs put before PATH, e.g. ["/opt/slurm/bin"]
 
 Every key is optional; ``hosts`` defaults to ``[NAME]`` (an ~/.ssh/config
 alias works).  The built-in platform ``localhost`` (transport ``local``,
@@ -70,6 +71,8 @@ class Platform:
         submit_concurrency: concurrent job runner submissions in the agent.
         login_shell: start the agent from ``bash -l`` so that it sees a login
             environment (module systems, PATH to the job runner's commands).
+        path_prepend: absolute remote directories put before PATH for the
+            job runner's commands (e.g. ``/opt/slurm/bin``).
     """
 
     name: str
@@ -87,6 +90,7 @@ class Platform:
     batch_mode: bool = True
     submit_concurrency: int = 4
     login_shell: bool = False
+    path_prepend: tuple[str, ...] = ()
 
     def host_params(self, host: str) -> HostParams:
         """Connection parameters for one of the platform's hosts."""
@@ -106,7 +110,7 @@ LOCALHOST = Platform(name="localhost", hosts=("localhost",), transport="local",
 _KEYS = {
     "hosts", "port", "user", "identity_file", "known_hosts", "job_runner", "run_dir",
     "transport", "python", "connect_timeout", "bad_host_seconds", "batch_mode",
-    "submit_concurrency", "login_shell",
+    "submit_concurrency", "login_shell", "path_prepend",
 }
 
 
@@ -194,6 +198,15 @@ def _platform(name: str, table: Any, source: str) -> Platform:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ConfigError(f"{where}: {key} must be a number of seconds")
             kw[key] = float(table[key])
+    if "path_prepend" in table:
+        dirs = table["path_prepend"]
+        if isinstance(dirs, str):
+            dirs = [dirs]
+        if (not isinstance(dirs, list) or not all(isinstance(d, str) and d.startswith("/")
+                                                   and ":" not in d for d in dirs)):
+            raise ConfigError(f"{where}: path_prepend must be a list of absolute paths"
+                              " without ':'")
+        kw["path_prepend"] = tuple(dirs)
     for key in ("batch_mode", "login_shell"):
         if key in table:
             if not isinstance(table[key], bool):

@@ -339,6 +339,9 @@ def main():
     raw = sys.stdin.buffer.read()
     req = json.loads(raw.decode("utf-8"))
     w = Writer(req["nonce"])
+    if req.get("path_prepend"):
+        os.environ["PATH"] = os.pathsep.join(
+            list(req["path_prepend"]) + [os.environ.get("PATH", os.defpath)])
     try:
         OPS[req["op"]](req, w)
     except BrokenPipeError:
