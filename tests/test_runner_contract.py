@@ -61,7 +61,7 @@ def test_poll_and_kill_templates_take_ids(handler: JobRunnerHandler) -> None:
 def test_submit_argv_names_the_job_file(handler: JobRunnerHandler) -> None:
     argv = handler.submit_argv(f"{LOG}/job", LOG)
     assert argv and all(isinstance(w, str) for w in argv)
-    assert f"{LOG}/job" in argv or getattr(handler, "submit_stdin", False)
+    assert f"{LOG}/job" in argv or handler.submit_stdin
 
 
 def test_empty_poll_output_means_no_job_known(handler: JobRunnerHandler) -> None:

@@ -232,6 +232,7 @@ class AsyncClient:
                         "job_b64": base64.b64encode(script).decode(),
                         "submit_argv": handler.submit_argv(f"{log_dir}/job", log_dir),
                         "id_regex": handler.job_id_regex,
+                        "stdin_job_file": handler.submit_stdin,
                         "runner": handler.name,
                         "timeout": 120,
                     })

@@ -56,6 +56,8 @@ class JobRunnerHandler:
             separator of one joined argument.
         wrapper_walltime: True when the runner cannot enforce a walltime, so
             the job wrapper enforces it (sends itself ``XCPU``).
+        submit_stdin: True when the submit command reads the job file on its
+            standard input (LSF's ``bsub < job``).
     """
 
     name: str = ""
@@ -65,6 +67,7 @@ class JobRunnerHandler:
     kill_command: tuple[str, ...] = ()
     ids_sep: str | None = None
     wrapper_walltime: bool = False
+    submit_stdin: bool = False
 
     def directives(self, spec: JobSpec, job_log_dir: str) -> list[str]:
         """Directive lines (with prefix) for a normalized job spec.
