@@ -36,7 +36,7 @@ from .exceptions import (
 from .job_runners import HANDLERS, JobRunnerHandler, RunnerJobState, get_handler
 from .jobscript import render_job_script
 from .model import Job, JobSpec, JobState
-from .remote.attach import launch_argv
+from .remote.attach import NO_ENV_MARK, launch_argv
 from .remote.operations import call_agent, runner_templates, stream_agent
 from .remote.protocol import LOGIN_SHELL
 from .remote.status import decide
@@ -615,6 +615,10 @@ class AsyncClient:
         if plat.login_shell:
             argv = [*LOGIN_SHELL, *argv]
         result = await t.run(argv, timeout=timeout)
+        if result.exit_status == 125 and NO_ENV_MARK.encode() in result.stderr:
+            raise JobNotRunningError(
+                f"job {job_id} is running for {job.job_runner} but its script has not"
+                " started yet (no job.env); try again in a moment")
         why = HANDLERS[job.job_runner].attach_error(
             result.exit_status, result.stderr.decode("utf-8", "replace"))
         if result.exit_status != 0 and why:

@@ -17,10 +17,18 @@ inside its text.
 
 from __future__ import annotations
 
-__all__ = ["LAUNCH", "launch_argv"]
+__all__ = ["LAUNCH", "NO_ENV_MARK", "launch_argv"]
 
-#: $1 env file, $2 work dir, $3 "shell" or "command", $4 the command.
+#: Printed (on stderr, exit 125) when the job never wrote its environment.
+NO_ENV_MARK = "sshq-ssh-to-job: no job environment"
+
+#: $1 env file, $2 work dir, $3 "shell" or "command", $4 the command.  A job
+#: the runner reports running may not have reached its wrapper yet: wait up to
+#: 30 s for the environment file rather than run without it.
 LAUNCH = (
+    'n=0; while [ ! -r "$1" ] && [ $n -lt 60 ]; do sleep 0.5; n=$((n+1)); done; '
+    f'[ -r "$1" ] || {{ echo "{NO_ENV_MARK} ($1): the job has not started its script yet"'
+    ' >&2; exit 125; }; '
     'set -a; . "$1" 2>/dev/null; set +a; cd "$2" || exit 1; '
     'if [ "$3" = shell ]; then exec "${SHELL:-/bin/bash}"; fi; exec /bin/bash -c "$4"'
 )
