@@ -39,7 +39,7 @@ from .model import Job, JobSpec, JobState
 from .remote.attach import NO_ENV_MARK, launch_argv
 from .remote.operations import call_agent, runner_templates, stream_agent
 from .remote.protocol import LOGIN_SHELL
-from .remote.status import decide
+from .remote.status import decide, parse_status
 from .store import RemoteInit, Store
 from .transport import CommandResult, Transport
 from .transport.local import LocalTransport
@@ -257,15 +257,17 @@ class AsyncClient:
                     taken[s.job_name] = nums[i]
             else:
                 for i, _s in todo:
-                    self.store.update_job(i, message="job log directories exist already")
+                    self.store.update_job(i, state=JobState.SUBMIT_FAILED,
+                                          message="job log directories exist already")
         except BaseException as exc:
             if not sent_any or (isinstance(exc, TransportError) and not exc.command_sent):
                 self.store.delete_jobs(ids)  # provably nothing was submitted
             else:
                 pending = [j.id for j in self.store.get(ids) if not j.job_id]
                 self.store.update_jobs(
-                    (i, {"message": f"submission outcome unknown (the job may have been"
-                                    f" submitted): {exc}"}) for i in pending)
+                    (i, {"message": f"submission outcome unknown ({exc}); `sshq poll` adopts"
+                                    " the job if its job runner accepted it"})
+                    for i in pending)
             raise
         return self.store.get(ids)
 
@@ -356,11 +358,21 @@ class AsyncClient:
             known_by_runner[runner] = known
         updates: list[tuple[int, dict[str, Any]]] = []
         errors: dict[int, str] = {}
+        missing = set(reply.get("missing", []))
         for j in jobs:
             text = reply["status"].get(str(j.id), "")
+            job_id = j.job_id
+            if not job_id:  # an intent: sshq stopped between sending and recording
+                adopted = self._adopt(j, text, str(j.id) in missing)
+                if adopted is None:
+                    continue
+                updates.append((j.id, adopted))
+                job_id = adopted.get("job_id", "")
+                if not job_id:
+                    continue
             d = decide(
                 text,
-                job_id=j.job_id,
+                job_id=job_id,
                 queried=str(j.id) in queried,
                 runner_ok=j.job_runner not in failed_runners,
                 known=known_by_runner.get(j.job_runner, {}),
@@ -378,6 +390,26 @@ class AsyncClient:
                 updates.append((j.id, changed))
         self.store.update_jobs(updates)
         return errors
+
+    @staticmethod
+    def _adopt(job: Job, status_text: str, log_dir_missing: bool) -> dict[str, Any] | None:
+        """Resolve a submission intent from its job status file.
+
+        Returns the fields to record, or None while the outcome is still open.
+        """
+        st = parse_status(status_text)
+        if st.get("SSHQ_JOB_ID"):
+            return {"job_id": st["SSHQ_JOB_ID"], "state": JobState.SUBMITTED,
+                    "submit_time": _utc(st.get("SSHQ_JOB_RUNNER_SUBMIT_TIME")),
+                    "message": "adopted: submitted before sshq could record it"}
+        if "SSHQ_JOB_RUNNER_SUBMIT_FAILED" in st:
+            return {"state": JobState.SUBMIT_FAILED,
+                    "message": "the job runner refused the job (its error was not recorded"
+                               " because sshq stopped during the submission)"}
+        if log_dir_missing:
+            return {"state": JobState.SUBMIT_FAILED,
+                    "message": "never submitted: sshq stopped before sending it"}
+        return None
 
     async def poll(self, ids: Sequence[int] | None = None, *, all: bool = False) -> list[Job]:
         """Update the state of jobs: one SSH command per host.

@@ -156,9 +156,11 @@ class Store:
     ) -> list[tuple[int, int]]:
         """Create rows for jobs about to be submitted.
 
-        The rows start as ``submit-failed`` with the message "submission in
-        progress" until :meth:`update_job` records the outcome, so a crash
-        mid-submission leaves an honest record.
+        The rows start as ``submitted`` with no job id and the message
+        "submission in progress" (the intent) until :meth:`update_job`
+        records the outcome.  If sshq dies in between, a later poll reads the
+        job status file of the reserved job log directory and adopts the job
+        (or finds it was never sent): a job is never submitted twice.
 
         Returns:
             ``(id, submit_num)`` per name, submit numbers counting on from the
@@ -179,7 +181,7 @@ class Store:
                     "INSERT INTO jobs (platform, host, name, job_runner, submit_num, state,"
                     " message, spec) VALUES (?,?,?,?,?,?,?,?)",
                     (platform, host, name, job_runner, nums[name],
-                     JobState.SUBMIT_FAILED.value, "submission in progress", json.dumps(spec)),
+                     JobState.SUBMITTED.value, "submission in progress", json.dumps(spec)),
                 )
                 assert cur.lastrowid is not None
                 out.append((cur.lastrowid, nums[name]))

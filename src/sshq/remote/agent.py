@@ -22,6 +22,7 @@ import base64
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -229,6 +230,9 @@ def submit_one(job):
 
 
 def op_submit(req, w):
+    # Once a job runner has accepted a job, its id must reach job.status even if
+    # the client (and its connection) dies now: the next poll adopts it from there.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     jobs = req["jobs"]
     workers = max(1, min(int(req.get("concurrency", 4)), len(jobs) or 1))
     if workers == 1:
@@ -255,9 +259,22 @@ def query_runners(req, pending, kind):
     return out
 
 
+def status_value(status_text, key):
+    value = ""
+    for line in status_text.splitlines():
+        k, sep, v = line.partition("=")
+        if sep and k == key:
+            value = v.strip()
+    return value
+
+
 def op_poll(req, w):
     jobs = req["jobs"]
     first = dict((j["key"], read_status(j["log_dir"])) for j in jobs)
+    for j in jobs:  # intents whose submission sshq did not see through: adopt
+        if not j.get("job_id"):
+            j["job_id"] = status_value(first[j["key"]], "SSHQ_JOB_ID")
+    missing = [j["key"] for j in jobs if not os.path.isdir(j["log_dir"])]
     pending = [j for j in jobs if not has_exit(first[j["key"]])]
     runners = query_runners(req, pending, "poll")
     # Re-read after the runner query: a job that ended meanwhile must be seen
@@ -269,6 +286,7 @@ def op_poll(req, w):
         "status": status,
         "queried": [j["key"] for j in pending if j.get("job_id")],
         "runners": runners,
+        "missing": missing,
     })
 
 
