@@ -362,6 +362,8 @@ class AsyncClient:
         for j in jobs:
             text = reply["status"].get(str(j.id), "")
             job_id = j.job_id
+            if not job_id and j.state.is_final:
+                continue  # refused at submission: nothing to poll
             if not job_id:  # an intent: sshq stopped between sending and recording
                 adopted = self._adopt(j, text, str(j.id) in missing)
                 if adopted is None:
@@ -434,8 +436,14 @@ class AsyncClient:
         errors: list[str] = []
 
         async def one(key: tuple[str, str], group: list[Job]) -> None:
+            plat = self.config.platform(key[0])
+            payload = _jobs_payload(group)
+            # Job status files are cheap; the job runner's status command is
+            # rate-limited per host, across processes sharing this state.
+            if not self.store.claim_runner_query(key[0], key[1], plat.min_poll_interval):
+                payload["skip_runner"] = True
             try:
-                reply = await self._agent_on_group(key[0], key[1], "poll", _jobs_payload(group))
+                reply = await self._agent_on_group(key[0], key[1], "poll", payload)
             except SshqError as exc:
                 log.warning("poll of %s on %s failed (no state changed): %s", key[0], key[1], exc)
                 errors.append(str(exc))

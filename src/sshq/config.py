@@ -15,6 +15,7 @@ also honours ``SSHQ_CONFIG`` and ``--config``)::
     python = "python3"            # remote interpreter for the agent (3.6+)
     login_shell = false           # true: run the agent from `bash -l` (modules, PATH)
     path_prepend = []             # remote dirs put before PATH, e.g. ["/opt/slurm/bin"]
+    min_poll_interval = 10        # seconds between job runner status queries per host
 
 Every key is optional; ``hosts`` defaults to ``[NAME]`` (an ~/.ssh/config
 alias works).  The built-in platform ``localhost`` (transport ``local``,
@@ -73,6 +74,9 @@ class Platform:
             environment (module systems, PATH to the job runner's commands).
         path_prepend: absolute remote directories put before PATH for the
             job runner's commands (e.g. ``/opt/slurm/bin``).
+        min_poll_interval: seconds between two job runner status queries on
+            one host, however many sshq processes poll (job status files are
+            read on every poll).
     """
 
     name: str
@@ -91,6 +95,7 @@ class Platform:
     submit_concurrency: int = 4
     login_shell: bool = False
     path_prepend: tuple[str, ...] = ()
+    min_poll_interval: float = 10.0
 
     def host_params(self, host: str) -> HostParams:
         """Connection parameters for one of the platform's hosts."""
@@ -110,7 +115,7 @@ LOCALHOST = Platform(name="localhost", hosts=("localhost",), transport="local",
 _KEYS = {
     "hosts", "port", "user", "identity_file", "known_hosts", "job_runner", "run_dir",
     "transport", "python", "connect_timeout", "bad_host_seconds", "batch_mode",
-    "submit_concurrency", "login_shell", "path_prepend",
+    "submit_concurrency", "login_shell", "path_prepend", "min_poll_interval",
 }
 
 
@@ -192,7 +197,7 @@ def _platform(name: str, table: Any, source: str) -> Platform:
             f"{where}: unknown transport {transport!r}; known: {', '.join(TRANSPORTS)}"
         )
     kw["transport"] = transport
-    for key in ("connect_timeout", "bad_host_seconds"):
+    for key in ("connect_timeout", "bad_host_seconds", "min_poll_interval"):
         if key in table:
             v = table[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:

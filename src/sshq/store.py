@@ -2,7 +2,8 @@
 
 Tables: ``jobs`` (every submitted job and its latest state), ``remote_init``
 (per platform: the absolute run directory and home found by remote-init),
-``bad_hosts`` (hosts skipped until a time, after a connection failure).
+``bad_hosts`` (hosts skipped until a time, after a connection failure),
+``runner_queries`` (when each host's job runner was last asked for job states).
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ CREATE TABLE IF NOT EXISTS remote_init (
     home TEXT NOT NULL,
     updated REAL NOT NULL,
     PRIMARY KEY (platform, run_dir_spec)
+);
+CREATE TABLE IF NOT EXISTS runner_queries (
+    platform TEXT NOT NULL,
+    host TEXT NOT NULL,
+    last REAL NOT NULL,
+    PRIMARY KEY (platform, host)
 );
 CREATE TABLE IF NOT EXISTS bad_hosts (
     platform TEXT NOT NULL,
@@ -275,6 +282,27 @@ class Store:
             "INSERT OR REPLACE INTO remote_init VALUES (?,?,?,?,?)",
             (platform, run_dir_spec, info.run_dir, info.home, time.time()),
         )
+
+    # ---------------------------------------------------------------- rate limit
+
+    def claim_runner_query(self, platform: str, host: str, min_interval: float) -> bool:
+        """Take the right to run a job runner status query on ``host`` now.
+
+        At most one claim per ``min_interval`` seconds succeeds, across every
+        process sharing this database.
+
+        Returns:
+            True if the caller may query the job runner now.
+        """
+        now = time.time()
+        with self.transaction() as db:
+            row = db.execute("SELECT last FROM runner_queries WHERE platform=? AND host=?",
+                             (platform, host)).fetchone()
+            if row is not None and now - row[0] < min_interval:
+                return False
+            db.execute("INSERT OR REPLACE INTO runner_queries VALUES (?,?,?)",
+                       (platform, host, now))
+            return True
 
     # ---------------------------------------------------------------- bad hosts
 

@@ -276,6 +276,8 @@ def op_poll(req, w):
             j["job_id"] = status_value(first[j["key"]], "SSHQ_JOB_ID")
     missing = [j["key"] for j in jobs if not os.path.isdir(j["log_dir"])]
     pending = [j for j in jobs if not has_exit(first[j["key"]])]
+    if req.get("skip_runner"):  # rate-limited: status files only
+        pending = []
     runners = query_runners(req, pending, "poll")
     # Re-read after the runner query: a job that ended meanwhile must be seen
     # with its exit, not as "vanished".

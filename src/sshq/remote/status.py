@@ -9,7 +9,9 @@ runner is asked only about jobs whose status file records no exit:
   says it runs), else ``submitted``;
 - the runner forgot it: ``failed`` if it started (it recorded no exit: killed
   hard, node lost), ``submit-failed`` if it never started;
-- the runner could not be asked (SSH or runner failure): no change.
+- the runner was not asked (rate limit) or could not be (SSH or runner
+  failure): ``running`` if the status file says the job started, else no
+  change.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ def decide(
         fields.update(exit_status=rc, signal=None, message="")
         return Decision(JobState.SUCCEEDED if rc == 0 else JobState.FAILED, fields)
     if not queried or not runner_ok:
-        return Decision(None, fields)
+        # The status file alone: a job that started and recorded no exit runs.
+        return Decision(JobState.RUNNING if start is not None else None, fields)
     if job_id in known:
         running = start is not None or known[job_id].running
         return Decision(JobState.RUNNING if running else JobState.SUBMITTED, fields)
