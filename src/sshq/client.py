@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import os
 import shutil
 import time
 from collections import defaultdict
@@ -36,9 +35,19 @@ from .exceptions import (
 from .job_runners import HANDLERS, JobRunnerHandler, RunnerJobState, get_handler
 from .jobscript import render_job_script
 from .model import Job, JobSpec, JobState
+from .quoting import check_directive_value
 from .remote.attach import NO_ENV_MARK, launch_argv
 from .remote.operations import call_agent, runner_templates, stream_agent
 from .remote.protocol import LOGIN_SHELL
+from .remote.staging import (
+    CYLC_EXCLUDES,
+    Installation,
+    input_files,
+    is_shared_filesystem,
+    rsync_pull,
+    rsync_push,
+    sftp_push,
+)
 from .remote.status import decide, parse_status
 from .store import RemoteInit, Store
 from .transport import CommandResult, Transport
@@ -233,6 +242,7 @@ class AsyncClient:
                         "submit_argv": handler.submit_argv(f"{log_dir}/job", log_dir),
                         "id_regex": handler.job_id_regex,
                         "stdin_job_file": handler.submit_stdin,
+                        "inputs": input_files(spec),
                         "runner": handler.name,
                         "timeout": 120,
                     })
@@ -709,10 +719,84 @@ class AsyncClient:
             plat = self.config.platform(job.platform)
             t = self.transport(plat, self._host_of(plat, job.host))
             local = Path(dest) / job.name / f"{job.submit_num:02d}"
-            local.mkdir(parents=True, exist_ok=True)
-            await _rsync(t, job.job_log_dir, local)
+            await rsync_pull(t, job.job_log_dir, local)
+            if job.state is JobState.SUCCEEDED:
+                for rel in self.store.spec(job.id).get("outputs") or ():
+                    await rsync_pull(t, f"{job.work_dir}/./{rel}", local / "outputs",
+                                     relative=True)
             out.append(local)
         return out
+
+    # ------------------------------------------------------------ staging
+
+    async def install(self, src_dir: str | Path, *, platform: str,
+                      excludes: Sequence[str] = ()) -> Installation:
+        """Install a source tree into the platform's run directory.
+
+        rsync with Cylc's excludes (:data:`CYLC_EXCLUDES`) plus ``excludes``;
+        only changed files travel.  If remote-init finds a shared filesystem
+        the copy is local (and skipped when the source is the run directory);
+        if the remote side has no rsync, changed files go by SFTP.
+
+        Args:
+            src_dir: local directory.
+            platform: platform name.
+            excludes: more rsync exclude patterns (``/x`` anchors at the top).
+
+        Returns:
+            What was done (:class:`Installation`).
+
+        Raises:
+            InvalidInputError: ``src_dir`` is not a directory.
+            TransportError, RemoteError: the copy failed.
+        """
+        src = Path(src_dir)
+        if not src.is_dir():
+            raise InvalidInputError(f"{str(src)!r} is not a directory")
+        for e in excludes:
+            check_directive_value("exclude", e)
+        plat = self.config.platform(platform)
+        patterns = [*CYLC_EXCLUDES, *excludes]
+
+        async def op(host: str, t: Transport) -> Installation:
+            init = await self._agent(plat, t, "init", {"run_dir": plat.run_dir})
+            remote_dir = init["run_dir"]
+            shared = is_shared_filesystem(init)
+            done = {"platform": platform, "host": t.host, "source": str(src),
+                    "remote_dir": remote_dir, "shared_filesystem": shared}
+            if shared or isinstance(t, LocalTransport):
+                if src.resolve() == Path(remote_dir).resolve():
+                    return Installation(method="skipped", files_transferred=0, **done)
+                n = await rsync_push(None, src, remote_dir, patterns)
+                return Installation(method="local", files_transferred=n, **done)
+            if init.get("rsync") and shutil.which("rsync"):
+                n = await rsync_push(t, src, remote_dir, patterns)
+                return Installation(method="rsync", files_transferred=n, **done)
+            listing = await self._agent(plat, t, "listing", {"path": remote_dir})
+            n = await sftp_push(t, src, remote_dir, patterns, listing["files"])
+            return Installation(method="sftp", files_transferred=n, **done)
+
+        result: Installation = await self._with_failover(plat, op)
+        return result
+
+    async def tidy(self, *, platform: str) -> list[str]:
+        """Remove what sshq left on the platform: its service directory
+        (``<run_dir>/.sshq``: remote-init's UUID file) and links an interrupted
+        submission left.  Job logs, work directories and installed files stay.
+
+        Returns:
+            The remote paths removed.
+        """
+        plat = self.config.platform(platform)
+
+        async def op(host: str, t: Transport) -> list[str]:
+            info = await self._remote_init(plat, host, t)
+            reply = await self._agent(plat, t, "tidy", {"run_dir": info.run_dir})
+            removed: list[str] = reply["removed"]
+            return removed
+
+        result: list[str] = await self._with_failover(plat, op)
+        return result
 
     async def jobs(
         self, ids: Sequence[int] | None = None, *, platform: str | None = None,
@@ -733,26 +817,6 @@ class AsyncClient:
             return self.store.get(list(ids))
         states = [JobState(state)] if state else None
         return self.store.query(platform=platform, states=states, limit=limit)
-
-
-async def _rsync(t: Transport, remote_dir: str, local: Path) -> None:
-    opts, src = t.rsync_args(remote_dir.rstrip("/") + "/")
-    if shutil.which("rsync") is None:
-        if isinstance(t, LocalTransport):
-            shutil.copytree(remote_dir, local, dirs_exist_ok=True, symlinks=True)
-            return
-        raise RemoteError("rsync is not installed on this machine")
-    argv = ["rsync", "-a", *opts, src, str(local) + os.sep]
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise RemoteError(
-            f"rsync from {t.host} failed (exit {proc.returncode}):"
-            f" {err.decode('utf-8', 'replace').strip()}"
-        )
 
 
 def _jobs_payload(group: Sequence[Job]) -> dict[str, Any]:

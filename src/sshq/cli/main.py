@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import codecs
+import json
 import logging
 import os
 import signal
@@ -161,6 +162,12 @@ def _parse_env(values: Sequence[str]) -> dict[str, str]:
               " '--constraint=gpu' for Slurm.")
 @click.option("--work-dir", help="Absolute remote working directory"
               " (default: <run_dir>/work/<name>).")
+@click.option("--input", "inputs", multiple=True, type=click.Path(dir_okay=False),
+              help="Local file staged into the job's work directory before submission"
+              " (repeatable; up to 64 MiB in all).")
+@click.option("--output", "outputs", multiple=True, metavar="RELPATH",
+              help="File or directory (relative to the work directory) that `sshq retrieve`"
+              " brings back once the job has succeeded (repeatable).")
 @click.option("--wait", "wait_", is_flag=True, help="Wait until the jobs are final; exit 0"
               " only if all succeeded.")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
@@ -171,7 +178,8 @@ def submit(ctx: click.Context, scripts: tuple[str, ...], platform: str, command:
            walltime: str | None, nodes: int | None, tasks: int | None, cpus: int | None,
            memory: str | None, queue: str | None, account: str | None,
            mail_user: str | None, mail_events: str | None, directives: tuple[str, ...],
-           work_dir: str | None, wait_: bool, timeout: float | None, as_json: bool,
+           work_dir: str | None, inputs: tuple[str, ...], outputs: tuple[str, ...],
+           wait_: bool, timeout: float | None, as_json: bool,
            config_path: str | None) -> None:
     """Submit job scripts (or --command) to a platform, all in one SSH command.
 
@@ -199,6 +207,7 @@ def submit(ctx: click.Context, scripts: tuple[str, ...], platform: str, command:
         "queue": queue, "account": account, "mail_user": mail_user,
         "mail_events": tuple(e for e in (mail_events or "").split(",") if e),
         "directives": tuple(directives), "work_dir": work_dir,
+        "inputs": tuple(inputs), "outputs": tuple(outputs),
     }
     if command is not None:
         specs = [JobSpec(command=command, name=name or "job", **fields)]
@@ -430,7 +439,8 @@ def ssh_to_job(ctx: click.Context, job_id: str, command: str | None, as_json: bo
 @click.pass_context
 def retrieve(ctx: click.Context, ids: tuple[str, ...], dest: str, as_json: bool,
              config_path: str | None) -> None:
-    """Copy job log directories back with rsync."""
+    """Copy job log directories back with rsync, and declared outputs of jobs
+    that succeeded (into DEST/<name>/<NN>/outputs/)."""
     r = Renderer(as_json)
     sids = _ids(ids)
 
@@ -463,6 +473,63 @@ def jobs(ctx: click.Context, platform: str | None, state: str | None, limit: int
         return await client.jobs(platform=platform, state=state, limit=limit)
 
     r.jobs(_run(ctx, config_path, body))
+
+
+# ---------------------------------------------------------------- staging
+
+
+@cli.command()
+@click.argument("src_dir", type=click.Path(file_okay=False))
+@click.option("-p", "--platform", required=True, help="Platform to install on.")
+@click.option("--exclude", "excludes", multiple=True, metavar="PATTERN",
+              help="rsync exclude pattern (repeatable), besides Cylc's: .*, /log, /work,"
+              " /share.")
+@common
+@click.pass_context
+def install(ctx: click.Context, src_dir: str, platform: str, excludes: tuple[str, ...],
+            as_json: bool, config_path: str | None) -> None:
+    """Install a source tree into the platform's run directory (rsync).
+
+    Only changed files travel.  When remote-init finds that the run
+    directory is on a filesystem shared with this machine, the copy is made
+    locally (and skipped when SRC_DIR is the run directory); when the remote
+    side has no rsync, changed files go by SFTP.  With --json, prints a JSON
+    array with one object: platform, host, source, remote_dir, method,
+    shared_filesystem, files_transferred.
+    """
+    r = Renderer(as_json)
+
+    async def body(client: AsyncClient) -> Any:
+        with r.progress(f"installing {src_dir} on {platform}"):
+            return await client.install(src_dir, platform=platform, excludes=excludes)
+
+    done = _run(ctx, config_path, body)
+    r.host_result(done.to_dict(), f"{done.method}: {done.files_transferred} file(s) to"
+                  f" {done.host}:{done.remote_dir}")
+
+
+@cli.command()
+@click.option("-p", "--platform", required=True, help="Platform to tidy.")
+@common
+@click.pass_context
+def tidy(ctx: click.Context, platform: str, as_json: bool, config_path: str | None) -> None:
+    """Remove what sshq left on the platform (never job logs, work or results).
+
+    Removes the run directory's .sshq service directory (remote-init's UUID
+    file) and links an interrupted submission left behind.  With --json,
+    prints a JSON array of the removed remote paths.
+    """
+    async def body(client: AsyncClient) -> list[str]:
+        return await client.tidy(platform=platform)
+
+    removed = _run(ctx, config_path, body)
+    if as_json:
+        click.echo(json.dumps(removed, indent=2))
+    else:
+        for path in removed:
+            click.echo(f"removed {path}")
+        if not removed:
+            click.echo("nothing to remove")
 
 
 # ---------------------------------------------------------------- hosts

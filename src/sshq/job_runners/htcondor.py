@@ -50,7 +50,9 @@ prints no line.  JobStatus (manual, job ClassAd attributes): 1 Idle,
 7 Suspended.  2, 6 and 7 mean started; 4 means the job's process has ended,
 so a Completed job kept in the queue (``leave_in_queue``) counts as gone and
 the job status file decides how it ended; 3 counts as known until the job
-leaves the queue, because its process may still be handling the kill.  If the
+leaves the queue, because its process may still be handling the kill.  A job
+put on hold (5) after it started stays ``running`` in sshq while HTCondor
+keeps it in the queue: release it, or remove it with ``sshq kill``.  If the
 schedd cannot be reached condor_q exits 1 with ``-- Failed to fetch ads
 from: ...`` or ``Error: ... Extra Info: You probably saw this error because
 the condor_schedd is not running ...``: a transient :class:`JobRunnerError`.
@@ -74,7 +76,11 @@ Job spec fields:
   JobCurrentStartDate > SECONDS)``: the schedd removes the job (soft kill,
   ``TERM``) once it has run that long.  The schedd evaluates it every
   ``PERIODIC_EXPR_INTERVAL`` seconds (60 by default), so the limit is
-  enforced to within about a minute;
+  enforced to within about a minute.  (``periodic_remove`` and
+  ``JobCurrentStartDate`` are in the manual's condor_submit page and job
+  attribute list; ``allowed_execute_duration`` would *hold* the job, which
+  then stays in the queue, and ``+MaxRuntime`` is a site convention, not
+  HTCondor's);
 - ``account`` -> ``accounting_group``;
 - ``mail_user`` -> ``notify_user``; ``mail_events``: ``end`` ->
   ``notification = Complete`` (mail when the job terminates, also for

@@ -70,7 +70,8 @@ Directives (``#$``), from a normalized :class:`~sshq.model.JobSpec`:
   sshq's ``memory`` is per node, so ``M`` is the memory divided by ``cpus``
   (rounded up, in MiB; ``M`` = 1024 * 1024 bytes in Grid Engine).  Note that
   h_vmem limits virtual memory, which some programs reserve generously.
-- queue: ``-q``; account: ``-A``.
+- queue: ``-q``; account: ``-A`` (qmaster refuses an account holding
+  blanks or ``:``, so those are refused here, with a clear message).
 - mail: ``-M addr``; ``-m`` letters from the events: ``begin`` ``b``,
   ``end`` ``e``, ``fail`` ``a`` (aborted), ``all`` ``bea``.
 - nodes, tasks: refused.  Grid Engine has no node count, and tasks spread
@@ -106,6 +107,20 @@ _SUBMIT = (
 # positional parameters, unused: `qstat -xml` cannot select by id.
 _POLL = 'exec qstat -u "$(id -un)" -xml'
 _MAIL = {"begin": "b", "end": "e", "fail": "a", "all": "bea"}
+# Characters Grid Engine misreads, and how (see the module docstring).
+_ANY_BAD = {"#": "qsub ends a directive at '#', even inside double quotes"}
+_PATH_BAD = {
+    **_ANY_BAD,
+    ":": "qsub reads an output path as [host:]path",
+    ",": "qsub reads an output path as a comma-separated list",
+    "$": "sge_execd expands $USER, $HOME, $JOB_ID... in an output path",
+}
+_ACCOUNT_BAD = {
+    **_ANY_BAD,
+    ":": "qsub refuses ':' in an account",
+    " ": "qmaster refuses an account with blanks",
+    "\t": "qmaster refuses an account with blanks",
+}
 # Letters of a qstat state code that mean the job holds a queue slot:
 # r(unning), t(ransferring), s/S/T (suspended while running).
 _RUNNING_LETTERS = frozenset("rtsST")
@@ -121,15 +136,11 @@ class SgeHandler(JobRunnerHandler):
     kill_command = ("qdel", IDS)
     ids_sep = None
 
-    def _word(self, field: str, value: str, *, path: bool = False) -> str:
-        bad = "#:,$" if path else "#"
-        for c in bad:
+    def _word(self, field: str, value: str, bad: dict[str, str] = _ANY_BAD) -> str:
+        for c, why in bad.items():
             if c in value:
                 raise InvalidInputError(
-                    f"job runner {self.name!r} cannot express {field} {value!r}: Grid Engine"
-                    f" reads {c!r} in a directive as "
-                    + {"#": "the start of a comment", ":": "a host name separator",
-                       ",": "a list separator", "$": "a variable to expand"}[c]
+                    f"job runner {self.name!r} cannot express {field} {value!r}: {why}"
                 )
         try:
             return directive_word(value)
@@ -146,8 +157,8 @@ class SgeHandler(JobRunnerHandler):
         p = self.directive_prefix
         lines = [
             f"{p} -N {spec.job_name}",
-            f"{p} -o {self._word('run-dir', job_log_dir + '/job.out', path=True)}",
-            f"{p} -e {self._word('run-dir', job_log_dir + '/job.err', path=True)}",
+            f"{p} -o {self._word('run-dir', job_log_dir + '/job.out', _PATH_BAD)}",
+            f"{p} -e {self._word('run-dir', job_log_dir + '/job.err', _PATH_BAD)}",
             f"{p} -S /bin/bash",
         ]
         if spec.walltime is not None:
@@ -160,7 +171,7 @@ class SgeHandler(JobRunnerHandler):
         if spec.queue:
             lines.append(f"{p} -q {self._word('queue', spec.queue)}")
         if spec.account:
-            lines.append(f"{p} -A {self._word('account', spec.account)}")
+            lines.append(f"{p} -A {self._word('account', spec.account, _ACCOUNT_BAD)}")
         if spec.mail_user:
             lines.append(f"{p} -M {self._word('mail-user', spec.mail_user)}")
         if spec.mail_events:

@@ -12,7 +12,7 @@ from ..exceptions import InvalidInputError
 from ..quoting import check_directive_value, check_env_key, check_env_value, check_job_name
 from .resources import parse_memory, parse_walltime
 
-__all__ = ["JobSpec", "MAIL_EVENTS"]
+__all__ = ["JobSpec", "MAIL_EVENTS", "MAX_INPUT_BYTES"]
 
 #: Mail events a job spec may ask for (the runners map them to their own).
 MAIL_EVENTS = frozenset({"begin", "end", "fail", "all"})
@@ -48,6 +48,11 @@ class JobSpec:
             (e.g. ``--constraint=gpu`` for Slurm).
         work_dir: absolute remote working directory; defaults to
             ``<run_dir>/work/<name>``.
+        inputs: local files staged into the work directory (under their base
+            names) before submission, in the same SSH round trip; at most
+            :data:`MAX_INPUT_BYTES` in all (use ``sshq install`` for trees).
+        outputs: paths relative to the work directory, brought back by
+            ``retrieve`` once the job has succeeded.
     """
 
     script: bytes | None = None
@@ -66,6 +71,8 @@ class JobSpec:
     mail_events: tuple[str, ...] = ()
     directives: tuple[str, ...] = ()
     work_dir: str | None = None
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Accept the forms people write ("0:10:00", 600, "2G"); store the types.
@@ -75,7 +82,7 @@ class JobSpec:
             object.__setattr__(self, "memory", parse_memory(self.memory))
         if isinstance(self.script, str):
             object.__setattr__(self, "script", self.script.encode("utf-8", "surrogateescape"))
-        for name in ("arguments", "mail_events", "directives"):
+        for name in ("arguments", "mail_events", "directives", "inputs", "outputs"):
             value = getattr(self, name)
             if isinstance(value, str):
                 raise InvalidInputError(f"{name} must be a sequence of strings, not one string")
@@ -134,6 +141,14 @@ class JobSpec:
             raise InvalidInputError(f"work-dir must be an absolute path, got {self.work_dir!r}")
         for d in self.directives:
             check_directive_value("directive", d)
+        _check_inputs(self.inputs)
+        for out in self.outputs:
+            check_directive_value("output", out)
+            parts = out.split("/")
+            if not out or out.startswith(("/", "-")) or ".." in parts:
+                raise InvalidInputError(
+                    f"output {out!r} must be a path relative to the work directory,"
+                    " without '..'")
         events = tuple(e.strip().lower() for e in self.mail_events if e.strip())
         bad = [e for e in events if e not in MAIL_EVENTS]
         if bad:
@@ -168,6 +183,26 @@ class JobSpec:
             return self.script
         assert self.command is not None
         return b"#!/bin/bash\n" + self.command.encode("utf-8", "surrogateescape") + b"\n"
+
+
+#: The most input file bytes one job may stage inline (64 MiB).
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+
+
+def _check_inputs(inputs: Sequence[str]) -> None:
+    names: set[str] = set()
+    total = 0
+    for path in inputs:
+        p = Path(path)
+        if not p.is_file():
+            raise InvalidInputError(f"input file {path!r} does not exist or is not a file")
+        if p.name in names:
+            raise InvalidInputError(f"two input files are named {p.name!r}")
+        names.add(p.name)
+        total += p.stat().st_size
+    if total > MAX_INPUT_BYTES:
+        raise InvalidInputError(
+            f"input files total {total} bytes, more than {MAX_INPUT_BYTES}; use `sshq install`")
 
 
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_.+-]")

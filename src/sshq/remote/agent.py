@@ -13,7 +13,8 @@
 #
 #     SSHQ-BEGIN-<nonce>\n  (<length>\n<json>)*  0\n  SSHQ-END-<nonce>\n
 #
-# Operations (the "op" field): init, submit, poll, kill, read, follow.
+# Operations (the "op" field): init, submit, poll, kill, read, follow,
+# listing, tidy.
 # Nothing here builds shell text: every command is an argument vector run
 # without a shell.  The layout of the job log directory is Cylc's (seed 001):
 # <run_dir>/log/job/<name>/<NN>/{job,job.out,job.err,job.status}, NN -> latest.
@@ -22,6 +23,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -146,16 +148,69 @@ def expand(template, ids, sep):
 # ---------------------------------------------------------------- operations
 
 
+SERVICE_DIR = ".sshq"  # under the run dir: sshq's own files, removed by tidy
+
+
 def op_init(req, w):
+    """remote-init (seed 001): resolve the run dir, write its UUID file."""
     run_dir = os.path.abspath(os.path.expanduser(req["run_dir"]))
-    os.makedirs(run_dir, exist_ok=True)
+    service = os.path.join(run_dir, SERVICE_DIR)
+    os.makedirs(service, exist_ok=True)
+    uuid_file = os.path.join(service, "uuid")
+    try:
+        with open(uuid_file) as fh:
+            uuid = fh.read().strip()
+    except (IOError, OSError):
+        uuid = ""
+    if not uuid:
+        uuid = base64.b32encode(os.urandom(15)).decode("ascii").lower()
+        tmp = "%s.%d" % (uuid_file, os.getpid())
+        with open(tmp, "w") as fh:
+            fh.write(uuid + "\n")
+        os.rename(tmp, uuid_file)
     w.frame({
         "home": os.path.expanduser("~"),
         "run_dir": run_dir,
+        "uuid_file": uuid_file,
+        "uuid": uuid,
+        "rsync": bool(shutil.which("rsync")),
         "hostname": socket.gethostname(),
         "python": sys.version.split()[0],
         "user": os.environ.get("USER") or os.environ.get("LOGNAME") or "",
     })
+
+
+def op_listing(req, w):
+    """Files under a directory: {relative path: [size, mtime]} (for SFTP sync)."""
+    top = req["path"]
+    out = {}
+    for root, dirs, files in os.walk(top):
+        for name in files:
+            p = os.path.join(root, name)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            out[os.path.relpath(p, top)] = [st.st_size, int(st.st_mtime)]
+    w.frame({"files": out})
+
+
+def op_tidy(req, w):
+    """Remove what sshq left in the run dir (never job logs or work dirs)."""
+    run_dir = req["run_dir"]
+    removed = []
+    service = os.path.join(run_dir, SERVICE_DIR)
+    if os.path.isdir(service):
+        shutil.rmtree(service)
+        removed.append(service)
+    job_logs = os.path.join(run_dir, "log", "job")
+    for root, dirs, files in os.walk(job_logs):
+        for name in files + dirs:
+            if name.startswith("NN.tmp"):  # a link an interrupted submit left
+                p = os.path.join(root, name)
+                os.remove(p)
+                removed.append(p)
+    w.frame({"removed": removed})
 
 
 def highest_submit_num(parent):
@@ -205,6 +260,9 @@ def submit_one(job):
             os.close(fd)
         link_latest(log_dir)
         os.makedirs(job["work_dir"], exist_ok=True)
+        for name, data in (job.get("inputs") or {}).items():  # staged input files
+            with open(os.path.join(job["work_dir"], name), "wb") as fh:
+                fh.write(base64.b64decode(data))
     except OSError as exc:
         return {"key": job["key"], "ok": False, "code": "io",
                 "error": "%s: %s" % (exc.filename or log_dir, exc.strerror)}
@@ -352,7 +410,7 @@ def op_follow(req, w):
 
 
 OPS = {"init": op_init, "submit": op_submit, "poll": op_poll, "kill": op_kill,
-       "read": op_read, "follow": op_follow}
+       "read": op_read, "follow": op_follow, "listing": op_listing, "tidy": op_tidy}
 
 
 def main():
