@@ -133,14 +133,18 @@ class AsyncClient:
             self._transports[key] = t
         return t
 
-    async def _with_failover(self, platform: Platform, op: Any) -> Any:
+    async def _with_failover(self, platform: Platform, op: Any, prefer: str | None = None) -> Any:
         """Run ``op(host, transport)`` on the first usable host of the platform.
 
         A host whose connection fails before the command was sent goes on the
-        bad-host list for ``platform.bad_host_seconds`` and the next is tried.
+        bad-host list for ``platform.bad_host_seconds`` (Cylc's behaviour) and
+        the next is tried; ``prefer`` is tried first.
         """
         bad = self.store.bad_hosts(platform.name)
         hosts = [h for h in platform.hosts if h not in bad] or list(platform.hosts)
+        if prefer in hosts:
+            hosts.remove(prefer)
+            hosts.insert(0, prefer)
         last: TransportError | None = None
         for n, host in enumerate(hosts):
             try:
@@ -336,11 +340,25 @@ class AsyncClient:
 
     async def _agent_on_group(
         self, plat_name: str, host_label: str, op: str, payload: dict[str, Any],
-        timeout: float = 120.0,
+        timeout: float = 120.0, *, runners: Iterable[str] = (),
     ) -> dict[str, Any]:
+        """One agent call for jobs submitted through ``host_label``.
+
+        Jobs of batch systems can be reached from any login host of the
+        platform (shared filesystem), so a host that is down fails over to
+        the next; background jobs only from the host they run on.
+        """
         plat = self.config.platform(plat_name)
-        t = self.transport(plat, self._host_of(plat, host_label))
-        return await self._agent(plat, t, op, payload, timeout=timeout)
+        host = self._host_of(plat, host_label)
+        if any(HANDLERS[r].runs_on_submit_host for r in runners):
+            return await self._agent(plat, self.transport(plat, host), op, payload,
+                                     timeout=timeout)
+
+        async def op_on(h: str, t: Transport) -> dict[str, Any]:
+            return await self._agent(plat, t, op, payload, timeout=timeout)
+
+        result: dict[str, Any] = await self._with_failover(plat, op_on, prefer=host)
+        return result
 
     @staticmethod
     async def _agent(platform: Platform, t: Transport, op: str, payload: dict[str, Any],
@@ -453,7 +471,8 @@ class AsyncClient:
             if not self.store.claim_runner_query(key[0], key[1], plat.min_poll_interval):
                 payload["skip_runner"] = True
             try:
-                reply = await self._agent_on_group(key[0], key[1], "poll", payload)
+                reply = await self._agent_on_group(key[0], key[1], "poll", payload,
+                                                   runners={j.job_runner for j in group})
             except SshqError as exc:
                 log.warning("poll of %s on %s failed (no state changed): %s", key[0], key[1], exc)
                 errors.append(str(exc))
@@ -484,7 +503,8 @@ class AsyncClient:
         async def one(key: tuple[str, str], group: list[Job]) -> None:
             payload = dict(_jobs_payload(group), settle=settle)
             reply = await self._agent_on_group(key[0], key[1], "kill", payload,
-                                               timeout=120 + settle)
+                                               timeout=120 + settle,
+                                               runners={j.job_runner for j in group})
             self._apply(group, reply, set())
 
         await asyncio.gather(*(one(k, g) for k, g in self._group(live).items()))
@@ -565,6 +585,7 @@ class AsyncClient:
         reply = await self._agent_on_group(
             job.platform, job.host, "read",
             {"path": f"{job.job_log_dir}/{LOG_FILES[file]}", "offset": offset},
+            runners=[job.job_runner],
         )
         if not reply.get("ok"):
             raise RemoteError(f"job {job_id}: {reply.get('error')}")

@@ -33,6 +33,7 @@ class BackgroundHandler(JobRunnerHandler):
     kill_command = ("kill", "-s", "TERM", IDS)
     ids_sep = None
     wrapper_walltime = True
+    runs_on_submit_host = True
 
     def directives(self, spec: JobSpec, job_log_dir: str) -> list[str]:
         self.refuse(

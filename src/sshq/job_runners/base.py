@@ -58,6 +58,9 @@ class JobRunnerHandler:
             the job wrapper enforces it (sends itself ``XCPU``).
         submit_stdin: True when the submit command reads the job file on its
             standard input (LSF's ``bsub < job``).
+        runs_on_submit_host: True when jobs run on the login host they were
+            submitted through (background), so only that host can poll them;
+            batch system jobs can be polled from any login host.
     """
 
     name: str = ""
@@ -68,6 +71,7 @@ class JobRunnerHandler:
     ids_sep: str | None = None
     wrapper_walltime: bool = False
     submit_stdin: bool = False
+    runs_on_submit_host: bool = False
 
     def directives(self, spec: JobSpec, job_log_dir: str) -> list[str]:
         """Directive lines (with prefix) for a normalized job spec.

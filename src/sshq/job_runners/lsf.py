@@ -88,8 +88,7 @@ __all__ = ["LsfHandler", "LsfRecord", "HANDLER", "parse_bjobs_json", "format_run
 #: The bjobs output fields sshq asks for: ONE argument word of ``-o``.
 BJOBS_FORMAT = "jobid stat exit_code"
 
-# bjobs(1) job states, by what they mean for sshq.
-_NOT_STARTED = frozenset({"PEND", "PROV", "PSUSP", "WAIT"})
+# bjobs(1) job states, by what they mean for sshq (PEND, PROV, PSUSP, WAIT: not started).
 _DISPATCHED = frozenset({"RUN", "USUSP", "SSUSP", "UNKWN", "ZOMBI"})
 _FINISHED = frozenset({"DONE", "EXIT", "POST_DONE", "POST_ERR"})
 
@@ -282,8 +281,9 @@ class LsfHandler(JobRunnerHandler):
                     raise self._failed(exit_status, f"bjobs: {rec.error}")
                 unknown_said = True
             elif rec.job_id and rec.stat not in _FINISHED:  # finished: status file decides
-                running = rec.stat not in _NOT_STARTED
-                known[rec.job_id] = RunnerJobState(rec.job_id, running, rec.stat)
+                # Any other state (PEND..., or one this code does not know):
+                # known, and running only once the status file says it started.
+                known[rec.job_id] = RunnerJobState(rec.job_id, rec.stat in _DISPATCHED, rec.stat)
         # bjobs exits 255 when an id is unknown; any other failure is not about the jobs.
         if exit_status != 0 and (noise or not unknown_said):
             raise self._failed(exit_status, stderr or "bjobs failed and named no unknown job")
