@@ -367,3 +367,18 @@ async def test_two_state_dirs_sharing_a_run_dir_never_share_a_log_dir(
             assert os.readlink(Path(ja.job_log_dir).parent / "NN") == "02"
     finally:
         shutil.rmtree(other_state, ignore_errors=True)
+
+
+async def test_failed_kill_command_is_reported_on_the_job(
+        client: AsyncClient, testbed: dict[str, str]) -> None:
+    # The wrapper dies by SIGKILL (no exit recorded); `kill` of its pid then fails.
+    (job,) = await client.submit(JobSpec(command="kill -9 $PPID", name="gone"),
+                                 platform="local")
+    for _ in range(100):
+        (job,) = await client.jobs(ids=[job.id])
+        if not os.path.exists(f"/proc/{job.job_id}"):
+            break
+        await asyncio.sleep(0.1)
+    (killed,) = await client.kill([job.id], settle=0.5)
+    assert killed.message.startswith("kill failed:"), killed
+    assert "No such process" in killed.message or "exit" in killed.message

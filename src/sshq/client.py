@@ -506,6 +506,19 @@ class AsyncClient:
                                                timeout=120 + settle,
                                                runners={j.job_runner for j in group})
             self._apply(group, reply, set())
+            # A kill command that failed, for jobs that still record no exit:
+            # say so on the job (and in the log), never silently.
+            failed = {runner: "; ".join(r["stderr"].strip() or f"exit {r['exit']}"
+                                        for r in results if r["exit"] != 0)
+                      for runner, results in reply.get("runners", {}).items()}
+            updates = []
+            for j in self.store.get([j.id for j in group]):
+                why = failed.get(j.job_runner)
+                if why and not j.state.is_final:
+                    log.warning("kill of job %d (%s %s) failed: %s", j.id, j.job_runner,
+                                j.job_id, why)
+                    updates.append((j.id, {"message": f"kill failed: {why}"}))
+            self.store.update_jobs(updates)
 
         await asyncio.gather(*(one(k, g) for k, g in self._group(live).items()))
         return self.store.get([j.id for j in jobs])

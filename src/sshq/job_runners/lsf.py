@@ -26,11 +26,16 @@ Poll
     Job states (``bjobs`` description): ``PEND``, ``PROV``, ``PSUSP`` and
     ``WAIT`` have not started; ``RUN``, ``USUSP``, ``SSUSP``, ``UNKWN``
     (mbatchd lost contact with the host) and ``ZOMBI`` were dispatched.
-    ``DONE``, ``EXIT`` (and the post-processing states ``POST_DONE``,
-    ``POST_ERR``) are *finished*: the job is reported as no longer known, so
-    that the job status file decides at once (exit status or signal, or
-    ``failed`` when it started and recorded no exit, e.g. SIGKILL after
-    ``bkill``) instead of waiting up to ``CLEAN_PERIOD`` for LSF to forget it.
+    ``EXIT`` (and the post-processing states ``POST_DONE``, ``POST_ERR``) is
+    reported as no longer known, so that the job status file decides at once
+    (its exit status or signal; ``failed`` when it started and recorded no
+    exit, e.g. SIGKILL after ``bkill``; ``submit-failed`` when killed while
+    pending) instead of waiting up to ``CLEAN_PERIOD`` for LSF to forget it.
+    ``DONE`` stays *known and running*: the job wrapper exited 0, so it wrote
+    its exit to the status file before; if a poll cannot see that yet (a
+    shared file system lagging behind the execution host), the job must not
+    be declared failed.  The status file's exit ends it on the same or a
+    later poll.
 
 Kill
     ``bkill ID...``: SIGINT, SIGTERM, then SIGKILL, ``JOB_TERMINATE_INTERVAL``
@@ -88,9 +93,10 @@ __all__ = ["LsfHandler", "LsfRecord", "HANDLER", "parse_bjobs_json", "format_run
 #: The bjobs output fields sshq asks for: ONE argument word of ``-o``.
 BJOBS_FORMAT = "jobid stat exit_code"
 
-# bjobs(1) job states, by what they mean for sshq (PEND, PROV, PSUSP, WAIT: not started).
-_DISPATCHED = frozenset({"RUN", "USUSP", "SSUSP", "UNKWN", "ZOMBI"})
-_FINISHED = frozenset({"DONE", "EXIT", "POST_DONE", "POST_ERR"})
+# bjobs(1) job states, by what they mean for sshq (PEND, PROV, PSUSP, WAIT: not
+# started; DONE: see the module docstring).
+_DISPATCHED = frozenset({"RUN", "USUSP", "SSUSP", "UNKWN", "ZOMBI", "DONE"})
+_FINISHED = frozenset({"EXIT", "POST_DONE", "POST_ERR"})
 
 _NOT_FOUND_RE = re.compile(r"^\s*Job <(?P<id>[^>]*)> is not found\s*$")
 _BSUB_LINE_RE = re.compile(r"^\s*#BSUB", re.MULTILINE)

@@ -11,11 +11,12 @@ could be data: a user script's own ``#$ -o ...`` or ``#$ -clear``, or an
 environment value holding a newline and ``#$``.  So qsub must not scan the
 job file: the submit command is a fixed ``sh`` program (job file and log
 directory as positional parameters, never in the program text) that copies
-the header's directive lines, without their ``#$ ``, into ``job.qsub`` in the
-job log directory, and runs ``qsub -C "" -@ job.qsub JOB``: ``-C ""`` turns
-directive scanning off, ``-@`` reads the options from that file with the
-same word rules as directives (double quotes group blanks).  The ``#$``
-header stays in the job file for people to read.
+the header's directive lines (raw directives included), without their
+``#$ ``, into ``job.qsub`` in the job log directory, and runs
+``qsub -C "" -@ job.qsub JOB``: ``-C ""`` turns directive scanning off,
+``-@`` reads the options from that file with the same word rules as
+directives (double quotes group blanks).  The ``#$`` header stays in the
+job file for people to read.
 
 Poll: ``qstat -u USER -xml`` lists the user's jobs that Grid Engine still
 knows (pending, running, suspended), each as::
@@ -38,9 +39,13 @@ whether it ever ran, and the job status file answers it (the wrapper writes
 :mod:`sshq.remote.status`).  qacct could add nothing the poll contract can
 carry (a :class:`~sshq.job_runners.base.RunnerJobState` is "still known,
 running or not"), it reads the whole accounting file on every call, and
-accounting may be off or unreadable at a site.  A job killed before its
-wrapper started (``qdel`` of a job in ``t``, or a job script that cannot
-start) is reported ``submit-failed``, which is what it is to the user.
+accounting may be off or unreadable at a site (on the test bed, with
+accounting flushed at once, ``qacct`` has a job's record about 0.8 s after
+its last command, by the time qstat forgets it).  A job deleted before its
+wrapper started (``qdel`` of a pending job) is reported ``submit-failed``,
+which is what it is to the user.  A job in an error state (``Eqw``, e.g. its
+output file cannot be opened) stays known to Grid Engine until deleted, so
+sshq shows it ``submitted`` meanwhile.
 
 Kill: ``qdel ID...``.  For a running job Grid Engine sends SIGKILL to the job
 (queue ``terminate_method`` NONE, the default; observed on 8.1.9: no SIGTERM
