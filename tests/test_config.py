@@ -114,7 +114,7 @@ def test_empty_text() -> None:
         ("[platforms.a]\nport = 65536\n", "port"),
         ("[platforms.a]\nport = '22'\n", "port"),
         ("[platforms.a]\nport = 22.0\n", "port"),
-        ("[platforms.a]\njob_runner = 'pbs'\n", "unknown job_runner 'pbs'"),
+        ("[platforms.a]\njob_runner = 'nqs'\n", "unknown job_runner 'nqs'"),
         ("[platforms.a]\ntransport = 'telnet'\n", "unknown transport 'telnet'"),
         ("[platforms.a]\nuser = ''\n", "user"),
         ("[platforms.a]\nuser = 5\n", "user"),

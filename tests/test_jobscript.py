@@ -541,3 +541,35 @@ def test_slurm_script_is_valid_bash() -> None:
     data = render_job_script(spec, SLURM, job_log_dir="/l", work_dir="/w")
     res = subprocess.run(["bash", "-n"], input=data, capture_output=True)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("sig", ["USR1", "USR2"])
+def test_user_signals_are_recorded_not_taken_for_success(tmp_path: Path, sig: str) -> None:
+    # LSF sends USR2 at a job's run limit: the job must end failed with USR2,
+    # never "exit 0" (the EXIT trap would otherwise see $? = 0).
+    import signal as _signal
+    import subprocess as _sp
+    import time as _time
+
+    from sshq.job_runners import HANDLERS
+    from sshq.jobscript import render_job_script
+    from sshq.model import JobSpec
+
+    log, work = tmp_path / "log", tmp_path / "work"
+    log.mkdir()
+    script = render_job_script(JobSpec(command="sleep 30", name="u").normalized(),
+                               HANDLERS["background"], job_log_dir=str(log),
+                               work_dir=str(work))
+    (log / "job").write_bytes(script)
+    proc = _sp.Popen(["/bin/bash", str(log / "job")], start_new_session=True,
+                     stdout=_sp.DEVNULL, stderr=_sp.DEVNULL)
+    status = log / "job.status"
+    for _ in range(100):
+        if status.exists() and "SSHQ_JOB_INIT_TIME" in status.read_text():
+            break
+        _time.sleep(0.05)
+    proc.send_signal(getattr(_signal, f"SIG{sig}"))
+    proc.wait(timeout=20)
+    text = status.read_text()
+    assert f"SSHQ_JOB_EXIT_SIGNAL={sig}" in text
+    assert "SSHQ_JOB_EXIT_STATUS" not in text

@@ -505,7 +505,8 @@ class AsyncClient:
             reply = await self._agent_on_group(key[0], key[1], "kill", payload,
                                                timeout=120 + settle,
                                                runners={j.job_runner for j in group})
-            self._apply(group, reply, set())
+            # (the kill commands' output is no poll output: only statuses count)
+            self._apply(group, {"status": reply["status"]}, set())
             # A kill command that failed, for jobs that still record no exit:
             # say so on the job (and in the log), never silently.
             failed = {runner: "; ".join(r["stderr"].strip() or f"exit {r['exit']}"

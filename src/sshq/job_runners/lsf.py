@@ -1,5 +1,8 @@
 """IBM Spectrum LSF: ``bsub < job``, ``bjobs -o ... -json``, ``bkill`` (LSF 10.1).
 
+Needs LSF 10.1 Fix Pack 2 or later: ``bjobs -json`` and units on ``-M``
+(``2048MB``) came with it (release notes, "Command output formatting").
+
 Sources (IBM Spectrum LSF 10.1.0 command and configuration reference; the
 test fixtures in ``tests/fixtures/lsf`` say which page each output comes from):
 

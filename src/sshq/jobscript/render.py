@@ -14,7 +14,7 @@ SSHQ_JOB_PID                    the wrapper's pid                  wrapper
 SSHQ_JOB_HOST                   the execution host                 wrapper
 SSHQ_JOB_INIT_TIME              start time, ISO 8601 UTC           wrapper
 SSHQ_JOB_EXIT_STATUS            the user script's exit status      wrapper
-SSHQ_JOB_EXIT_SIGNAL            signal name: TERM, XCPU, INT, HUP  wrapper
+SSHQ_JOB_EXIT_SIGNAL            signal name: TERM, XCPU, USR2 ...  wrapper
 SSHQ_JOB_EXIT_TIME              end time, ISO 8601 UTC             wrapper
 ==============================  =================================  ==========
 
@@ -22,10 +22,12 @@ The wrapper also writes ``job.env`` (mode 0600): the job's environment as
 ``export -p`` prints it, so that ``sshq ssh-to-job`` can open a shell with
 the same variables.
 
-Traps on EXIT, ERR, TERM, XCPU, INT and HUP make a killed job record how it
-ended.  The user's script is embedded as a quoted here-document, written to
-``job.user`` in the job log directory and run with its arguments in the
-job's work directory, with the requested environment.  Every value that
+Traps on EXIT, ERR, TERM, XCPU, INT, HUP, USR1 and USR2 make a killed job
+record how it ended (LSF sends USR2 at a run limit, Slurm can send USR1/USR2
+before a time limit with ``--signal``).  The user's script is embedded as a
+quoted here-document, written to ``job.user`` in the job log directory and
+run with its arguments in the job's work directory, with the requested
+environment.  Every value that
 reaches the shell goes through :mod:`sshq.quoting`.
 """
 
@@ -63,7 +65,7 @@ sshq__end() {
     printf '%s=%s\nSSHQ_JOB_EXIT_TIME=%s\n' "$1" "$2" "$(sshq__now)" >>"$sshq__status"
 }
 sshq__on_signal() {
-    trap '' TERM XCPU INT HUP
+    trap '' TERM XCPU INT HUP USR1 USR2
     trap - ERR
     # The user's processes: our children (even one forked a moment ago, before
     # $! was known), and the whole process group when we lead it.
@@ -81,6 +83,8 @@ trap 'sshq__on_signal TERM 15' TERM
 trap 'sshq__on_signal XCPU 24' XCPU
 trap 'sshq__on_signal INT 2' INT
 trap 'sshq__on_signal HUP 1' HUP
+trap 'sshq__on_signal USR1 10' USR1
+trap 'sshq__on_signal USR2 12' USR2
 trap 'sshq__rc=$?; sshq__end SSHQ_JOB_EXIT_STATUS "$sshq__rc"; exit "$sshq__rc"' ERR
 sshq__record SSHQ_JOB_PID "$$"
 sshq__record SSHQ_JOB_HOST "$(hostname 2>/dev/null || uname -n)"
