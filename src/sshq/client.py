@@ -478,7 +478,10 @@ class AsyncClient:
                 errors.append(str(exc))
                 return
             errs = self._apply(group, reply, set(reply.get("queried", [])))
-            errors.extend(sorted(set(errs.values())))
+            for err in sorted(set(errs.values())):
+                log.warning("poll of %s on %s: job runner query failed (no state changed):"
+                            " %s", key[0], key[1], err)
+                errors.append(err)
 
         await asyncio.gather(*(one(k, g) for k, g in self._group(jobs).items()))
         return errors
