@@ -22,7 +22,6 @@ HTCondor cannot be installed on the test bed.  So:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -44,8 +43,9 @@ from typing import Any
 
 import pytest
 from conftest import platform_toml
+from helpers import wait_for_state
 
-from sshq import AsyncClient, InvalidInputError, Job, JobSpec, JobState
+from sshq import AsyncClient, InvalidInputError, JobSpec, JobState
 from sshq.config import Platform
 from sshq.exceptions import JobRunnerError
 from sshq.job_runners import get_handler
@@ -644,20 +644,6 @@ async def cclient(condor_fake: RemoteFake, state_dir: Path) -> Any:
         await c.close()
 
 
-async def wait_for_state(client: AsyncClient, sid: int, state: JobState,
-                         timeout: float = 60.0) -> Job:
-    """Poll until job ``sid`` reaches ``state`` (fails on a different final state)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        (job,) = await client.poll([sid])
-        if job.state is state:
-            return job
-        if job.state.is_final:
-            pytest.fail(f"job {sid} became {job.state.value} ({job.message}) waiting for"
-                        f" {state.value}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"job {sid} still {job.state.value} after {timeout} s")
-        await asyncio.sleep(0.2)
 
 
 def marker() -> str:

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import wait_for_state
 
 import sshq.client as sshq_client
-from sshq import AsyncClient, InvalidInputError, Job, JobSpec, JobState
+from sshq import AsyncClient, InvalidInputError, JobSpec, JobState
 from sshq.remote.status import parse_status
 
 pytestmark = pytest.mark.slurm
@@ -70,20 +71,6 @@ def pgrep_sshqtest(pattern: str) -> list[str]:
     return r.stdout.split()
 
 
-async def wait_for_state(client: AsyncClient, sid: int, state: JobState,
-                         timeout: float = 90.0) -> Job:
-    """Poll until job ``sid`` reaches ``state`` (fails on a different final state)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        (job,) = await client.poll([sid])
-        if job.state is state:
-            return job
-        if job.state.is_final:
-            pytest.fail(f"job {sid} became {job.state.value} ({job.message}) waiting for"
-                        f" {state.value}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"job {sid} still {job.state.value} after {timeout} s")
-        await asyncio.sleep(0.3)
 
 
 async def status_of(client: AsyncClient, sid: int) -> dict[str, str]:

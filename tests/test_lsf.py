@@ -41,8 +41,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from helpers import wait_for_state
 
-from sshq import AsyncClient, Job, JobSpec, JobState
+from sshq import AsyncClient, JobSpec, JobState
 from sshq.exceptions import InvalidInputError, JobRunnerError
 from sshq.job_runners import get_handler
 from sshq.job_runners.base import expand_ids
@@ -580,20 +581,6 @@ async def lsf_client(lsf_config: Path, state_dir: Path) -> Any:
         await c.close()
 
 
-async def wait_for_state(client: AsyncClient, sid: int, state: JobState,
-                         timeout: float = 60.0) -> Job:
-    """Poll until job ``sid`` reaches ``state`` (fails on a different final state)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        (job,) = await client.poll([sid])
-        if job.state is state:
-            return job
-        if job.state.is_final:
-            pytest.fail(f"job {sid} became {job.state.value} ({job.message}) waiting for"
-                        f" {state.value}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"job {sid} still {job.state.value} after {timeout} s")
-        await asyncio.sleep(0.2)
 
 
 async def status_of(client: AsyncClient, sid: int) -> dict[str, str]:

@@ -43,8 +43,9 @@ from typing import Any
 
 import pytest
 from conftest import platform_toml
+from helpers import wait_for_state
 
-from sshq import AsyncClient, InvalidInputError, Job, JobSpec, JobState
+from sshq import AsyncClient, InvalidInputError, JobSpec, JobState
 from sshq.exceptions import JobRunnerError
 from sshq.job_runners import get_handler
 from sshq.job_runners.base import RunnerJobState, expand_ids
@@ -646,20 +647,6 @@ async def client(pbs_config: Path, state_dir: Path) -> Any:
         await c.close()
 
 
-async def wait_for_state(client: AsyncClient, sid: int, state: JobState,
-                         timeout: float = 60.0) -> Job:
-    """Poll until job ``sid`` reaches ``state`` (fails on a different final state)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        (job,) = await client.poll([sid])
-        if job.state is state:
-            return job
-        if job.state.is_final:
-            pytest.fail(f"job {sid} became {job.state.value} ({job.message}) waiting for"
-                        f" {state.value}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"job {sid} still {job.state.value} after {timeout} s")
-        await asyncio.sleep(0.3)
 
 
 async def wait_started(client: AsyncClient, sid: int, timeout: float = 60.0) -> None:
