@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 import pytest
 
 from sshq import AsyncClient, Job, JobState
+from sshq.remote import agent
 
 
 async def wait_for_state(client: AsyncClient, sid: int, state: JobState,
@@ -24,3 +26,10 @@ async def wait_for_state(client: AsyncClient, sid: int, state: JobState,
         if time.monotonic() > deadline:
             pytest.fail(f"job {sid} still {job.state.value} after {timeout} s")
         await asyncio.sleep(interval)
+
+
+def expand_ids(template: Sequence[str], ids: Sequence[str], sep: str | None) -> list[str]:
+    """The command the remote agent builds for ``ids`` (one chunk; [] for no ids:
+    the agent then runs nothing)."""
+    chunks: list[list[str]] = agent.expand(list(template), list(ids), sep)
+    return chunks[0] if chunks else []

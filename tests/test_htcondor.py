@@ -43,13 +43,12 @@ from typing import Any
 
 import pytest
 from conftest import platform_toml
-from helpers import wait_for_state
+from helpers import expand_ids, wait_for_state
 
 from sshq import AsyncClient, InvalidInputError, JobSpec, JobState
 from sshq.config import Platform
 from sshq.exceptions import JobRunnerError
 from sshq.job_runners import get_handler
-from sshq.job_runners.base import expand_ids
 from sshq.job_runners.htcondor import HANDLER, SUBMIT_FILE, submit_value
 from sshq.jobscript import render_job_script
 from sshq.remote import agent

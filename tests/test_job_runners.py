@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import expand_ids
 
 from sshq.exceptions import ConfigError, InvalidInputError, JobRunnerError
 from sshq.job_runners import HANDLERS, get_handler
 from sshq.job_runners.background import HANDLER as BG
-from sshq.job_runners.base import IDS, RunnerJobState, expand_ids
+from sshq.job_runners.base import IDS, RunnerJobState
 from sshq.job_runners.slurm import HANDLER as SLURM
 from sshq.model.job_spec import JobSpec
 from sshq.quoting import directive_word
@@ -446,7 +447,7 @@ def test_background_poll_live_processes() -> None:
         (("squeue", "-j", IDS), ["1"], ",", ["squeue", "-j", "1"]),
         (("ps", "-p", IDS), ["1", "2"], None, ["ps", "-p", "1", "2"]),
         (("kill", IDS, "--"), ["9"], None, ["kill", "9", "--"]),
-        (("ps", "-p", IDS), [], None, ["ps", "-p"]),
+        (("ps", "-p", IDS), [], None, []),  # no ids: no command at all
         (("x", "{ids}x", "ids"), ["1"], None, ["x", "{ids}x", "ids"]),  # whole word only
         ((IDS, IDS), ["1", "2"], " ", ["1 2", "1 2"]),
     ],

@@ -41,12 +41,11 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from helpers import wait_for_state
+from helpers import expand_ids, wait_for_state
 
 from sshq import AsyncClient, JobSpec, JobState
 from sshq.exceptions import InvalidInputError, JobRunnerError
 from sshq.job_runners import get_handler
-from sshq.job_runners.base import expand_ids
 from sshq.job_runners.lsf import HANDLER as LSF
 from sshq.job_runners.lsf import format_run_limit, parse_bjobs_json
 from sshq.jobscript import render_job_script

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ..exceptions import InvalidInputError
 from ..model.job_spec import JobSpec
 
-__all__ = ["JobRunnerHandler", "RunnerJobState", "IDS", "expand_ids"]
+__all__ = ["JobRunnerHandler", "RunnerJobState", "IDS"]
 
 #: The placeholder for job ids in poll and kill command templates.
 IDS = "{ids}"
@@ -127,21 +127,3 @@ class JobRunnerHandler:
                     f"job runner {self.name!r} cannot express {f.replace('_', '-')}"
                     f" (asked for {value!r}); remove it or use another job runner"
                 )
-
-
-def expand_ids(template: Sequence[str], ids: Sequence[str], sep: str | None) -> list[str]:
-    """Expand the ``{ids}`` element of a command template.
-
-    This is the same rule the remote agent applies; it lives here for tests
-    and for local use.
-    """
-    out: list[str] = []
-    for word in template:
-        if word == IDS:
-            if sep is None:
-                out.extend(ids)
-            else:
-                out.append(sep.join(ids))
-        else:
-            out.append(word)
-    return out
