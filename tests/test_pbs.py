@@ -43,12 +43,12 @@ from typing import Any
 
 import pytest
 from conftest import platform_toml
-from helpers import wait_for_state
+from helpers import expand_ids, wait_for_state
 
 from sshq import AsyncClient, InvalidInputError, JobSpec, JobState
 from sshq.exceptions import JobRunnerError
 from sshq.job_runners import get_handler
-from sshq.job_runners.base import RunnerJobState, expand_ids
+from sshq.job_runners.base import RunnerJobState
 from sshq.job_runners.pbs import HANDLER, POLL_MARK, POLL_PROGRAM
 from sshq.jobscript import render_job_script
 from sshq.remote.status import parse_status
