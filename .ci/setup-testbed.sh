@@ -2,7 +2,10 @@
 # setup-testbed.sh - stand up sshq's integration test bed on Debian 12:
 #   * a real sshd on 127.0.0.1:2222 for the unprivileged user `sshqtest`
 #     (key login only, strict host-key checking through a test known_hosts);
-#   * a real single-node Slurm (munge + slurmctld + slurmd) on this host.
+#   * a real single-node Slurm (munge + slurmctld + slurmd) on this host;
+#   * a real single-node Grid Engine (.ci/setup-sge.sh) and its own test user
+#     `sshqsge`, whose login shell is tcsh (remote commands must not assume
+#     bash), reached through the same sshd with the same key.
 # Recipes: shared/TESTBED.md. Must run as root. No systemd needed: daemons are
 # started directly.
 #
@@ -15,6 +18,7 @@ TB=/var/lib/sshq-testbed
 PORT=2222
 ADDR=127.0.0.1
 TUSER=sshqtest
+SGEUSER=sshqsge
 SLURM_CONF=/etc/slurm/slurm.conf
 PKGS=(openssh-server openssh-client rsync slurm-wlm munge iproute2 parallel tmux procps)
 
@@ -357,6 +361,56 @@ done
 [ "$st" = COMPLETED ] || slurm_fail "test job $job did not complete within 30 s (state: '$st')"
 log "test job $job completed"
 
+# ------------------------------------------------------------------ grid engine
+bash "$(dirname "${BASH_SOURCE[0]}")/setup-sge.sh" </dev/null || die "Grid Engine set-up failed"
+
+# The SGE test user: tcsh as login shell, key login with the test key.
+TCSH=$(command -v tcsh || true)
+[ -x "$TCSH" ] || die "tcsh missing (setup-sge.sh installs it)"
+if ! id -u "$SGEUSER" >/dev/null 2>&1; then
+    log "creating user $SGEUSER (login shell $TCSH)"
+    useradd -m -s "$TCSH" "$SGEUSER"
+fi
+if [ "$(getent passwd "$SGEUSER" | cut -d: -f7)" != "$TCSH" ]; then
+    log "setting the login shell of $SGEUSER to $TCSH"
+    usermod -s "$TCSH" "$SGEUSER"
+fi
+if [ "$(getent shadow "$SGEUSER" | cut -d: -f2)" != '*' ]; then
+    log "unlocking $SGEUSER for key logins"
+    usermod -p '*' "$SGEUSER"
+fi
+SHOME=$(getent passwd "$SGEUSER" | cut -d: -f6)
+[ -n "$SHOME" ] || die "no home directory for $SGEUSER"
+[ -d "$SHOME" ] || install -d -m 0755 -o "$SGEUSER" -g "$SGEUSER" "$SHOME"
+install -d -m 0700 -o "$SGEUSER" -g "$SGEUSER" "$SHOME/.ssh"
+SAK=$SHOME/.ssh/authorized_keys
+touch "$SAK"
+if ! awk -v k="$client_key" '$2 == k || $3 == k {f = 1} END {exit !f}' "$SAK"; then
+    log "installing the client key into $SAK"
+    cat "$TB/id_ed25519.pub" >> "$SAK"
+fi
+chown "$SGEUSER:$SGEUSER" "$SAK"
+chmod 0600 "$SAK"
+
+# End to end: ssh in as $SGEUSER (through tcsh), qsub, and the job really
+# runs to exit 0 (qacct: accounting is written as soon as a job ends).
+sge_fail() {
+    { echo "---- qstat -f"; qstat -f 2>&1 || true
+      echo "---- qstat -u $SGEUSER"; qstat -u "$SGEUSER" 2>&1 || true; } >&2
+    die "$1"
+}
+out=$("${SSH[@]}" "$SGEUSER@$ADDR" qsub -b y -j y -o /dev/null -N sshq-setup-check true \
+      </dev/null 2>&1) || { echo "$out" >&2; sge_fail "ssh + qsub as $SGEUSER failed"; }
+[[ "$out" =~ Your\ job\ ([0-9]+)\ .*has\ been\ submitted ]] \
+    || sge_fail "unexpected qsub output: $out"
+job=${BASH_REMATCH[1]}
+log "ssh $SGEUSER@$ADDR:$PORT (tcsh) + qsub: $out"
+sge_done() { qacct -j "$job" 2>/dev/null | grep -q '^exit_status'; }
+wait_for 60 sge_done || sge_fail "SGE test job $job did not finish within 60 s"
+rc=$(qacct -j "$job" | awk '$1 == "exit_status" {print $2}')
+[ "$rc" = 0 ] || sge_fail "SGE test job $job ended with exit status '$rc'"
+log "SGE test job $job completed (exit 0)"
+
 # ------------------------------------------------------------------ testbed.env
 write_if_changed "$TB/testbed.env" 0644 <<EOF || true
 SSHQ_TEST_HOST=$ADDR
@@ -367,5 +421,7 @@ SSHQ_TEST_KNOWN_HOSTS=$TB/known_hosts
 SSHQ_TEST_HOSTKEY_PUB=$TB/hostkey.pub
 SSHQ_TEST_SLURM=1
 SSHQ_TEST_SSHD_PIDFILE=$SSHD_PID
+SSHQ_TEST_SGE=1
+SSHQ_TEST_SGE_USER=$SGEUSER
 EOF
 log "test bed ready: $TB/testbed.env"

@@ -120,3 +120,17 @@ def test_raw_directives_are_passed_or_refused(handler: JobRunnerHandler) -> None
 def test_runner_job_state_is_plain_data() -> None:
     s = RunnerJobState("1", True, "R")
     assert (s.job_id, s.running, s.raw) == ("1", True, "R")
+
+
+def test_array_is_expressed_or_refused(handler: JobRunnerHandler) -> None:
+    spec = JobSpec(command="true", name="sim", array="1-4").normalized()
+    if handler.array_index_var is None:
+        with pytest.raises(InvalidInputError, match="array"):
+            handler.check_array(spec)
+        return
+    handler.check_array(spec)
+    plain = handler.directives(JobSpec(command="true", name="sim").normalized(), LOG)
+    assert handler.directives(spec, LOG) != plain
+    assert "{id}" in handler.array_element_id and "{index}" in handler.array_element_id
+    script = render_job_script(spec, handler, job_log_dir=LOG, work_dir="/w").decode()
+    assert f"${{{handler.array_index_var}}}" in script  # each element logs on its own

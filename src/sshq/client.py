@@ -197,6 +197,7 @@ class AsyncClient:
         normalized = []
         for s in specs:
             n = s.normalized()
+            handler.check_array(n)
             handler.directives(n, "/")  # refuses what the runner cannot express
             normalized.append(n)
         if not normalized:
@@ -219,12 +220,19 @@ class AsyncClient:
         specs: list[JobSpec],
     ) -> list[Job]:
         summaries = [_spec_summary(s) for s in specs]
+        counts = [len(s.array_indices) or 1 for s in specs]
         reserved = self.store.reserve_jobs(
-            plat.name, t.host, handler.name, [s.job_name for s in specs], summaries
+            plat.name, t.host, handler.name, [s.job_name for s in specs], summaries, counts
         )
         ids = [r[0] for r in reserved]
         nums = {r[0]: r[1] for r in reserved}
-        todo = list(zip(ids, specs, strict=True))
+        # one submission per spec, keyed by its first row; an array's rows are its elements
+        elements: dict[int, list[int]] = {}
+        pos = 0
+        for count in counts:
+            elements[ids[pos]] = ids[pos:pos + count]
+            pos += count
+        todo = list(zip(elements, specs, strict=True))
         sent_any = False
         try:
             for _round in range(5):
@@ -233,10 +241,12 @@ class AsyncClient:
                     nn = nums[job_id]
                     log_dir = f"{info.run_dir}/log/job/{spec.job_name}/{nn:02d}"
                     work_dir = spec.work_dir or f"{info.run_dir}/work/{spec.job_name}"
+                    extra = {"SSHQ_PLATFORM": plat.name, "SSHQ_SUBMIT_NUM": str(nn)}
+                    if spec.array is None:
+                        extra["SSHQ_ID"] = str(job_id)
                     script = render_job_script(
                         spec, handler, job_log_dir=log_dir, work_dir=work_dir,
-                        extra_env={"SSHQ_ID": str(job_id), "SSHQ_PLATFORM": plat.name,
-                                   "SSHQ_SUBMIT_NUM": str(nn)},
+                        extra_env=extra,
                     )
                     jobs_req.append({
                         "key": str(job_id),
@@ -249,16 +259,22 @@ class AsyncClient:
                         "inputs": input_files(spec),
                         "runner": handler.name,
                         "timeout": 120,
+                        "array": list(spec.array_indices),
+                        "array_element_id": handler.array_element_id,
                     })
-                    self.store.update_job(job_id, job_log_dir=log_dir, work_dir=work_dir,
-                                          submit_num=nn)
+                    indices = spec.array_indices or (None,)
+                    self.store.update_jobs(
+                        (row, {"job_log_dir": log_dir if i is None else f"{log_dir}/{i}",
+                               "work_dir": work_dir, "submit_num": nn})
+                        for row, i in zip(elements[job_id], indices, strict=True))
                 sent_any = True
                 reply = await self._agent(
                     plat, t, "submit",
                     {"jobs": jobs_req, "concurrency": plat.submit_concurrency},
                     timeout=max(300.0, 2.0 * len(jobs_req)),
                 )
-                retry = self._record_submissions(reply["results"], plat, handler)
+                retry = self._record_submissions(reply["results"], plat, handler, elements,
+                                                 {k: sp for k, sp in todo})
                 if not retry:
                     break
                 # Another client (or a lost local state) used these submit
@@ -267,12 +283,14 @@ class AsyncClient:
                 taken: dict[str, int] = {}
                 for i, s in todo:
                     base = max(taken.get(s.job_name, 0), retry[i])
-                    nums[i] = base + 1
+                    for row in elements[i]:
+                        nums[row] = base + 1
                     taken[s.job_name] = nums[i]
             else:
-                for i, _s in todo:
-                    self.store.update_job(i, state=JobState.SUBMIT_FAILED,
-                                          message="job log directories exist already")
+                self.store.update_jobs(
+                    (row, {"state": JobState.SUBMIT_FAILED,
+                           "message": "job log directories exist already"})
+                    for i, _s in todo for row in elements[i])
         except BaseException as exc:
             if not sent_any or (isinstance(exc, TransportError) and not exc.command_sent):
                 self.store.delete_jobs(ids)  # provably nothing was submitted
@@ -286,7 +304,8 @@ class AsyncClient:
         return self.store.get(ids)
 
     def _record_submissions(
-        self, results: list[dict[str, Any]], plat: Platform, handler: JobRunnerHandler
+        self, results: list[dict[str, Any]], plat: Platform, handler: JobRunnerHandler,
+        elements: dict[int, list[int]], specs: dict[int, JobSpec],
     ) -> dict[int, int]:
         """Record the agent's submit results; return {sshq id: highest NN} to retry."""
         retry: dict[int, int] = {}
@@ -294,10 +313,15 @@ class AsyncClient:
         for r in results:
             job_id = int(r["key"])
             if r.get("ok"):
-                updates.append((job_id, {
-                    "state": JobState.SUBMITTED, "job_id": r["job_id"],
-                    "submit_time": _utc(r.get("submit_time")), "message": "",
-                }))
+                indices = specs[job_id].array_indices
+                for row, index in zip(elements[job_id], indices or (None,), strict=True):
+                    element_id = r["job_id"] if index is None else (
+                        handler.array_element_id.replace("{id}", r["job_id"])
+                        .replace("{index}", str(index)))
+                    updates.append((row, {
+                        "state": JobState.SUBMITTED, "job_id": element_id,
+                        "submit_time": _utc(r.get("submit_time")), "message": "",
+                    }))
             elif r.get("code") == "exists":
                 retry[job_id] = int(r.get("max_submit_num") or 0)
             else:
@@ -307,10 +331,10 @@ class AsyncClient:
                               f" {r.get('stdout', '').strip()!r} {detail}").strip()
                 elif r.get("code") == "runner":
                     detail = f"{handler.name} submit failed (exit {r.get('exit')}): {detail}"
-                updates.append((job_id, {
+                updates.extend((row, {
                     "state": JobState.SUBMIT_FAILED, "message": detail,
                     "submit_time": datetime.now(UTC),
-                }))
+                }) for row in elements[job_id])
         self.store.update_jobs(updates)
         return retry
 

@@ -73,9 +73,10 @@ def directive_word(value: str) -> str:
 
     Directive lines are parsed by the batch system, not by a shell: a value
     with blanks or ``#`` (which would start a comment) is wrapped in double
-    quotes, which sbatch, qsub and bsub strip; a value holding a double quote
-    or a backslash (sbatch drops it, even quoted), a newline or a NUL is
-    refused.
+    quotes, which sbatch and bsub strip; a value holding a double quote or a
+    backslash (sbatch drops it, even quoted), a newline or a NUL is refused.
+    (SGE's qsub ends a value at ``#`` even inside quotes: its handler
+    refuses such values itself.)
 
     Raises:
         InvalidInputError: the value cannot be carried in a directive.

@@ -159,7 +159,7 @@ class Store:
 
     def reserve_jobs(
         self, platform: str, host: str, job_runner: str, names: Sequence[str],
-        specs: Sequence[dict[str, Any]],
+        specs: Sequence[dict[str, Any]], elements: Sequence[int] | None = None,
     ) -> list[tuple[int, int]]:
         """Create rows for jobs about to be submitted.
 
@@ -169,14 +169,20 @@ class Store:
         job status file of the reserved job log directory and adopts the job
         (or finds it was never sent): a job is never submitted twice.
 
+        Args:
+            elements: rows per job (an array job has one per element, all
+                with the same submit number); default one each.
+
         Returns:
-            ``(id, submit_num)`` per name, submit numbers counting on from the
-            highest one recorded for that platform and name.
+            ``(id, submit_num)`` per row (elements of one job consecutive),
+            submit numbers counting on from the highest one recorded for that
+            platform and name.
         """
         out: list[tuple[int, int]] = []
         with self.transaction() as db:
             nums: dict[str, int] = {}
-            for name, spec in zip(names, specs, strict=True):
+            counts = elements or [1] * len(names)
+            for name, spec, count in zip(names, specs, counts, strict=True):
                 if name not in nums:
                     row = db.execute(
                         "SELECT MAX(submit_num) FROM jobs WHERE platform=? AND name=?",
@@ -184,14 +190,16 @@ class Store:
                     ).fetchone()
                     nums[name] = row[0] or 0
                 nums[name] += 1
-                cur = db.execute(
-                    "INSERT INTO jobs (platform, host, name, job_runner, submit_num, state,"
-                    " message, spec) VALUES (?,?,?,?,?,?,?,?)",
-                    (platform, host, name, job_runner, nums[name],
-                     JobState.SUBMITTED.value, "submission in progress", json.dumps(spec)),
-                )
-                assert cur.lastrowid is not None
-                out.append((cur.lastrowid, nums[name]))
+                for _ in range(count):
+                    cur = db.execute(
+                        "INSERT INTO jobs (platform, host, name, job_runner, submit_num,"
+                        " state, message, spec) VALUES (?,?,?,?,?,?,?,?)",
+                        (platform, host, name, job_runner, nums[name],
+                         JobState.SUBMITTED.value, "submission in progress",
+                         json.dumps(spec)),
+                    )
+                    assert cur.lastrowid is not None
+                    out.append((cur.lastrowid, nums[name]))
         return out
 
     def update_job(self, sshq_id: int, /, **fields: Any) -> None:

@@ -162,6 +162,8 @@ def _parse_env(values: Sequence[str]) -> dict[str, str]:
               " '--constraint=gpu' for Slurm.")
 @click.option("--work-dir", help="Absolute remote working directory"
               " (default: <run_dir>/work/<name>).")
+@click.option("--array", help="Array range, e.g. 1-100, 1-99:2, 1,3,5-7, 1-100%10: one"
+              " submission, one sshq job per element (SSHQ_ARRAY_INDEX in the job).")
 @click.option("--input", "inputs", multiple=True, type=click.Path(dir_okay=False),
               help="Local file staged into the job's work directory before submission"
               " (repeatable; up to 64 MiB in all).")
@@ -178,7 +180,8 @@ def submit(ctx: click.Context, scripts: tuple[str, ...], platform: str, command:
            walltime: str | None, nodes: int | None, tasks: int | None, cpus: int | None,
            memory: str | None, queue: str | None, account: str | None,
            mail_user: str | None, mail_events: str | None, directives: tuple[str, ...],
-           work_dir: str | None, inputs: tuple[str, ...], outputs: tuple[str, ...],
+           work_dir: str | None, array: str | None, inputs: tuple[str, ...],
+           outputs: tuple[str, ...],
            wait_: bool, timeout: float | None, as_json: bool,
            config_path: str | None) -> None:
     """Submit job scripts (or --command) to a platform, all in one SSH command.
@@ -207,7 +210,7 @@ def submit(ctx: click.Context, scripts: tuple[str, ...], platform: str, command:
         "queue": queue, "account": account, "mail_user": mail_user,
         "mail_events": tuple(e for e in (mail_events or "").split(",") if e),
         "directives": tuple(directives), "work_dir": work_dir,
-        "inputs": tuple(inputs), "outputs": tuple(outputs),
+        "inputs": tuple(inputs), "outputs": tuple(outputs), "array": array,
     }
     if command is not None:
         specs = [JobSpec(command=command, name=name or "job", **fields)]

@@ -15,7 +15,6 @@ so finished jobs never cost a job runner query.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..exceptions import InvalidInputError
@@ -61,6 +60,11 @@ class JobRunnerHandler:
         runs_on_submit_host: True when jobs run on the login host they were
             submitted through (background), so only that host can poll them;
             batch system jobs can be polled from any login host.
+        array_index_var: the environment variable holding an array element's
+            index in the job (``SLURM_ARRAY_TASK_ID``); None when sshq does not
+            submit arrays to this runner yet.
+        array_element_id: how an element's job id is spelt, from the array's
+            job id and the index (``{id}_{index}``: Slurm).
     """
 
     name: str = ""
@@ -72,6 +76,8 @@ class JobRunnerHandler:
     wrapper_walltime: bool = False
     submit_stdin: bool = False
     runs_on_submit_host: bool = False
+    array_index_var: str | None = None
+    array_element_id: str = "{id}_{index}"
 
     def directives(self, spec: JobSpec, job_log_dir: str) -> list[str]:
         """Directive lines (with prefix) for a normalized job spec.
@@ -100,6 +106,17 @@ class JobRunnerHandler:
                 the jobs (the poll is then transient and changes no state).
         """
         raise NotImplementedError
+
+    def check_array(self, spec: JobSpec) -> None:
+        """Refuse an array job if this runner cannot submit one.
+
+        Raises:
+            InvalidInputError: naming the runner.
+        """
+        if spec.array is not None and self.array_index_var is None:
+            raise InvalidInputError(
+                f"job runner {self.name!r} cannot express array (asked for {spec.array!r});"
+                " submit the elements as separate jobs in one `sshq submit`")
 
     def attach_argv(self, job_id: str, inner: list[str], *, tty: bool) -> list[str]:
         """The argv that runs ``inner`` inside the running job (``ssh-to-job``).

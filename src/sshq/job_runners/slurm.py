@@ -2,7 +2,7 @@
 
 Submit output (``sbatch(1)``, OUTPUT): ``Submitted batch job 123`` or, on a
 multi-cluster site, ``Submitted batch job 123 on cluster c1``.  Poll:
-``squeue -h -o '%i^^^%T' -j 1,2,3`` (a rare field separator, after AiiDA);
+``squeue -h -r -o '%i^^^%T' -j 1,2,3`` (a rare field separator, after AiiDA);
 squeue exits 1 with ``Invalid job id specified`` when none of the ids is
 known any more.
 """
@@ -29,17 +29,24 @@ class SlurmHandler(JobRunnerHandler):
     name = "slurm"
     directive_prefix = "#SBATCH"
     job_id_regex = r"^\s*Submitted batch job (?P<id>\d+)"
-    poll_command = ("squeue", "-h", "-o", f"%i{_SEP}%T", "-j", IDS)
+    # -r: one line per array element (pending elements too), as 123_7
+    poll_command = ("squeue", "-h", "-r", "-o", f"%i{_SEP}%T", "-j", IDS)
     kill_command = ("scancel", IDS)
     ids_sep = ","
+    array_index_var = "SLURM_ARRAY_TASK_ID"
+    array_element_id = "{id}_{index}"
 
     def directives(self, spec: JobSpec, job_log_dir: str) -> list[str]:
         p = self.directive_prefix
+        # An array's elements each log into <NN>/<index>/ (%a: sbatch(1) filename pattern).
+        logs = f"{job_log_dir}/%a" if spec.array is not None else job_log_dir
         lines = [
             f"{p} --job-name={spec.job_name}",
-            f"{p} --output={directive_word(job_log_dir + '/job.out')}",
-            f"{p} --error={directive_word(job_log_dir + '/job.err')}",
+            f"{p} --output={directive_word(logs + '/job.out')}",
+            f"{p} --error={directive_word(logs + '/job.err')}",
         ]
+        if spec.array is not None:
+            lines.append(f"{p} --array={spec.array}")
         if spec.walltime is not None:
             lines.append(f"{p} --time={format_hms(spec.walltime)}")
         if spec.nodes is not None:

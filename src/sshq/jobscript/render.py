@@ -155,6 +155,10 @@ def render_job_script(
     env.update(extra_env or {})
     for k, v in env.items():
         lines.append(f"export {k}={quote(v)}")
+    if spec.array is not None and handler.array_index_var:
+        # an array element records its life in its own <NN>/<index>/ directory
+        lines.append(f'export SSHQ_ARRAY_INDEX="${{{handler.array_index_var}}}"')
+        lines.append('export SSHQ_JOB_LOG_DIR="$SSHQ_JOB_LOG_DIR/$SSHQ_ARRAY_INDEX"')
     head = "\n".join(lines) + "\n" + _WRAPPER
     if handler.wrapper_walltime and spec.walltime is not None:
         head += _WATCHDOG.format(seconds=math.ceil(spec.walltime.total_seconds()))

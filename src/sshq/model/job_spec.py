@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..exceptions import InvalidInputError
 from ..quoting import check_directive_value, check_env_key, check_env_value, check_job_name
-from .resources import parse_memory, parse_walltime
+from .resources import parse_array, parse_memory, parse_walltime
 
 __all__ = ["JobSpec", "MAIL_EVENTS", "MAX_INPUT_BYTES"]
 
@@ -53,6 +53,10 @@ class JobSpec:
             :data:`MAX_INPUT_BYTES` in all (use ``sshq install`` for trees).
         outputs: paths relative to the work directory, brought back by
             ``retrieve`` once the job has succeeded.
+        array: an array range (``1-100``, ``1-99:2``, ``1,3,5-7``, ``%N``
+            throttle): one submission, and one sshq job per element, polled
+            on its own.  Each element has its own job log directory
+            ``<NN>/<index>/`` and sees ``SSHQ_ARRAY_INDEX``.
     """
 
     script: bytes | None = None
@@ -73,6 +77,7 @@ class JobSpec:
     work_dir: str | None = None
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
+    array: str | None = None
 
     def __post_init__(self) -> None:
         # Accept the forms people write ("0:10:00", 600, "2G"); store the types.
@@ -103,6 +108,11 @@ class JobSpec:
         if "name" not in fields or fields["name"] is None:
             fields["name"] = default_name(p.stem)
         return cls(script=data, **fields)  # type: ignore[arg-type]
+
+    @property
+    def array_indices(self) -> tuple[int, ...]:
+        """The array element indices (empty for a plain job)."""
+        return parse_array(self.array) if self.array is not None else ()
 
     @property
     def job_name(self) -> str:
@@ -142,6 +152,8 @@ class JobSpec:
         for d in self.directives:
             check_directive_value("directive", d)
         _check_inputs(self.inputs)
+        if self.array is not None:
+            parse_array(self.array)
         for out in self.outputs:
             check_directive_value("output", out)
             parts = out.split("/")

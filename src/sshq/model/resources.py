@@ -8,7 +8,8 @@ from datetime import timedelta
 
 from ..exceptions import InvalidInputError
 
-__all__ = ["parse_walltime", "parse_memory", "format_hms", "format_memory_mib"]
+__all__ = ["parse_walltime", "parse_memory", "format_hms", "format_memory_mib",
+           "parse_array", "MAX_ARRAY_ELEMENTS"]
 
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
 _MEM_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*\Z", re.IGNORECASE)
@@ -100,3 +101,41 @@ def parse_memory(text: str | int) -> int:
 def format_memory_mib(nbytes: int) -> int:
     """Bytes to whole MiB, rounded up (what batch systems accept)."""
     return max(1, math.ceil(nbytes / 1024**2))
+
+
+#: The most elements one array job may have here.
+MAX_ARRAY_ELEMENTS = 10000
+
+_ARRAY_PART = re.compile(r"(\d+)(?:-(\d+)(?::(\d+))?)?\Z")
+
+
+def parse_array(text: str) -> tuple[int, ...]:
+    """Parse an array range as ``sbatch --array`` writes it (``sbatch(1)``).
+
+    ``1-100``, ``0-99:2`` (step), ``1,3,5-7``, with an optional ``%N``
+    throttle (kept for the job runner, no effect on the indices).
+
+    Returns:
+        The element indices, sorted, without duplicates.
+
+    Raises:
+        InvalidInputError: unparseable, empty, or more than
+            :data:`MAX_ARRAY_ELEMENTS` elements.
+    """
+    body, _, throttle = text.strip().partition("%")
+    if throttle and not throttle.isdigit():
+        raise InvalidInputError(f"invalid array {text!r}: the throttle after % is a number")
+    indices: set[int] = set()
+    for part in body.split(","):
+        m = _ARRAY_PART.match(part.strip())
+        if not m:
+            raise InvalidInputError(f"invalid array {text!r}: use e.g. 1-100, 1-99:2, 1,3,5-7")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) else lo
+        step = int(m.group(3)) if m.group(3) else 1
+        if hi < lo or step < 1 or (hi - lo) // step + len(indices) >= MAX_ARRAY_ELEMENTS:
+            raise InvalidInputError(
+                f"invalid array {text!r}: ranges go up, steps are positive, at most"
+                f" {MAX_ARRAY_ELEMENTS} elements")
+        indices.update(range(lo, hi + 1, step))
+    return tuple(sorted(indices))

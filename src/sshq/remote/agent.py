@@ -259,6 +259,8 @@ def submit_one(job):
         finally:
             os.close(fd)
         link_latest(log_dir)
+        for index in job.get("array") or ():  # each element logs in <NN>/<index>/
+            os.mkdir(os.path.join(log_dir, str(index)), 0o755)
         os.makedirs(job["work_dir"], exist_ok=True)
         for name, data in (job.get("inputs") or {}).items():  # staged input files
             with open(os.path.join(job["work_dir"], name), "wb") as fh:
@@ -284,6 +286,12 @@ def submit_one(job):
     append_status(log_dir, [("SSHQ_JOB_RUNNER_NAME", job["runner"]),
                             ("SSHQ_JOB_ID", res["job_id"]),
                             ("SSHQ_JOB_RUNNER_SUBMIT_TIME", submit_time)])
+    for index in job.get("array") or ():
+        element_id = job["array_element_id"].replace("{id}", res["job_id"]).replace(
+            "{index}", str(index))
+        append_status(os.path.join(log_dir, str(index)), [
+            ("SSHQ_JOB_RUNNER_NAME", job["runner"]), ("SSHQ_JOB_ID", element_id),
+            ("SSHQ_JOB_RUNNER_SUBMIT_TIME", submit_time)])
     return res
 
 
