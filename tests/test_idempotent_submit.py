@@ -31,7 +31,7 @@ CRASH = textwrap.dedent("""
             os._exit(9)
         return await real_call_agent(t, python, op, payload, **kw)
 
-    def record(self, results, plat, handler):
+    def record(self, *args):
         os._exit(9)  # the runner accepted the jobs; sshq dies before recording their ids
 
     client_mod.call_agent = call_agent

@@ -345,7 +345,10 @@ def test_background_launcher_for_real(tmp_path: Path) -> None:
 def test_slurm_poll_command_is_what_was_captured() -> None:
     cap = fixture("squeue_mixed")
     ids = cap["argv"][-1].split(",")
-    assert expand_ids(SLURM.poll_command, ids, SLURM.ids_sep) == cap["argv"]
+    # Captured before -r (one line per array element) joined the command; -r
+    # changes nothing for plain jobs (squeue(1)), so the capture still holds.
+    argv = expand_ids(SLURM.poll_command, ids, SLURM.ids_sep)
+    assert [w for w in argv if w != "-r"] == cap["argv"]
 
 
 def test_slurm_parse_poll_real_mixed() -> None:
@@ -484,3 +487,13 @@ def test_agent_expand_chunks_long_id_lists() -> None:
 
 def test_os_arg_max_is_larger_than_agent_chunk() -> None:
     assert os.sysconf("SC_ARG_MAX") > agent.MAX_ARGS_BYTES
+
+
+def test_slurm_parse_poll_real_array_elements() -> None:
+    cap = fixture("squeue_array_held")
+    j = cap["array_job"]
+    ids = cap["argv"][-1].split(",")
+    assert expand_ids(SLURM.poll_command, ids, SLURM.ids_sep) == cap["argv"]
+    got = SLURM.parse_poll(cap["exit"], cap["stdout"], cap["stderr"])
+    assert set(got) == {f"{j}_1", f"{j}_2", f"{j}_3"}  # one entry per element
+    assert not any(s.running for s in got.values())
