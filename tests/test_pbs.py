@@ -424,14 +424,8 @@ def test_poll_program_picks_json_or_text_by_qstat_version(case: dict[str, str],
 # ---------------------------------------------------------------- ssh-to-job
 
 
-def test_ssh_to_job_is_refused_with_a_reason() -> None:
-    argv = HANDLER.attach_argv("5.srv", ["true"], tty=False)
-    assert argv[0] != "true"
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    assert r.returncode != 0
-    why = HANDLER.attach_error(r.returncode, r.stderr)
-    assert why and "compute node" in why
-    assert HANDLER.attach_error(1, "other trouble") is None
+def test_ssh_to_job_goes_through_the_execution_host() -> None:
+    assert HANDLER.attach_via_exec_host
 
 
 # ================================================================ the FAKE
@@ -858,13 +852,16 @@ async def test_fake_pbs_qsub_refusal_is_submit_failed(fake_pbs: FakePbs,
     assert ok.state is JobState.SUCCEEDED
 
 
-async def test_fake_pbs_ssh_to_job_is_refused(fake_pbs: FakePbs, client: AsyncClient) -> None:
-    (job,) = await client.submit(JobSpec(command=f"sleep {marker()}", name="inside"),
-                                 platform="pbs")
+async def test_fake_pbs_ssh_to_job_reaches_the_execution_host(
+        fake_pbs: FakePbs, client: AsyncClient) -> None:
+    # The fake runs jobs on this host, so the login node is the execution host.
+    (job,) = await client.submit(JobSpec(command=f"sleep {marker()}", name="inside",
+                                         environment={"MYVAR": "x y"}), platform="pbs")
     await wait_for_state(client, job.id, JobState.RUNNING)
     await wait_started(client, job.id)
-    with pytest.raises(JobRunnerError, match="compute node"):
-        await client.ssh_to_job(job.id, "true", timeout=60)
+    r = await client.ssh_to_job(job.id, 'printf "%s|%s" "$MYVAR" "$PWD"', timeout=60)
+    assert r.exit_status == 0, r.stderr
+    assert r.stdout.decode() == f"x y|{job.work_dir}"
     await client.kill([job.id])
 
 

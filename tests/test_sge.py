@@ -33,7 +33,7 @@ import pytest
 from helpers import expand_ids, wait_for_state
 
 import sshq.client as sshq_client
-from sshq import AsyncClient, InvalidInputError, JobSpec, JobState
+from sshq import AsyncClient, HostUnreachableError, InvalidInputError, Job, JobSpec, JobState
 from sshq.config import Platform
 from sshq.exceptions import JobRunnerError
 from sshq.job_runners import get_handler
@@ -803,3 +803,93 @@ def test_cli_submit_wait_cat_log_with_a_hostile_env_value(
     assert r.returncode != 0
     assert "cannot express nodes" in r.stderr.decode()
     assert "Traceback" not in r.stderr.decode()
+
+
+# ---------------------------------------------------------------- ssh-to-job (execution host)
+
+
+@pytest.fixture
+def login_node_ssh(sge_testbed: dict[str, str], sge_user: str, sge_home: str,
+                   tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """~sshqsge/.ssh set up so the login node can ssh to a "compute node" alias
+    (the test bed's sshd again); yields (alias, a file the hop's LocalCommand touches)."""
+    ssh_dir = Path(sge_home) / ".ssh"
+    made = not ssh_dir.exists()
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    marker = Path(f"/tmp/sshq-hop-{uuid.uuid4().hex}")
+    files = {
+        "sshq-hop-key": Path(sge_testbed["SSHQ_TEST_KEY"]).read_bytes(),
+        "sshq-hop-known": Path(sge_testbed["SSHQ_TEST_KNOWN_HOSTS"]).read_bytes(),
+        "config": (f"Host sshq-node\n    HostName {sge_testbed['SSHQ_TEST_HOST']}\n"
+                   f"    Port {sge_testbed['SSHQ_TEST_PORT']}\n    User {sge_user}\n"
+                   f"    IdentityFile {ssh_dir}/sshq-hop-key\n"
+                   f"    UserKnownHostsFile {ssh_dir}/sshq-hop-known\n"
+                   f"    PermitLocalCommand yes\n    LocalCommand touch {marker}\n").encode(),
+    }
+    assert not (ssh_dir / "config").exists(), "refusing to overwrite a real ssh config"
+    for name, data in files.items():
+        (ssh_dir / name).write_bytes(data)
+        os.chmod(ssh_dir / name, 0o600)
+    subprocess.run(["chown", "-R", f"{sge_user}:", str(ssh_dir)], check=True, timeout=30)
+    try:
+        yield "sshq-node", marker
+    finally:
+        for name in files:
+            (ssh_dir / name).unlink(missing_ok=True)
+        if made:
+            shutil.rmtree(ssh_dir, ignore_errors=True)
+        marker.unlink(missing_ok=True)
+
+
+async def _running_sge_job(client: AsyncClient) -> Job:
+    (job,) = await client.submit(JobSpec(command="sleep 120", name="attach",
+                                         environment={"MYVAR": "a b $(x)"}), platform="sge")
+    job = await wait_for_state(client, job.id, JobState.RUNNING, timeout=90)
+    for _ in range(100):  # the wrapper's environment snapshot
+        if b"SSHQ_JOB_HOST" in await client.cat_log(job.id, "status"):
+            break
+        await asyncio.sleep(0.2)
+    return job
+
+
+def _set_exec_host(sge_home: str, job: Job, host: str) -> None:
+    status = Path(job.job_log_dir) / "job.status"  # same machine: the file is right here
+    with open(status, "a") as fh:
+        fh.write(f"SSHQ_JOB_HOST={host}\n")
+
+
+async def test_ssh_to_job_on_the_execution_host_directly(
+        sge_testbed: dict[str, str], client: AsyncClient) -> None:
+    job = await _running_sge_job(client)
+    try:
+        r = await client.ssh_to_job(job.id, 'printf "%s|%s|%s" "$MYVAR" "$PWD" "$JOB_ID"')
+        assert r.exit_status == 0, r.stderr
+        assert r.stdout.decode() == f"a b $(x)|{job.work_dir}|{job.job_id}"
+    finally:
+        await client.kill([job.id])
+
+
+async def test_ssh_to_job_hops_from_the_login_node_to_the_execution_host(
+        sge_testbed: dict[str, str], client: AsyncClient, sge_home: str,
+        login_node_ssh: tuple[str, Path]) -> None:
+    alias, marker = login_node_ssh
+    job = await _running_sge_job(client)
+    try:
+        _set_exec_host(sge_home, job, alias)
+        r = await client.ssh_to_job(job.id, 'printf "%s|%s" "$MYVAR" "$PWD"; exit 4')
+        assert r.exit_status == 4, r.stderr
+        assert r.stdout.decode() == f"a b $(x)|{job.work_dir}"
+        assert marker.exists(), "the login node did not ssh to the execution host"
+    finally:
+        await client.kill([job.id])
+
+
+async def test_execution_host_unreachable_from_the_login_node(
+        sge_testbed: dict[str, str], client: AsyncClient, sge_home: str) -> None:
+    job = await _running_sge_job(client)
+    try:
+        _set_exec_host(sge_home, job, "no-such-node.invalid")
+        with pytest.raises(HostUnreachableError, match="unreachable from the login node"):
+            await client.ssh_to_job(job.id, "true")
+    finally:
+        await client.kill([job.id])

@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar
 
 from .config import Config, Platform, default_state_dir, load_config
 from .exceptions import (
+    HostUnreachableError,
     InvalidInputError,
     JobNotRunningError,
     JobRunnerError,
@@ -36,7 +37,7 @@ from .job_runners import HANDLERS, JobRunnerHandler, RunnerJobState, get_handler
 from .jobscript import render_job_script
 from .model import Job, JobSpec, JobState
 from .quoting import check_directive_value
-from .remote.attach import NO_ENV_MARK, launch_argv
+from .remote.attach import HOP_MARK, NO_ENV_MARK, hop_argv, launch_argv
 from .remote.operations import call_agent, runner_templates, stream_agent
 from .remote.protocol import LOGIN_SHELL
 from .remote.staging import (
@@ -50,7 +51,7 @@ from .remote.staging import (
 )
 from .remote.status import decide, parse_status
 from .store import RemoteInit, Store
-from .transport import CommandResult, Transport
+from .transport import CommandResult, Transport, check_host
 from .transport.local import LocalTransport
 from .transport.openssh import OpenSSHTransport
 
@@ -697,9 +698,21 @@ class AsyncClient:
         plat = self.config.platform(job.platform)
         return job, plat, self.transport(plat, self._host_of(plat, job.host))
 
-    def _attach_remote_argv(self, job: Job, command: str | None, *, tty: bool) -> list[str]:
+    async def _attach_remote_argv(self, job: Job, command: str | None, *,
+                                  tty: bool) -> list[str]:
         inner = launch_argv(f"{job.job_log_dir}/job.env", job.work_dir, command)
-        return HANDLERS[job.job_runner].attach_argv(job.job_id, inner, tty=tty)
+        handler = HANDLERS[job.job_runner]
+        if handler.attach_via_exec_host:
+            status = parse_status((await self.cat_log(job.id, "status")).decode(
+                "utf-8", "replace"))
+            exec_host = status.get("SSHQ_JOB_HOST", "")
+            if not exec_host:
+                raise JobNotRunningError(
+                    f"job {job.id} is running for {job.job_runner} but its script has not"
+                    " started yet (no execution host recorded); try again in a moment")
+            check_host(exec_host)
+            return hop_argv(exec_host, inner, tty=tty)
+        return handler.attach_argv(job.job_id, inner, tty=tty)
 
     async def ssh_to_job(self, job_id: int, command: str, *,
                          timeout: float | None = None) -> CommandResult:
@@ -723,10 +736,14 @@ class AsyncClient:
             TransportError: the host could not be reached.
         """
         job, plat, t = await self._running_job(job_id)
-        argv = self._attach_remote_argv(job, command, tty=False)
+        argv = await self._attach_remote_argv(job, command, tty=False)
         if plat.login_shell:
             argv = [*LOGIN_SHELL, *argv]
         result = await t.run(argv, timeout=timeout)
+        if HOP_MARK.encode() in result.stderr:
+            raise HostUnreachableError(
+                f"job {job_id}: its execution host is unreachable from the login node:"
+                f" {result.stderr.decode('utf-8', 'replace').strip()}", host=job.host)
         if result.exit_status == 125 and NO_ENV_MARK.encode() in result.stderr:
             raise JobNotRunningError(
                 f"job {job_id} is running for {job.job_runner} but its script has not"
@@ -759,7 +776,7 @@ class AsyncClient:
                                        result.stderr.decode("utf-8", "replace"))
             if why:
                 raise JobRunnerError(f"job {job_id}: {why}")
-        argv = self._attach_remote_argv(job, None, tty=True)
+        argv = await self._attach_remote_argv(job, None, tty=True)
         if plat.login_shell:
             argv = [*LOGIN_SHELL, *argv]
         return t.interactive_argv(argv)

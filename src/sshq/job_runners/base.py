@@ -65,6 +65,10 @@ class JobRunnerHandler:
             submit arrays to this runner yet.
         array_element_id: how an element's job id is spelt, from the array's
             job id and the index (``{id}_{index}``: Slurm).
+        attach_via_exec_host: ``ssh-to-job`` reaches the job by SSH from the
+            login node to its execution host (the ``SSHQ_JOB_HOST`` its
+            wrapper recorded), as for batch systems with no step-into-job
+            command.
     """
 
     name: str = ""
@@ -78,6 +82,7 @@ class JobRunnerHandler:
     runs_on_submit_host: bool = False
     array_index_var: str | None = None
     array_element_id: str = "{id}_{index}"
+    attach_via_exec_host: bool = False
 
     def directives(self, spec: JobSpec, job_log_dir: str) -> list[str]:
         """Directive lines (with prefix) for a normalized job spec.

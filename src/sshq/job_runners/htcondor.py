@@ -201,6 +201,7 @@ class HTCondorHandler(JobRunnerHandler):
     """HTCondor job runner handler (vanilla universe, shared file system)."""
 
     name = "htcondor"
+    attach_via_exec_host = True
     directive_prefix = _PREFIX
     job_id_regex = r"^sshq: HTCondor job id (?P<id>\d+\.\d+)\s*$"
     poll_command = ("condor_q", IDS, "-af:jr", "JobStatus", "ExitCode")

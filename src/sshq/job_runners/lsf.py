@@ -188,6 +188,7 @@ class LsfHandler(JobRunnerHandler):
     """IBM Spectrum LSF job runner handler."""
 
     name = "lsf"
+    attach_via_exec_host = True
     directive_prefix = "#BSUB"
     job_id_regex = r"^\s*Job <(?P<id>\d+)> is submitted to (?:default )?queue <"
     poll_command = ("bjobs", "-o", BJOBS_FORMAT, "-json", "-a", IDS)

@@ -100,11 +100,6 @@ POLL_PROGRAM = (
     ' exec qstat -f "$@"'
 )
 
-_NO_ATTACH_MARK = "sshq-pbs-no-attach"
-_NO_ATTACH = (
-    f'echo "{_NO_ATTACH_MARK}: job $1 runs on a PBS compute node" >&2; exit 3'
-)
-
 # qstat(1B) job states.  Running (or finishing / suspended after a start):
 _RUNNING = frozenset("REUSB")
 # Ended: PBS Pro F (finished, history) and X (subjob ended), Torque C (completed).
@@ -185,6 +180,7 @@ class PbsHandler(JobRunnerHandler):
     """PBS Pro / OpenPBS / Torque job runner handler."""
 
     name = "pbs"
+    attach_via_exec_host = True
     directive_prefix = "#PBS"
     job_id_regex = rf"^\s*(?P<id>{_ID})\s*$"
     poll_command = ("/bin/sh", "-c", POLL_PROGRAM, "sshq-pbs-poll", IDS)
@@ -258,15 +254,6 @@ class PbsHandler(JobRunnerHandler):
 
     def submit_argv(self, job_file: str, job_log_dir: str) -> list[str]:
         return ["qsub", job_file]
-
-    def attach_argv(self, job_id: str, inner: list[str], *, tty: bool) -> list[str]:
-        return ["/bin/sh", "-c", _NO_ATTACH, "sshq-pbs-attach", job_id]
-
-    def attach_error(self, exit_status: int, stderr: str) -> str | None:
-        if _NO_ATTACH_MARK in stderr:
-            return ("ssh-to-job is not available for pbs jobs: the job runs on a compute node"
-                    " that sshq cannot enter (SSHQ_JOB_HOST in its job.status names it)")
-        return None
 
     def parse_poll(
         self, exit_status: int, stdout: str, stderr: str

@@ -135,6 +135,7 @@ class SgeHandler(JobRunnerHandler):
     """Grid Engine job runner handler."""
 
     name = "sge"
+    attach_via_exec_host = True
     directive_prefix = "#$"
     job_id_regex = r"^Your job(?:-array)? (?P<id>\d+)\b"
     poll_command = ("sh", "-c", _POLL, "sshq-sge-poll", IDS)

@@ -17,7 +17,9 @@ inside its text.
 
 from __future__ import annotations
 
-__all__ = ["LAUNCH", "NO_ENV_MARK", "launch_argv"]
+from ..quoting import join
+
+__all__ = ["HOP", "HOP_MARK", "LAUNCH", "NO_ENV_MARK", "hop_argv", "launch_argv"]
 
 #: Printed (on stderr, exit 125) when the job never wrote its environment.
 NO_ENV_MARK = "sshq-ssh-to-job: no job environment"
@@ -45,3 +47,32 @@ def launch_argv(env_file: str, work_dir: str, command: str | None) -> list[str]:
     mode = "shell" if command is None else "command"
     return ["/bin/bash", "-c", LAUNCH, "sshq-ssh-to-job", env_file, work_dir, mode,
             command or ""]
+
+
+#: Printed (stderr, exit 255) when the login node cannot reach the execution host.
+HOP_MARK = "sshq-ssh-to-job: execution host unreachable"
+
+#: Run on the login node: $1 the execution host, $2 -tt or -T, $3 the command
+#: line for the execution host's shell (quoted by sshq.quoting.join), then the
+#: same command as an argv.  Where the execution host is this host the argv
+#: runs here; otherwise ssh from the login node takes it there (the login
+#: node's keys, known_hosts and host-based auth: nothing sshq stores).
+HOP = (
+    'h=$1; t=$2; c=$3; shift 3; '
+    'if [ "$h" = "$(hostname)" ] || [ "$h" = "$(hostname -s 2>/dev/null)" ]'
+    ' || [ "$h" = localhost ]; then exec "$@"; fi; '
+    'ssh -o BatchMode=yes -o ConnectTimeout=10 $t "$h" "$c"; rc=$?; '
+    f'[ $rc -eq 255 ] && echo "{HOP_MARK} from $(hostname): $h" >&2; exit $rc'
+)
+
+
+def hop_argv(exec_host: str, inner: list[str], *, tty: bool) -> list[str]:
+    """The argv (for the login node) that runs ``inner`` on ``exec_host``.
+
+    Args:
+        exec_host: the job's execution host (``SSHQ_JOB_HOST``).
+        inner: the argv to run there.
+        tty: allocate a terminal on the second hop.
+    """
+    return ["/bin/sh", "-c", HOP, "sshq-hop", exec_host, "-tt" if tty else "-T",
+            join(inner), *inner]
