@@ -31,5 +31,6 @@ async def wait_for_state(client: AsyncClient, sid: int, state: JobState,
 def expand_ids(template: Sequence[str], ids: Sequence[str], sep: str | None) -> list[str]:
     """The command the remote agent builds for ``ids`` (one chunk; [] for no ids:
     the agent then runs nothing)."""
-    chunks: list[list[str]] = agent.expand(list(template), list(ids), sep)
+    plain = [w for w in template if w != agent.GROUP]  # jobs with no group words
+    chunks: list[list[str]] = agent.expand(plain, list(ids), sep)
     return chunks[0] if chunks else []

@@ -466,7 +466,8 @@ def test_agent_expands_like_expand_ids(handler: Any, kind: str) -> None:
     ids = ["101", "102", "103"]
     template = list(getattr(handler, kind))
     assert IDS in template
-    assert agent.expand(template, ids, handler.ids_sep) == [
+    plain = [w for w in template if w != agent.GROUP]  # no group words: as query_runners
+    assert agent.expand(plain, ids, handler.ids_sep) == [
         expand_ids(template, ids, handler.ids_sep)]
 
 
@@ -497,3 +498,43 @@ def test_slurm_parse_poll_real_array_elements() -> None:
     got = SLURM.parse_poll(cap["exit"], cap["stdout"], cap["stderr"])
     assert set(got) == {f"{j}_1", f"{j}_2", f"{j}_3"}  # one entry per element
     assert not any(s.running for s in got.values())
+
+
+# ---------------------------------------------------------------- Slurm multi-cluster
+
+
+def test_slurm_multi_cluster_submit_output_gives_a_cluster_job_id() -> None:
+    # sbatch(1), OUTPUT: "Submitted batch job 123 on cluster c1" with --clusters.
+    m = re.search(SLURM.job_id_regex, "Submitted batch job 123 on cluster c1\n", re.MULTILINE)
+    assert m
+    groups = {k: v for k, v in m.groupdict().items() if v is not None}
+    job_id = SLURM.job_id_from_submit(groups)
+    assert job_id == "123@c1"
+    assert SLURM.job_id_parts(job_id) == (("--clusters=c1",), "123")
+    assert SLURM.job_id_join(("--clusters=c1",), "123") == job_id
+    assert SLURM.job_id_parts("77_3") == ((), "77_3")
+    assert "--clusters=c1" in SLURM.attach_argv(job_id, ["true"], tty=False)
+
+
+def test_agent_queries_each_cluster_with_its_own_flag() -> None:
+    req = {"runners": {"slurm": {"poll": list(SLURM.poll_command),
+                                 "kill": list(SLURM.kill_command), "sep": SLURM.ids_sep}}}
+    jobs = [{"runner": "slurm", "job_id": "1", "bare_id": "1", "group": []},
+            {"runner": "slurm", "job_id": "2@c1", "bare_id": "2", "group": ["--clusters=c1"]},
+            {"runner": "slurm", "job_id": "3@c1", "bare_id": "3", "group": ["--clusters=c1"]}]
+    seen: list[list[str]] = []
+    real_run = agent.run
+    agent.run = lambda argv, **kw: (seen.append(argv)  # type: ignore[func-returns-value]
+                                    or {"exit": 0, "stdout": "", "stderr": ""})
+    try:
+        out = agent.query_runners(req, jobs, "kill")
+    finally:
+        agent.run = real_run
+    assert sorted(seen) == [["scancel", "--clusters=c1", "2,3"], ["scancel", "1"]]
+    assert sorted(r["group"] for r in out["slurm"]) == [[], ["--clusters=c1"]]
+
+
+def test_squeue_cluster_banner_lines_are_not_jobs() -> None:
+    # squeue -M prints a "CLUSTER: name" line before each cluster's jobs (squeue(1)).
+    got = SLURM.parse_poll(0, "CLUSTER: c1\n2^^^RUNNING\n3^^^PENDING\n", "")
+    assert set(got) == {"2", "3"}

@@ -315,10 +315,12 @@ class AsyncClient:
             job_id = int(r["key"])
             if r.get("ok"):
                 indices = specs[job_id].array_indices
+                groups = dict(r.get("groups") or {"id": r["job_id"]})
                 for row, index in zip(elements[job_id], indices or (None,), strict=True):
-                    element_id = r["job_id"] if index is None else (
-                        handler.array_element_id.replace("{id}", r["job_id"])
-                        .replace("{index}", str(index)))
+                    if index is not None:
+                        groups["id"] = (handler.array_element_id.replace("{id}", r["job_id"])
+                                        .replace("{index}", str(index)))
+                    element_id = handler.job_id_from_submit(groups)
                     updates.append((row, {
                         "state": JobState.SUBMITTED, "job_id": element_id,
                         "submit_time": _utc(r.get("submit_time")), "message": "",
@@ -405,7 +407,11 @@ class AsyncClient:
             known: dict[str, RunnerJobState] = {}
             try:
                 for r in results:
-                    known.update(handler.parse_poll(r["exit"], r["stdout"], r["stderr"]))
+                    group = tuple(r.get("group") or ())
+                    for bare, st in handler.parse_poll(r["exit"], r["stdout"],
+                                                       r["stderr"]).items():
+                        full = handler.job_id_join(group, bare)
+                        known[full] = RunnerJobState(full, st.running, st.raw)
             except JobRunnerError as exc:
                 failed_runners[runner] = str(exc)
             known_by_runner[runner] = known
@@ -454,7 +460,11 @@ class AsyncClient:
         """
         st = parse_status(status_text)
         if st.get("SSHQ_JOB_ID"):
-            return {"job_id": st["SSHQ_JOB_ID"], "state": JobState.SUBMITTED,
+            groups = {k[len("SSHQ_JOB_ID_"):].lower(): v for k, v in st.items()
+                      if k.startswith("SSHQ_JOB_ID_")}
+            groups["id"] = st["SSHQ_JOB_ID"]
+            job_id = HANDLERS[job.job_runner].job_id_from_submit(groups)
+            return {"job_id": job_id, "state": JobState.SUBMITTED,
                     "submit_time": _utc(st.get("SSHQ_JOB_RUNNER_SUBMIT_TIME")),
                     "message": "adopted: submitted before sshq could record it"}
         if "SSHQ_JOB_RUNNER_SUBMIT_FAILED" in st:
@@ -901,11 +911,12 @@ class AsyncClient:
 def _jobs_payload(group: Sequence[Job]) -> dict[str, Any]:
     """The ``jobs`` and ``runners`` fields of an agent poll or kill request."""
     runners = sorted({HANDLERS[j.job_runner] for j in group}, key=lambda h: h.name)
-    return {
-        "jobs": [{"key": str(j.id), "log_dir": j.job_log_dir, "job_id": j.job_id,
-                  "runner": j.job_runner} for j in group],
-        "runners": runner_templates(runners),
-    }
+    jobs = []
+    for j in group:
+        words, bare = HANDLERS[j.job_runner].job_id_parts(j.job_id)
+        jobs.append({"key": str(j.id), "log_dir": j.job_log_dir, "job_id": j.job_id,
+                     "bare_id": bare, "group": list(words), "runner": j.job_runner})
+    return {"jobs": jobs, "runners": runner_templates(runners)}
 
 
 def _spec_summary(spec: JobSpec) -> dict[str, Any]:

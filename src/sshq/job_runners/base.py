@@ -20,10 +20,14 @@ from dataclasses import dataclass
 from ..exceptions import InvalidInputError
 from ..model.job_spec import JobSpec
 
-__all__ = ["JobRunnerHandler", "RunnerJobState", "IDS"]
+__all__ = ["JobRunnerHandler", "RunnerJobState", "IDS", "GROUP"]
 
 #: The placeholder for job ids in poll and kill command templates.
 IDS = "{ids}"
+
+#: The placeholder for a group of jobs' own words (e.g. ``--clusters=c2``),
+#: from :meth:`JobRunnerHandler.job_id_parts`; jobs are queried per group.
+GROUP = "{group}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +115,19 @@ class JobRunnerHandler:
                 the jobs (the poll is then transient and changes no state).
         """
         raise NotImplementedError
+
+    def job_id_from_submit(self, groups: dict[str, str]) -> str:
+        """The job id from the named groups of :attr:`job_id_regex`'s match."""
+        return groups["id"]
+
+    def job_id_parts(self, job_id: str) -> tuple[tuple[str, ...], str]:
+        """Split a job id into the words its group's commands need and the
+        bare id the runner's commands print (default: no words)."""
+        return (), job_id
+
+    def job_id_join(self, group: tuple[str, ...], bare: str) -> str:
+        """Inverse of :meth:`job_id_parts`."""
+        return bare
 
     def check_array(self, spec: JobSpec) -> None:
         """Refuse an array job if this runner cannot submit one.

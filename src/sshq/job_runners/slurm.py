@@ -1,7 +1,8 @@
 """Slurm: ``sbatch``, ``squeue``, ``scancel`` (Slurm 20.11+ man pages).
 
 Submit output (``sbatch(1)``, OUTPUT): ``Submitted batch job 123`` or, on a
-multi-cluster site, ``Submitted batch job 123 on cluster c1``.  Poll:
+multi-cluster site, ``Submitted batch job 123 on cluster c1``: sshq's job id
+is then ``123@c1`` and its poll and kill commands carry ``--clusters=c1``.  Poll:
 ``squeue -h -r -o '%i^^^%T' -j 1,2,3`` (a rare field separator, after AiiDA);
 squeue exits 1 with ``Invalid job id specified`` when none of the ids is
 known any more.
@@ -13,7 +14,7 @@ from ..exceptions import JobRunnerError
 from ..model.job_spec import JobSpec
 from ..model.resources import format_hms, format_memory_mib
 from ..quoting import directive_word
-from .base import IDS, JobRunnerHandler, RunnerJobState
+from .base import GROUP, IDS, JobRunnerHandler, RunnerJobState
 
 __all__ = ["SlurmHandler", "HANDLER"]
 
@@ -28,10 +29,11 @@ class SlurmHandler(JobRunnerHandler):
 
     name = "slurm"
     directive_prefix = "#SBATCH"
-    job_id_regex = r"^\s*Submitted batch job (?P<id>\d+)"
-    # -r: one line per array element (pending elements too), as 123_7
-    poll_command = ("squeue", "-h", "-r", "-o", f"%i{_SEP}%T", "-j", IDS)
-    kill_command = ("scancel", IDS)
+    job_id_regex = r"^\s*Submitted batch job (?P<id>\d+)(?: on cluster (?P<cluster>\S+))?"
+    # -r: one line per array element (pending elements too), as 123_7;
+    # {group}: --clusters=NAME for a job of another cluster (seed 001's caveat)
+    poll_command = ("squeue", GROUP, "-h", "-r", "-o", f"%i{_SEP}%T", "-j", IDS)
+    kill_command = ("scancel", GROUP, IDS)
     ids_sep = ","
     array_index_var = "SLURM_ARRAY_TASK_ID"
     array_element_id = "{id}_{index}"
@@ -71,11 +73,28 @@ class SlurmHandler(JobRunnerHandler):
     def submit_argv(self, job_file: str, job_log_dir: str) -> list[str]:
         return ["sbatch", job_file]
 
+    # Multi-cluster sites (sbatch --clusters): a job of cluster c2 is "123@c2";
+    # its poll and kill commands name the cluster, or Slurm would not know it.
+    def job_id_from_submit(self, groups: dict[str, str]) -> str:
+        cluster = groups.get("cluster")
+        return f"{groups['id']}@{cluster}" if cluster else groups["id"]
+
+    def job_id_parts(self, job_id: str) -> tuple[tuple[str, ...], str]:
+        bare, sep, cluster = job_id.partition("@")
+        return ((f"--clusters={cluster}",), bare) if sep else ((), job_id)
+
+    def job_id_join(self, group: tuple[str, ...], bare: str) -> str:
+        for word in group:
+            if word.startswith("--clusters="):
+                return f"{bare}@{word.split('=', 1)[1]}"
+        return bare
+
     def attach_argv(self, job_id: str, inner: list[str], *, tty: bool) -> list[str]:
         # A step in the job's allocation and cgroup; --overlap (Slurm 20.11+)
         # shares the job's resources instead of waiting for free ones.
         pty = ["--pty"] if tty else []
-        return ["srun", f"--jobid={job_id}", "--overlap", *pty, "--quiet", *inner]
+        group, bare = self.job_id_parts(job_id)
+        return ["srun", *group, f"--jobid={bare}", "--overlap", *pty, "--quiet", *inner]
 
     def attach_error(self, exit_status: int, stderr: str) -> str | None:
         if "overlap" in stderr and ("unrecognized" in stderr or "invalid option" in stderr):

@@ -282,16 +282,20 @@ def submit_one(job):
         return res
     res["ok"] = True
     res["job_id"] = m.group("id")
+    res["groups"] = dict((k, v) for k, v in m.groupdict().items() if v is not None)
     res["submit_time"] = submit_time
+    # more of the job's identity than its number (e.g. Slurm's cluster)
+    extra = [("SSHQ_JOB_ID_" + k.upper(), v) for k, v in sorted(res["groups"].items())
+             if k != "id"]
     append_status(log_dir, [("SSHQ_JOB_RUNNER_NAME", job["runner"]),
-                            ("SSHQ_JOB_ID", res["job_id"]),
-                            ("SSHQ_JOB_RUNNER_SUBMIT_TIME", submit_time)])
+                            ("SSHQ_JOB_ID", res["job_id"])] + extra
+                  + [("SSHQ_JOB_RUNNER_SUBMIT_TIME", submit_time)])
     for index in job.get("array") or ():
         element_id = job["array_element_id"].replace("{id}", res["job_id"]).replace(
             "{index}", str(index))
         append_status(os.path.join(log_dir, str(index)), [
-            ("SSHQ_JOB_RUNNER_NAME", job["runner"]), ("SSHQ_JOB_ID", element_id),
-            ("SSHQ_JOB_RUNNER_SUBMIT_TIME", submit_time)])
+            ("SSHQ_JOB_RUNNER_NAME", job["runner"]), ("SSHQ_JOB_ID", element_id)] + extra
+            + [("SSHQ_JOB_RUNNER_SUBMIT_TIME", submit_time)])
     return res
 
 
@@ -309,19 +313,33 @@ def op_submit(req, w):
     w.frame({"results": results})
 
 
+GROUP = "{group}"
+
+
 def query_runners(req, pending, kind):
-    """Run each runner's command template once per chunk for its pending jobs."""
-    out = {}
-    by_runner = {}  # type: Dict[str, List[str]]
+    """Run each runner's command template once per chunk for its pending jobs.
+
+    Jobs are grouped by runner and by their "group" words (e.g. Slurm's
+    --clusters=NAME), which replace the "{group}" word of the template.
+    """
+    out = {}  # type: Dict[str, List[Dict[str, Any]]]
+    groups = {}  # type: Dict[Any, List[str]]
     for job in pending:
         if job.get("job_id"):
-            by_runner.setdefault(job["runner"], []).append(job["job_id"])
-    for runner, ids in by_runner.items():
+            key = (job["runner"], tuple(job.get("group") or ()))
+            groups.setdefault(key, []).append(job.get("bare_id") or job["job_id"])
+    for (runner, group), ids in sorted(groups.items()):
         spec = req["runners"][runner]
-        results = []
-        for argv in expand(spec[kind], ids, spec.get("sep")):
-            results.append(run(argv, timeout=req.get("timeout", 60)))
-        out[runner] = results
+        template = []
+        for word in spec[kind]:
+            if word == GROUP:
+                template.extend(group)
+            else:
+                template.append(word)
+        for argv in expand(template, ids, spec.get("sep")):
+            result = run(argv, timeout=req.get("timeout", 60))
+            result["group"] = list(group)
+            out.setdefault(runner, []).append(result)
     return out
 
 
