@@ -6,6 +6,7 @@ Not part of sshq.  Everything here talks to the real test bed written by
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -14,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -230,3 +231,28 @@ def timed_agent() -> Iterator[list[tuple[float, float, int]]]:
     finally:
         setattr(ops, "agent_argv", orig_argv)  # noqa: B010
         setattr(AsyncSSHTransport, "run", orig_run)  # noqa: B010
+
+
+def drive(bench: Any, json_out: str | None, raw: Callable[[], dict[str, Any]]) -> None:
+    """Run a benchmark object (setup?, run, cleanup, report) as root, print the
+    machine facts and the report, and write ``{"facts": ..., **raw()}`` as JSON
+    to ``json_out`` when given."""
+    if os.geteuid() != 0:
+        sys.exit("run as root on the test bed (it cancels the benchmark's Slurm jobs)")
+    facts = machine_facts()
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in facts.items()), file=sys.stderr)
+    print(f"run tag {bench.tag}; remote dir {bench.remote_base}; local tmp {bench.tmp}",
+          file=sys.stderr)
+    t0 = time.monotonic()
+    try:
+        if hasattr(bench, "setup"):
+            bench.setup()
+        bench.run()
+    finally:
+        bench.cleanup()
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in facts.items()))
+    print(f"load average at the end: {Path('/proc/loadavg').read_text().strip()}")
+    print(bench.report())
+    print(f"(benchmark wall time {time.monotonic() - t0:.0f} s)")
+    if json_out:
+        Path(json_out).write_text(json.dumps({"facts": facts, **raw()}, indent=2, default=str))

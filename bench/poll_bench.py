@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (
     Bed,
     cancel_jobs,
+    drive,
     load_testbed,
-    machine_facts,
     median,
     new_tag,
     table,
@@ -316,28 +316,11 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep remote and local files")
     ap.add_argument("--json-out", help="also write the raw figures as JSON here")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("run as root on the test bed (it cancels the benchmark's Slurm jobs)")
     b = PollBench(args)
-    facts = machine_facts()
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in facts.items()), file=sys.stderr)
-    print(f"run tag {b.tag}; remote dir {b.remote_base}; local tmp {b.tmp}", file=sys.stderr)
-    t0 = time.monotonic()
-    try:
-        b.run()
-    finally:
-        b.cleanup()
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in facts.items()))
-    print(f"load average at the end: {Path('/proc/loadavg').read_text().strip()}")
-    print(b.report())
-    print(f"(benchmark wall time {time.monotonic() - t0:.0f} s)")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(
-            {"facts": facts, "results": b.results,
-             "notes": {k: ({q: x for q, x in v.items() if q != "profile"}
-                           if isinstance(v, dict) else v) for k, v in b.notes.items()}},
-            indent=2, default=str))
-
+    drive(b, args.json_out, lambda: {
+        "results": b.results,
+        "notes": {k: ({q: x for q, x in v.items() if q != "profile"}
+                      if isinstance(v, dict) else v) for k, v in b.notes.items()}})
 
 if __name__ == "__main__":
     main()

@@ -52,8 +52,8 @@ from benchlib import (
     SUBMITTED_RE,
     Bed,
     cancel_jobs,
+    drive,
     load_testbed,
-    machine_facts,
     median,
     new_tag,
     table,
@@ -475,28 +475,10 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep remote and local files")
     ap.add_argument("--json-out", help="also write the raw figures as JSON here")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("run as root on the test bed (it cancels the benchmark's Slurm jobs)")
     b = Bench(args)
-    facts = machine_facts()
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in facts.items()), file=sys.stderr)
-    print(f"run tag {b.tag}; remote dir {b.remote_base}; local tmp {b.tmp}", file=sys.stderr)
-    t0 = time.monotonic()
-    try:
-        b.setup()
-        b.run()
-    finally:
-        b.cleanup()
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in facts.items()))
-    print(f"load average at the end: {Path('/proc/loadavg').read_text().strip()}")
-    print(b.report())
-    print(f"(benchmark wall time {time.monotonic() - t0:.0f} s)")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(
-            {"facts": facts, "jobs": args.jobs, "repeat": args.repeat, "times": b.times,
-             "notes": {k: v for k, v in b.notes.items() if k != "client_profile"}},
-            indent=2))
-
+    drive(b, args.json_out, lambda: {
+        "jobs": args.jobs, "repeat": args.repeat, "times": b.times,
+        "notes": {k: v for k, v in b.notes.items() if k != "client_profile"}})
 
 if __name__ == "__main__":
     main()
