@@ -488,3 +488,13 @@ async def test_openssh_control_master_socket_reused(testbed: dict[str, str],
     finally:
         await t.close()
         stop_master(t)
+
+
+async def test_command_that_exits_without_reading_stdin(transport: Transport) -> None:
+    # e.g. "python3: not found" while sshq still sends the agent: the exit
+    # status is the answer, not a lost connection.
+    for _ in range(5):
+        result = await transport.run(["sh", "-c", "echo gone >&2; exit 7"],
+                                     stdin=b"x" * (8 * 1024 * 1024), timeout=60)
+        assert result.exit_status == 7
+        assert result.stderr == b"gone\n"

@@ -182,15 +182,27 @@ class AsyncSSHTransport(Transport):
                     ) from None
                 reconnected = True
 
+    @staticmethod
+    async def _feed(proc: asyncssh.SSHClientProcess[bytes], stdin: bytes) -> None:
+        """Write ``stdin`` then EOF.  A command that exits without reading it all
+        (``python3: not found``) closes the channel first: that is no lost
+        connection, and its exit status and stderr say what happened."""
+        try:
+            if stdin:
+                proc.stdin.write(stdin)
+                await proc.stdin.drain()
+            proc.stdin.write_eof()
+        except (BrokenPipeError, ConnectionResetError, asyncssh.ProtocolError):
+            pass  # asyncssh: ProtocolError("Channel not open for sending")
+
     async def run(
         self, argv: Sequence[str], *, stdin: bytes = b"", timeout: float | None = None
     ) -> CommandResult:
         async with self._channels:
             proc = await self._open(argv)
             try:
-                if not stdin:
-                    proc.stdin.write_eof()  # communicate() sends EOF only after data
-                out, err = await asyncio.wait_for(proc.communicate(stdin or None), timeout)
+                await self._feed(proc, stdin)
+                out, err = await asyncio.wait_for(proc.communicate(), timeout)
             except TimeoutError:
                 proc.close()
                 raise HostUnreachableError(
@@ -209,8 +221,7 @@ class AsyncSSHTransport(Transport):
         async with self._channels:
             proc = await self._open(argv)
             try:
-                proc.stdin.write(stdin)
-                proc.stdin.write_eof()
+                await self._feed(proc, stdin)
                 while True:
                     try:
                         chunk = await proc.stdout.read(65536)
