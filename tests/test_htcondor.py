@@ -667,11 +667,13 @@ async def test_fake_condor_submit_running_succeeded(
     assert job.job_runner == "htcondor"
     assert job.job_log_dir == f"{TEST_HOME}/sshq-test/{run_id}/log/job/hello/01"
 
+    # (running may come from condor_q before the wrapper has recorded its start)
     job = await wait_for_state(cclient, job.id, JobState.RUNNING)
-    assert job.start_time is not None
     (job,) = await cclient.wait([job.id], timeout=60, interval=0.3)
     assert job.state is JobState.SUCCEEDED, job.message
     assert job.exit_status == 0 and job.signal is None
+    assert job.start_time is not None and job.exit_time is not None
+    assert job.start_time <= job.exit_time
     assert await cclient.cat_log(job.id, "out") == b"hello hello\n"
     assert await cclient.cat_log(job.id, "err") == b"bye\n"
     st = parse_status((await cclient.cat_log(job.id, "status")).decode())
