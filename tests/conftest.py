@@ -8,10 +8,12 @@ skipped, unless ``SSHQ_REQUIRE_TESTBED=1`` (CI), where they fail.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -107,11 +109,22 @@ def config_file(tmp_path: Path, testbed: dict[str, str], run_id: str) -> Path:
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
-    """A fresh sshq state directory."""
-    d = tmp_path / "state"
-    d.mkdir()
-    return d
+def state_dir() -> Iterator[Path]:
+    """A fresh, SHORT sshq state directory.
+
+    Short (under /tmp, not pytest's long tmp_path) so that openssh ControlMaster
+    sockets live in <state_dir>/cm, private to the test (a long state dir falls
+    back to a socket directory shared by every sshq run of this user); the
+    test's masters are stopped at the end.
+    """
+    d = Path(tempfile.mkdtemp(prefix="sq-", dir="/tmp"))
+    yield d
+    cm = d / "cm"
+    if cm.is_dir():
+        for sock in cm.iterdir():
+            subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "sshq-test"],
+                           capture_output=True, timeout=30)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

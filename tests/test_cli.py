@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +33,6 @@ REQUIRED_KEYS = {
 STATES = {"submitted", "submit-failed", "running", "succeeded", "failed"}
 
 Run = Callable[..., subprocess.CompletedProcess[bytes]]
-
-
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    """A fresh, SHORT state directory (openssh ControlMaster sockets stay private
-    to the test; see test_integration_slurm.py)."""
-    d = Path(tempfile.mkdtemp(prefix="sq-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def jobs_of(r: subprocess.CompletedProcess[bytes]) -> list[dict[str, Any]]:

@@ -32,7 +32,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -597,14 +596,6 @@ class RemoteFake:
 
     def in_history(self, job_id: str) -> bool:
         return (self.state / "history" / f"{job_id.split('.')[0]}.json").exists()
-
-
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    """A fresh, short state directory (as in the other integration tests)."""
-    d = Path(tempfile.mkdtemp(prefix="sq-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

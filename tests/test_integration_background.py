@@ -26,15 +26,6 @@ pytestmark = pytest.mark.sshd
 PLATFORMS = ["bg", "bg-openssh", "local"]
 
 
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    """A fresh, SHORT state directory: openssh ControlMaster sockets then live in
-    <state_dir>/cm, private to this test, which stops its own masters at the end."""
-    d = Path(tempfile.mkdtemp(prefix="sq-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
 def _close_masters(state_dir: Path) -> None:
     cm = state_dir / "cm"
     if cm.is_dir():

@@ -13,10 +13,8 @@ import asyncio
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -75,20 +73,6 @@ def pgrep_sshqtest(pattern: str) -> list[str]:
 
 async def status_of(client: AsyncClient, sid: int) -> dict[str, str]:
     return parse_status((await client.cat_log(sid, "status")).decode())
-
-
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    """A fresh, SHORT state directory.
-
-    Overrides conftest's (under pytest's long tmp_path) so that openssh
-    ControlMaster sockets live in <state_dir>/cm, private to this test, which
-    stops its own masters at the end (a long state dir falls back to a socket
-    directory shared by every sshq run of this user).
-    """
-    d = Path(tempfile.mkdtemp(prefix="sq-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -30,7 +30,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -526,19 +525,6 @@ def fake_lsf(testbed: dict[str, str]) -> Iterator[FakeLsf]:
     finally:
         kill_fake_processes(root)
         shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    """A fresh, SHORT state directory (openssh ControlMaster sockets live in it)."""
-    d = Path(tempfile.mkdtemp(prefix="sq-", dir="/tmp"))
-    yield d
-    cm = d / "cm"
-    if cm.is_dir():
-        for sock in cm.iterdir():
-            subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "sshq-test"],
-                           capture_output=True, timeout=30)
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def lsf_platform(testbed: dict[str, str], name: str, *, transport: str, run_dir: str,

@@ -598,15 +598,6 @@ def test_fake_torque_flavour_replays_torque(local_fake: FakePbs, tmp_path: Path)
 # ---------------------------------------------------------------- end to end on the fake
 
 
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    """A fresh, SHORT state directory (openssh ControlMaster sockets stay private
-    to the test; see test_integration_slurm.py)."""
-    d = Path(tempfile.mkdtemp(prefix="sq-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
 @pytest.fixture(autouse=True)
 def _close_ssh_masters(state_dir: Path) -> Iterator[None]:
     yield

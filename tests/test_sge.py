@@ -21,7 +21,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -376,19 +375,6 @@ def sge_user(sge_testbed: dict[str, str]) -> str:
 def sge_home(sge_user: str) -> str:
     return subprocess.run(["getent", "passwd", sge_user], capture_output=True, text=True,
                           timeout=30).stdout.split(":")[5]
-
-
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    """A short state directory (openssh ControlMaster sockets live in it)."""
-    d = Path(tempfile.mkdtemp(prefix="sq-", dir="/tmp"))
-    yield d
-    cm = d / "cm"
-    if cm.is_dir():
-        for sock in cm.iterdir():
-            subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "sshq-test"],
-                           capture_output=True, timeout=30)
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def sge_platform(t: dict[str, str], name: str, transport: str, run_dir: str) -> str:
