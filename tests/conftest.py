@@ -158,3 +158,19 @@ def sshq(cli_env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess[b
         )
 
     return run
+
+
+# ---- network-namespace hosts (tests/netns.py) ------------------------------
+from netns import NetnsHosts  # noqa: E402  (kept here, with its fixture)
+
+
+@pytest.fixture(scope="session")
+def netns_hosts(testbed: dict[str, str]) -> Iterator[NetnsHosts]:
+    """Three real hosts sqh1..sqh3: network namespaces, each with its own sshd.
+
+    Shared by the session: a test that crashes a host or cuts its link calls
+    ``netns_hosts.restore()`` when done.  See tests/netns.py.
+    """
+    with NetnsHosts(3, testbed=testbed) as hosts:
+        yield hosts
+# ---- end of network-namespace hosts ----------------------------------------

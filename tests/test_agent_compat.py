@@ -14,6 +14,8 @@ import pytest
 from sshq.remote import protocol
 
 AGENT = Path(protocol.__file__).with_name("agent.py")
+#: Every file shipped to remote hosts: the agent and the farm's dispatcher.
+REMOTE_FILES = [AGENT, Path(protocol.__file__).with_name("dispatcher.py")]
 
 #: Standard library modules added after Python 3.6 (vermin knows most; this
 #: list keeps the import check meaningful on its own).
@@ -34,10 +36,11 @@ def vermin(*args: str, src: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_agent_is_python36_compatible() -> None:
+@pytest.mark.parametrize("src", REMOTE_FILES, ids=lambda p: p.name)
+def test_agent_is_python36_compatible(src: Path) -> None:
     # vermin exits 0 even on a file it cannot parse: parse it with 3.6's grammar first
-    ast.parse(AGENT.read_text(), feature_version=(3, 6))
-    res = vermin("-t=3.6-", "--no-tips", "--violations", src=AGENT)
+    ast.parse(src.read_text(), feature_version=(3, 6))
+    res = vermin("-t=3.6-", "--no-tips", "--violations", src=src)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Minimum required versions: 3." in res.stdout, res.stdout
 
@@ -63,8 +66,9 @@ def _imports(tree: ast.AST) -> list[tuple[str, int]]:
     return found
 
 
-def test_agent_imports_only_stdlib() -> None:
-    tree = ast.parse(AGENT.read_bytes(), str(AGENT))
+@pytest.mark.parametrize("src", REMOTE_FILES, ids=lambda p: p.name)
+def test_agent_imports_only_stdlib(src: Path) -> None:
+    tree = ast.parse(src.read_bytes(), str(src))
     imports = _imports(tree)
     assert imports, "the agent imports nothing?"
     for name, level in imports:

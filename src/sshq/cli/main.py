@@ -628,6 +628,11 @@ def hosts_trust(ctx: click.Context, host: str, port: int | None, known_hosts: st
 # ---------------------------------------------------------------- entry point
 
 
+from .farm import farm  # noqa: E402  (after the group it joins)
+
+cli.add_command(farm)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the CLI; errors become one line on stderr and an exit status."""
     handler = logging.StreamHandler()

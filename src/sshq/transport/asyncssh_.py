@@ -21,7 +21,7 @@ import asyncssh
 
 from ..exceptions import AuthenticationError, ConfigError, HostUnreachableError
 from ..quoting import join
-from .base import CommandResult, HostParams, Transport, ssh_options
+from .base import CommandResult, HostParams, Session, Transport, ssh_options
 from .hostkeys import default_known_hosts, host_key_error
 
 __all__ = ["AsyncSSHTransport"]
@@ -233,6 +233,15 @@ class AsyncSSHTransport(Transport):
             finally:
                 proc.close()
 
+    async def open_session(self, argv: Sequence[str]) -> Session:
+        await self._channels.acquire()
+        try:
+            proc = await self._open(argv)
+        except BaseException:
+            self._channels.release()
+            raise
+        return _AsyncSSHSession(self, proc)
+
     def rsync_args(self, remote_path: str) -> tuple[list[str], str]:
         return ["-e", join(["ssh", *ssh_options(self.params)])], f"{self.params.host}:{remote_path}"
 
@@ -241,3 +250,46 @@ class AsyncSSHTransport(Transport):
         if conn is not None:
             conn.close()
             await conn.wait_closed()
+
+
+class _AsyncSSHSession(Session):
+    """A long-running channel; its stderr is drained into a small tail buffer."""
+
+    def __init__(self, transport: AsyncSSHTransport, proc: asyncssh.SSHClientProcess[bytes]):
+        self._t = transport
+        self._proc = proc
+        self._err = bytearray()
+        self._closed = False
+        self._err_task = asyncio.ensure_future(self._drain_stderr())
+
+    async def _drain_stderr(self) -> None:
+        try:
+            while chunk := await self._proc.stderr.read(65536):
+                self._err += chunk
+                del self._err[:-8192]
+        except (asyncssh.Error, OSError):
+            pass
+
+    async def read(self) -> bytes:
+        try:
+            return await self._proc.stdout.read(262144)
+        except (asyncssh.Error, OSError) as exc:
+            raise self._t._lost(exc) from None
+
+    async def write(self, data: bytes) -> None:
+        try:
+            self._proc.stdin.write(data)
+            await self._proc.stdin.drain()
+        except (asyncssh.Error, OSError) as exc:
+            raise self._t._lost(exc) from None
+
+    def stderr_tail(self) -> bytes:
+        return bytes(self._err)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._proc.close()
+        self._err_task.cancel()
+        self._t._channels.release()

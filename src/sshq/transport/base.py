@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..exceptions import ConfigError
 from ..quoting import join
 
-__all__ = ["CommandResult", "HostParams", "Transport", "check_host", "ssh_options"]
+__all__ = ["CommandResult", "HostParams", "Session", "Transport", "check_host", "ssh_options"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +103,30 @@ def check_host(host: str) -> str:
     return host
 
 
+class Session(abc.ABC):
+    """A running remote command with both directions open (the farm's dispatcher).
+
+    Reads and writes raise :class:`~sshq.exceptions.HostUnreachableError`
+    when the connection is lost.
+    """
+
+    @abc.abstractmethod
+    async def read(self) -> bytes:
+        """The next chunk of stdout (up to 256 KiB); ``b""`` at end of file."""
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Write ``data`` to stdin, waiting while the channel's buffer is full."""
+
+    @abc.abstractmethod
+    def stderr_tail(self) -> bytes:
+        """The last 8 KiB the command wrote on stderr (for error messages)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """End the command (closing stdin, then the channel); idempotent."""
+
+
 class Transport(abc.ABC):
     """Runs argument vectors on one host.
 
@@ -149,6 +173,14 @@ class Transport(abc.ABC):
         Raises:
             the same errors as :meth:`run`.
         """
+
+    async def open_session(self, argv: Sequence[str]) -> Session:
+        """Start ``argv`` with stdin and stdout both left open.
+
+        Raises:
+            the same errors as :meth:`run`.
+        """
+        raise NotImplementedError(f"the {self.name} transport has no sessions")
 
     def interactive_argv(self, argv: Sequence[str]) -> list[str]:
         """The local argv that runs ``argv`` on the host with a terminal.

@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 
 from ..exceptions import CommandError, HostUnreachableError
-from .base import CommandResult, Transport
+from .base import CommandResult, Session, Transport
 
 __all__ = ["SubprocessTransport"]
 
@@ -78,3 +78,47 @@ class SubprocessTransport(Transport):
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+
+    async def open_session(self, argv: Sequence[str]) -> Session:
+        return _ProcessSession(self, await self._spawn(argv))
+
+
+class _ProcessSession(Session):
+    """A local process (``ssh`` for openssh) with its pipes open."""
+
+    def __init__(self, transport: SubprocessTransport, proc: asyncio.subprocess.Process):
+        assert proc.stdin and proc.stdout and proc.stderr
+        self._t = transport
+        self._proc = proc
+        self._stdin = proc.stdin
+        self._stdout = proc.stdout
+        self._stderr = proc.stderr
+        self._err = bytearray()
+        self._err_task = asyncio.ensure_future(self._drain_stderr())
+
+    async def _drain_stderr(self) -> None:
+        while chunk := await self._stderr.read(65536):
+            self._err += chunk
+            del self._err[:-8192]
+
+    async def read(self) -> bytes:
+        return await self._stdout.read(262144)
+
+    async def write(self, data: bytes) -> None:
+        try:
+            self._stdin.write(data)
+            await self._stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise HostUnreachableError(
+                f"{self._t.host}: connection lost: {exc}", host=self._t.host,
+                command_sent=True) from None
+
+    def stderr_tail(self) -> bytes:
+        return bytes(self._err)
+
+    async def close(self) -> None:
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            await self._proc.wait()
+        self._err_task.cancel()

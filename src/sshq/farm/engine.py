@@ -1,0 +1,587 @@
+"""The farm's scheduler and its per-host dispatcher sessions.
+
+One SSH channel and one dispatcher (:mod:`sshq.remote.dispatcher`) per
+host.  Each host takes at most ``slots + prefetch`` tasks at a time, so
+what is in flight is bounded on both sides.  Fault handling:
+
+* a host whose session dies (connection lost, dispatcher killed, no
+  heartbeat for :data:`SILENCE` seconds) gets its tasks back in the queue,
+  at the front, and is reconnected with exponential backoff and jitter;
+  new connections are paced (sshd's ``MaxStartups`` punishes bursts);
+* a result is only taken once its ``d`` frame arrived complete: output
+  received before a connection died is thrown away with its copy;
+* a failed task is re-run ``retries`` times, on a host where it has not
+  failed yet when there is one;
+* a host that fails ``max_host_failures`` times in a row is dropped with
+  a warning, and the run goes on with the others;
+* stragglers: once no task is waiting and a host has an idle slot, a task
+  that has run longer than ``max(2 x median, median + 1 s)`` on another
+  host is started again there; the first copy to succeed is reported, the
+  others are killed.  Exactly one result is reported per task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..exceptions import HostUnreachableError, RemoteError, SshqError
+from ..remote.protocol import agent_argv
+from ..transport import Session, Transport
+from .output import TaskResult, output_paths, signal_name
+from .wire import FrameReader, dispatcher_stdin, encode
+
+__all__ = ["FarmHost", "FarmOptions", "Farm", "FarmStats"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds without any frame from a dispatcher (it sends a heartbeat every
+#: 5 s) after which its session is taken for dead.
+SILENCE = 20.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FarmHost:
+    """One host of a farm.
+
+    Attributes:
+        label: the name used in results and messages.
+        transport: how to reach it.
+        python: the remote Python 3.6+ interpreter.
+        login_shell: start the dispatcher from ``bash -l``.
+    """
+
+    label: str
+    transport: Transport
+    python: str = "python3"
+    login_shell: bool = False
+
+
+@dataclass(slots=True, kw_only=True)
+class FarmOptions:
+    """How a farm runs.
+
+    Attributes:
+        slots: tasks at once per host; None for the host's core count.
+        retries: extra runs of a task that failed (exit status not 0, signal,
+            timeout).
+        timeout: seconds a task may run before it is killed (TERM, then
+            KILL 2 s later); None for no limit.
+        speculate: start stragglers again on idle hosts.
+        keep_order: report results in input order.
+        output_dir: write each task's stdout/stderr there instead of
+            carrying them in the result.
+        cwd: tasks' working directory on every host (``~`` allowed); None
+            for the login directory.
+        env: extra environment variables for the tasks.
+        max_host_failures: consecutive session failures that drop a host.
+        lost_limit: a task whose host went away this many times is reported
+            failed (it may be what kills its host).
+        speculate_min: seconds a task must exceed the median by before it
+            is started again.
+    """
+
+    slots: int | None = None
+    retries: int = 0
+    timeout: float | None = None
+    speculate: bool = True
+    keep_order: bool = False
+    output_dir: Path | None = None
+    cwd: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    max_host_failures: int = 5
+    lost_limit: int = 3
+    speculate_min: float = 1.0
+
+
+@dataclass(slots=True)
+class FarmStats:
+    """Counts for progress display and the final summary."""
+
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    running: int = 0
+    speculative: int = 0
+    retried: int = 0
+    hosts_alive: int = 0
+    hosts_dropped: int = 0
+    paused: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+class _Task:
+    __slots__ = ("attempts", "command", "copies", "failed_hosts", "failures", "last_failure",
+                 "lost", "seq")
+
+    def __init__(self, seq: int, command: str) -> None:
+        self.seq = seq
+        self.command = command
+        self.attempts = 0
+        self.failures = 0
+        self.failed_hosts: set[str] = set()
+        self.lost = 0
+        self.copies: dict[int, _Copy] = {}
+        self.last_failure: TaskResult | None = None
+
+
+class _Copy:
+    __slots__ = ("dispatched", "err", "files", "host", "id", "out", "started", "task")
+
+    def __init__(self, cid: int, task: _Task, host: _Host) -> None:
+        self.id = cid
+        self.task = task
+        self.host = host
+        self.dispatched = time.monotonic()
+        self.started: float | None = None
+        self.out = bytearray()
+        self.err = bytearray()
+        self.files: list[BinaryIO] | None = None
+
+    def add(self, stream: int, data: bytes, output_dir: Path | None) -> None:
+        if output_dir is None:
+            (self.out if stream == 1 else self.err).extend(data)
+            return
+        if self.files is None:
+            self.files = [open(p, "wb") for p in self.part_paths(output_dir)]
+        self.files[stream - 1].write(data)
+
+    def part_paths(self, output_dir: Path) -> list[Path]:
+        return [output_dir / f".{self.task.seq}.{self.id}.{n}.part" for n in ("stdout", "stderr")]
+
+    def discard(self, output_dir: Path | None) -> None:
+        if output_dir is not None:
+            self.close_files()
+            for p in self.part_paths(output_dir):
+                p.unlink(missing_ok=True)
+
+    def close_files(self) -> None:
+        for fh in self.files or ():
+            fh.close()
+
+
+class _Host:
+    def __init__(self, spec: FarmHost) -> None:
+        self.spec = spec
+        self.label = spec.label
+        self.copies: dict[int, _Copy] = {}
+        self.slots = 0
+        self.capacity = 0
+        self.session: Session | None = None
+        self.failures = 0
+        self.dropped = False
+        self.wake = asyncio.Event()
+
+    def running(self) -> int:
+        return len(self.copies)
+
+
+class Farm:
+    """Runs the tasks of one batch over a set of hosts.
+
+    Args:
+        hosts: the hosts (at least one).
+        tasks: ``(seq, command)`` pairs, consumed lazily.
+        total: the number of tasks in ``tasks``.
+        report: called once per task with its result, in the order results
+            are final (or input order with ``keep_order``); it must write the
+            result and journal it without awaiting anything.
+        options: see :class:`FarmOptions`.
+        journal: ``journal(event, **fields)`` appends to the run's journal.
+        order: with ``keep_order``, the seqs of ``tasks`` in input order.
+        warn: called with a message for the user (a host dropped, ...).
+        paused: returns True while dispatching new tasks is paused.
+    """
+
+    def __init__(
+        self,
+        hosts: list[FarmHost],
+        tasks: Iterator[tuple[int, str]],
+        total: int,
+        report: Callable[[TaskResult], None],
+        options: FarmOptions,
+        *,
+        journal: Callable[..., None] = lambda event, **f: None,
+        order: Iterator[int] | None = None,
+        warn: Callable[[str], None] = lambda msg: None,
+        paused: Callable[[], bool] = lambda: False,
+    ) -> None:
+        if not hosts:
+            raise ValueError("a farm needs at least one host")
+        self.hosts = [_Host(h) for h in hosts]
+        self._fresh = tasks
+        self._fresh_done = False
+        self._retry: deque[_Task] = deque()
+        self._active: dict[int, _Task] = {}
+        self._report_cb = report
+        self.opts = options
+        self._journal = journal
+        self._warn = warn
+        self._paused_cb = paused
+        self._order = order
+        self._held: dict[int, TaskResult] = {}
+        self._next_in_order: int | None = None
+        self._durations: deque[float] = deque(maxlen=1001)
+        self._next_id = 0
+        self._remaining = total
+        self._finished = asyncio.Event()
+        self._fatal: BaseException | None = None
+        self._bg: set[asyncio.Future[None]] = set()
+        self._connect_gate = asyncio.Semaphore(4)
+        self._connect_lock = asyncio.Lock()
+        self._last_connect = 0.0
+        self.stats = FarmStats(total=total, hosts_alive=len(hosts))
+        if total == 0:
+            self._finished.set()
+
+    # ------------------------------------------------------------ public
+
+    async def run(self) -> FarmStats:
+        """Run every task; return the counts.
+
+        Raises:
+            SshqError: every host was dropped; unreported tasks are left for
+                a resume.
+        """
+        if self.opts.keep_order and self._order is not None:
+            self._next_in_order = next(self._order, None)
+        runners = [asyncio.create_task(self._host_main(h)) for h in self.hosts]
+        ticker = asyncio.create_task(self._tick())
+        all_gone = asyncio.create_task(self._all_hosts_gone(runners))
+        try:
+            await asyncio.wait([asyncio.create_task(self._finished.wait()), all_gone],
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in [*runners, ticker, all_gone]:
+                t.cancel()
+            await asyncio.gather(*runners, ticker, all_gone, return_exceptions=True)
+            for h in self.hosts:
+                for c in list(h.copies.values()):
+                    c.discard(self.opts.output_dir)
+        if self._fatal is not None:
+            raise self._fatal
+        if not self._finished.is_set():
+            raise SshqError(f"every host failed; {self._remaining} task(s) have no result")
+        return self.stats
+
+    # ------------------------------------------------------------ queue
+
+    def _take(self, h: _Host) -> tuple[_Task, bool] | None:
+        """The next task for host ``h`` and whether it is a speculative copy."""
+        if self._paused_cb():
+            self.stats.paused = True
+            return None
+        self.stats.paused = False
+        if self._retry:
+            for i, t in enumerate(self._retry):
+                if h.label not in t.failed_hosts:
+                    del self._retry[i]
+                    return t, False
+            others = [o for o in self.hosts if not o.dropped and o is not h]
+            t = self._retry[0]
+            if not any(o.label not in t.failed_hosts for o in others):
+                return self._retry.popleft(), False
+        if not self._fresh_done:
+            nxt = next(self._fresh, None)
+            if nxt is not None:
+                t = _Task(*nxt)
+                self._active[t.seq] = t
+                return t, False
+            self._fresh_done = True
+        if self.opts.speculate and h.running() < h.slots:
+            s = self._straggler(h)
+            if s is not None:
+                return s, True
+        return None
+
+    def _straggler(self, h: _Host) -> _Task | None:
+        if len(self._durations) < 3 or not self._active:
+            return None
+        med = statistics.median(self._durations)
+        limit = max(2 * med, med + self.opts.speculate_min)
+        now = time.monotonic()
+        multi = sum(1 for o in self.hosts if not o.dropped) > 1
+        best: tuple[float, _Task] | None = None
+        for t in self._active.values():
+            if len(t.copies) != 1:
+                continue
+            (c,) = t.copies.values()
+            if multi and c.host is h:
+                continue
+            age = now - (c.started if c.started is not None else c.dispatched)
+            if age > limit and (best is None or age > best[0]):
+                best = (age, t)
+        return best[1] if best else None
+
+    def _wake_all(self) -> None:
+        for h in self.hosts:
+            h.wake.set()
+
+    async def _tick(self) -> None:
+        """Re-check pause and stragglers twice a second."""
+        while True:
+            await asyncio.sleep(0.5)
+            self._wake_all()
+
+    async def _all_hosts_gone(self, runners: list[asyncio.Task[None]]) -> None:
+        await asyncio.gather(*runners, return_exceptions=True)
+
+    # ------------------------------------------------------------ hosts
+
+    async def _host_main(self, h: _Host) -> None:
+        backoff = 1.0
+        while not self._finished.is_set():
+            progress = self.stats.done + self.stats.failed
+            try:
+                await self._session(h)
+                return
+            except (SshqError, OSError, TimeoutError) as exc:
+                fatal = isinstance(exc, SshqError) and not exc.transient \
+                    and not isinstance(exc, RemoteError)
+                self._host_lost(h, str(exc))
+                if self.stats.done + self.stats.failed > progress:
+                    h.failures = 0
+                    backoff = 1.0
+                h.failures += 1
+                if fatal or h.failures >= self.opts.max_host_failures:
+                    h.dropped = True
+                    self.stats.hosts_alive -= 1
+                    self.stats.hosts_dropped += 1
+                    self._journal("host", host=h.label, dropped=True, reason=str(exc))
+                    self._warn(f"{h.label}: dropped ({exc}); the run goes on with the"
+                               " other hosts" if self.stats.hosts_alive else
+                               f"{h.label}: dropped ({exc})")
+                    self._wake_all()
+                    return
+                delay = backoff * (0.5 + random.random())
+                log.info("%s: %s; reconnecting in %.1f s", h.label, exc, delay)
+                await asyncio.sleep(delay)
+                backoff = min(backoff * 2, 30.0)
+
+    async def _paced_open(self, h: _Host) -> Session:
+        async with self._connect_gate:
+            async with self._connect_lock:
+                wait = self._last_connect + 0.1 - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                self._last_connect = time.monotonic()
+            return await h.spec.transport.open_session(
+                agent_argv(h.spec.python, login_shell=h.spec.login_shell))
+
+    async def _session(self, h: _Host) -> None:
+        env = dict(self.opts.env, SSHQ_FARM_HOST=h.label)
+        nonce, stdin = dispatcher_stdin({"slots": self.opts.slots, "env": env,
+                                         "cwd": self.opts.cwd})
+        session = await self._paced_open(h)
+        try:
+            await session.write(stdin)
+            reader = FrameReader(nonce)
+            hello: dict[str, Any] | None = None
+            while hello is None:
+                data = await asyncio.wait_for(session.read(), 60.0)
+                if not data:
+                    err = session.stderr_tail().decode("utf-8", "replace").strip()
+                    raise RemoteError(f"the dispatcher did not start: {err or 'no output'}")
+                for head, _ in reader.feed(data):
+                    if head.get("t") == "hello":
+                        hello = head
+            h.slots = int(hello["slots"])
+            h.capacity = h.slots + max(1, h.slots)
+            h.session = session
+            log.info("%s: dispatcher up (%d slots)", h.label, h.slots)
+            feeder = asyncio.create_task(self._feed(h, session))
+            try:
+                while True:
+                    data = await asyncio.wait_for(session.read(), SILENCE)
+                    if not data:
+                        err = session.stderr_tail().decode("utf-8", "replace").strip()
+                        raise HostUnreachableError(
+                            f"{h.label}: the dispatcher's channel closed"
+                            + (f": {err[-300:]}" if err else ""), host=h.label)
+                    for head, payload in reader.feed(data):
+                        self._on_frame(h, head, payload)
+                    if feeder.done():
+                        feeder.result()  # a write failure
+            except TimeoutError:
+                raise HostUnreachableError(
+                    f"{h.label}: no word from the dispatcher for {SILENCE:.0f} s",
+                    host=h.label) from None
+            finally:
+                feeder.cancel()
+                await asyncio.gather(feeder, return_exceptions=True)
+        finally:
+            h.session = None
+            await session.close()
+
+    async def _feed(self, h: _Host, session: Session) -> None:
+        while True:
+            frames = []
+            while h.running() < h.capacity:
+                got = self._take(h)
+                if got is None:
+                    break
+                t, speculative = got
+                c = _Copy(self._next_id, t, h)
+                self._next_id += 1
+                t.copies[c.id] = c
+                h.copies[c.id] = c
+                self.stats.running += 1
+                if speculative:
+                    self.stats.speculative += 1
+                    self._journal("speculate", seq=t.seq, host=h.label)
+                frames.append(encode({"t": "task", "id": c.id, "seq": t.seq, "cmd": t.command,
+                                      "timeout": self.opts.timeout, "attempt": t.attempts + 1}))
+            if frames:
+                await session.write(b"".join(frames))
+                continue
+            await h.wake.wait()
+            h.wake.clear()
+
+    def _host_lost(self, h: _Host, reason: str) -> None:
+        """Put the tasks the host held back in the queue."""
+        copies = list(h.copies.values())
+        h.copies.clear()
+        for c in copies:
+            self.stats.running -= 1
+            c.discard(self.opts.output_dir)
+            t = c.task
+            t.copies.pop(c.id, None)
+            if t.seq not in self._active or t.copies:
+                continue
+            t.lost += 1
+            self._journal("lost", seq=t.seq, host=h.label)
+            if t.lost >= self.opts.lost_limit:
+                self._final(t, TaskResult(
+                    seq=t.seq, command=t.command, host=h.label, exit_status=None, signal=None,
+                    attempts=t.attempts,
+                    error=f"lost its host {t.lost} times (last: {reason})"))
+            else:
+                self._retry.appendleft(t)
+        if copies:
+            self._wake_all()
+
+    # ------------------------------------------------------------ frames
+
+    def _on_frame(self, h: _Host, head: dict[str, Any], payload: bytes) -> None:
+        kind = head.get("t")
+        if kind == "hb" or kind == "bye":
+            return
+        c = h.copies.get(head.get("id", -1))
+        if c is None:
+            return
+        if c.task.seq not in self._active:   # decided already: a loser's output
+            if kind == "d":
+                del h.copies[c.id]
+                self.stats.running -= 1
+                h.wake.set()
+            return
+        if kind == "s":
+            c.started = time.monotonic()
+            c.task.attempts += 1
+            self._journal("start", seq=c.task.seq, host=h.label, attempt=c.task.attempts)
+        elif kind == "o":
+            c.add(int(head.get("s", 1)), payload, self.opts.output_dir)
+        elif kind == "d":
+            del h.copies[c.id]
+            self.stats.running -= 1
+            h.wake.set()
+            n1 = int(head.get("n1", 0))
+            c.add(1, payload[:n1], self.opts.output_dir)
+            c.add(2, payload[n1:], self.opts.output_dir)
+            self._copy_done(c, head)
+
+    def _copy_done(self, c: _Copy, head: dict[str, Any]) -> None:
+        t = c.task
+        t.copies.pop(c.id, None)
+        if t.seq not in self._active or head.get("k"):
+            c.discard(self.opts.output_dir)
+            return
+        r = TaskResult(
+            seq=t.seq, command=t.command, host=c.host.label, exit_status=head.get("rc"),
+            signal=signal_name(head.get("sig")), stdout=bytes(c.out), stderr=bytes(c.err),
+            start=head.get("t0"), end=head.get("t1"), attempts=t.attempts,
+            timed_out=bool(head.get("to")))
+        if self.opts.output_dir is not None:
+            c.close_files()
+            if c.files is None:
+                c.files = [open(p, "wb") for p in c.part_paths(self.opts.output_dir)]
+                c.close_files()
+        if r.ok:
+            if c.started is not None:
+                self._durations.append(time.monotonic() - c.started)
+            self._final(t, r, c)
+            return
+        t.failures += 1
+        t.failed_hosts.add(c.host.label)
+        if t.copies:   # another copy may still succeed
+            c.discard(self.opts.output_dir)
+            t.last_failure = r
+            return
+        if t.failures <= self.opts.retries:
+            c.discard(self.opts.output_dir)
+            self.stats.retried += 1
+            self._journal("retry", seq=t.seq, host=c.host.label)
+            self._retry.append(t)
+            self._wake_all()
+            return
+        self._final(t, r, c)
+
+    def _final(self, t: _Task, r: TaskResult, winner: _Copy | None = None) -> None:
+        """The task's result is decided: kill other copies and report it."""
+        del self._active[t.seq]
+        for other in list(t.copies.values()):
+            other.discard(self.opts.output_dir)
+            if other.host.session is not None:
+                frame = encode({"t": "kill", "id": other.id})
+                kill = asyncio.ensure_future(_quiet_write(other.host.session, frame))
+                self._bg.add(kill)
+                kill.add_done_callback(self._bg.discard)
+        t.copies.clear()
+        if self.opts.output_dir is not None:
+            out, err = output_paths(self.opts.output_dir, t.seq)
+            if winner is not None:
+                parts = winner.part_paths(self.opts.output_dir)
+                parts[0].replace(out)
+                parts[1].replace(err)
+            else:
+                out.write_bytes(b"")
+                err.write_bytes(b"")
+            r.stdout_file, r.stderr_file = str(out), str(err)
+        if r.ok:
+            self.stats.done += 1
+        else:
+            self.stats.failed += 1
+        if self.opts.keep_order:
+            self._held[t.seq] = r
+            while self._next_in_order is not None and self._next_in_order in self._held:
+                self._report(self._held.pop(self._next_in_order))
+                assert self._order is not None
+                self._next_in_order = next(self._order, None)
+        else:
+            self._report(r)
+
+    def _report(self, r: TaskResult) -> None:
+        try:
+            self._report_cb(r)
+        except BaseException as exc:  # the output is gone: stop everything
+            self._fatal = exc
+            self._finished.set()
+            return
+        self._remaining -= 1
+        if self._remaining <= 0:
+            self._finished.set()
+
+
+async def _quiet_write(session: Session, data: bytes) -> None:
+    try:
+        await session.write(data)
+    except (SshqError, OSError):
+        pass  # the session's reader will notice

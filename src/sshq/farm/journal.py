@@ -1,0 +1,148 @@
+"""A farm run's local state: the journal and the run directory.
+
+``<state_dir>/farm/<run>/`` holds ``batch`` (a copy of the batch file, so
+``--resume`` runs exactly what was asked), ``options.json``, ``journal``
+(one JSON object per line, appended at every state change) and, while the
+run is paused, ``paused``.
+
+Journal events (``e``): ``run`` (start of an invocation), ``start`` (a copy
+of task ``seq`` started on ``host``), ``lost`` (its host went away),
+``result`` (the task's result was written to the output: it is reported),
+``host`` (a host was dropped).  A task is reported exactly once: the
+``result`` line is appended right after the result is written, with no
+pause in between, and ``--resume`` skips reported tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ..exceptions import ConfigError
+
+__all__ = ["RunDir", "check_run_name", "new_run_name"]
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+
+
+def check_run_name(name: str) -> str:
+    """Refuse a run name that is not a plain file name.
+
+    Raises:
+        ConfigError: naming the problem.
+    """
+    if not _NAME_RE.match(name):
+        raise ConfigError(
+            f"invalid run name {name!r}: use 1-64 letters, digits, '.', '_' or '-',"
+            " starting with a letter or digit")
+    return name
+
+
+def new_run_name() -> str:
+    """A fresh run name: ``farm-YYYYmmdd-HHMMSS-xxxx``."""
+    return time.strftime("farm-%Y%m%d-%H%M%S-", time.localtime()) + secrets.token_hex(2)
+
+
+class RunDir:
+    """One run's directory in the state dir.
+
+    Args:
+        state_dir: sshq's state directory.
+        name: the run name (checked).
+    """
+
+    def __init__(self, state_dir: Path, name: str) -> None:
+        self.name = check_run_name(name)
+        self.path = Path(state_dir) / "farm" / name
+        self._fh: Any = None
+
+    @property
+    def batch(self) -> Path:
+        return self.path / "batch"
+
+    @property
+    def paused_flag(self) -> Path:
+        return self.path / "paused"
+
+    def exists(self) -> bool:
+        return (self.path / "options.json").is_file()
+
+    def create(self, batch_file: Path, options: dict[str, Any]) -> None:
+        """Make the directory, copy the batch file, record the options.
+
+        Raises:
+            ConfigError: the run exists already.
+        """
+        if self.exists():
+            raise ConfigError(
+                f"a farm run named {self.name!r} exists already; resume it with"
+                f" `sshq farm --resume {self.name}` or choose another --run name")
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.batch.with_suffix(".tmp")
+        try:
+            shutil.copyfile(batch_file, tmp)
+        except OSError as exc:
+            raise ConfigError(f"cannot read the batch file {batch_file}: {exc.strerror}") from None
+        os.replace(tmp, self.batch)
+        (self.path / "options.json").write_text(json.dumps(options, indent=1))
+
+    def options(self) -> dict[str, Any]:
+        """The options recorded when the run was created.
+
+        Raises:
+            ConfigError: no such run.
+        """
+        try:
+            data: dict[str, Any] = json.loads((self.path / "options.json").read_text())
+        except (OSError, ValueError):
+            raise ConfigError(f"no farm run named {self.name!r}") from None
+        return data
+
+    def replay(self) -> tuple[bytearray, int]:
+        """Read the journal.
+
+        Returns:
+            ``(reported, starts)``: a bitmap indexed by seq (non-zero: the
+            task's result was reported) and the number of starts recorded.
+        """
+        reported = bytearray()
+        starts = 0
+        try:
+            fh = open(self.path / "journal", "rb")
+        except FileNotFoundError:
+            return reported, 0
+        with fh:
+            for line in fh:
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a crash
+                if ev.get("e") == "result":
+                    seq = int(ev["seq"])
+                    if seq >= len(reported):
+                        reported.extend(bytes(seq + 1 - len(reported) + 1024))
+                    reported[seq] = 1
+                elif ev.get("e") == "start":
+                    starts += 1
+        return reported, starts
+
+    def open_journal(self) -> None:
+        self._fh = open(self.path / "journal", "a", buffering=1, encoding="utf-8")
+
+    def log(self, event: str, **fields: Any) -> None:
+        """Append one event (one line, flushed at once)."""
+        if self._fh is not None:
+            fields["e"] = event
+            fields["t"] = round(time.time(), 3)
+            self._fh.write(json.dumps(fields, separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

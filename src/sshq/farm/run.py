@@ -1,0 +1,248 @@
+"""A farm run from start to end: hosts, journal, resume, dependencies, output.
+
+:func:`run_farm` is what ``sshq farm`` calls; the scheduling itself is
+:class:`sshq.farm.engine.Farm`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..config import Platform
+from ..exceptions import ConfigError
+from ..remote.staging import rsync_push
+from ..transport import Transport
+from ..transport.local import LocalTransport
+from .batch import count_tasks, read_batch
+from .engine import Farm, FarmHost, FarmOptions, FarmStats
+from .journal import RunDir, new_run_name
+from .output import ResultWriter, TaskResult, ensure_dir
+
+__all__ = ["FarmRequest", "resolve_hosts", "run_farm", "pause_run", "sync_deps"]
+
+_DEST_RE = re.compile(r"(?:(?P<user>[A-Za-z0-9_.][A-Za-z0-9_.-]*)@)?"
+                      r"(?P<host>[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?\Z")
+
+
+@dataclass(slots=True, kw_only=True)
+class FarmRequest:
+    """Everything ``sshq farm`` was asked to do.
+
+    Attributes:
+        batch: the batch file (None with ``resume``).
+        hosts: host specs: platform names or ``[user@]host[:port]``
+            destinations (resolved through ~/.ssh/config); commas allowed.
+        run: the run's name (None: generated).
+        resume: name of a run to resume (its batch and options are reused;
+            ``hosts`` may replace its hosts).
+        fmt: ``jsonl`` or ``anet``.
+        options: scheduling options.
+        deps: local directory rsynced to every host before the first task;
+            the tasks then run in its copy.
+    """
+
+    batch: Path | None = None
+    hosts: list[str]
+    run: str | None = None
+    resume: str | None = None
+    fmt: str = "jsonl"
+    options: FarmOptions
+    deps: Path | None = None
+
+
+def split_specs(specs: list[str]) -> list[str]:
+    """``["a,b", "c"]`` -> ``["a", "b", "c"]`` (blanks dropped)."""
+    return [s.strip() for spec in specs for s in spec.split(",") if s.strip()]
+
+
+def resolve_hosts(client: Any, specs: list[str]) -> list[FarmHost]:
+    """Turn host specs into farm hosts with their transports.
+
+    A spec naming a platform gives one farm host per host of the platform
+    (labelled with the platform name, or ``platform/host`` when it has
+    several); any other spec is an SSH destination ``[user@]host[:port]``.
+
+    Args:
+        client: the :class:`~sshq.client.AsyncClient` whose config and
+            transports are used.
+        specs: as :attr:`FarmRequest.hosts`.
+
+    Raises:
+        ConfigError: no hosts, a malformed destination, or a host given twice.
+    """
+    hosts: list[FarmHost] = []
+    for spec in split_specs(specs):
+        plat = client.config.platforms.get(spec)
+        if plat is not None:
+            for host in plat.hosts:
+                label = spec if len(plat.hosts) == 1 else f"{spec}/{host}"
+                hosts.append(FarmHost(label=label, transport=client.transport(plat, host),
+                                      python=plat.python, login_shell=plat.login_shell))
+            continue
+        m = _DEST_RE.match(spec)
+        if m is None:
+            raise ConfigError(f"--hosts: {spec!r} is neither a platform nor an SSH"
+                              " destination [user@]host[:port]")
+        port = int(m["port"]) if m["port"] else None
+        host = m["host"].strip("[]")
+        plat = Platform(name=spec, hosts=(host,), port=port, user=m["user"])
+        hosts.append(FarmHost(label=spec, transport=client.transport(plat, host)))
+    if not hosts:
+        raise ConfigError("--hosts: no hosts given")
+    labels = [h.label for h in hosts]
+    dup = {x for x in labels if labels.count(x) > 1}
+    if dup:
+        raise ConfigError(f"--hosts: {', '.join(sorted(dup))} given more than once")
+    return hosts
+
+
+def _remote_deps_dir(t: Transport, name: str) -> str:
+    rel = f"sshq-run/farm-deps/{name}"
+    if isinstance(t, LocalTransport):
+        return str(Path.home() / rel)
+    return rel
+
+
+async def sync_deps(hosts: list[FarmHost], deps: Path) -> str:
+    """rsync ``deps`` to every host (only changed files travel).
+
+    Returns:
+        The tasks' working directory on the hosts (``~/sshq-run/farm-deps/NAME``).
+
+    Raises:
+        ConfigError: ``deps`` is not a directory.
+        RemoteError, TransportError: a copy failed.
+    """
+    if not deps.is_dir():
+        raise ConfigError(f"--deps: {str(deps)!r} is not a directory")
+    name = deps.resolve().name or "deps"
+
+    async def one(h: FarmHost) -> None:
+        remote = _remote_deps_dir(h.transport, name)
+        res = await h.transport.run(["mkdir", "-p", remote], timeout=60)
+        if res.exit_status != 0:
+            raise ConfigError(f"{h.label}: cannot create {remote}: "
+                              + res.stderr.decode("utf-8", "replace").strip())
+        await rsync_push(None if isinstance(h.transport, LocalTransport) else h.transport,
+                         deps, remote, [])
+
+    await asyncio.gather(*(one(h) for h in hosts))
+    t = hosts[0].transport
+    return _remote_deps_dir(t, name) if isinstance(t, LocalTransport) \
+        else f"~/{_remote_deps_dir(t, name)}"
+
+
+def _options_record(req: FarmRequest, hosts: list[str]) -> dict[str, Any]:
+    o = req.options
+    return {"hosts": hosts, "format": req.fmt, "slots": o.slots, "retries": o.retries,
+            "timeout": o.timeout, "speculate": o.speculate, "keep_order": o.keep_order,
+            "output_dir": str(o.output_dir) if o.output_dir else None,
+            "deps": str(req.deps.resolve()) if req.deps else None}
+
+
+def _restore(req: FarmRequest, rec: dict[str, Any]) -> None:
+    o = req.options
+    if not req.hosts:
+        req.hosts = list(rec.get("hosts") or [])
+    req.fmt = rec.get("format") or req.fmt
+    o.slots = o.slots or rec.get("slots")
+    o.retries = o.retries or int(rec.get("retries") or 0)
+    o.timeout = o.timeout or rec.get("timeout")
+    o.keep_order = o.keep_order or bool(rec.get("keep_order"))
+    if o.output_dir is None and rec.get("output_dir"):
+        o.output_dir = Path(rec["output_dir"])
+    if req.deps is None and rec.get("deps"):
+        req.deps = Path(rec["deps"])
+
+
+async def run_farm(
+    client: Any,
+    req: FarmRequest,
+    out: BinaryIO,
+    *,
+    on_name: Callable[[str], None] = lambda name: None,
+    warn: Callable[[str], None] = lambda msg: None,
+    on_start: Callable[[Farm], None] = lambda farm: None,
+) -> tuple[str, FarmStats]:
+    """Run (or resume) a farm, writing each result to ``out`` once.
+
+    Args:
+        client: an :class:`~sshq.client.AsyncClient` (config, transports,
+            state dir).
+        req: what to do.
+        out: binary stream for the results.
+        on_name: told the run's name before anything runs (the CLI prints
+            a generated one on stderr).
+        warn: told of hosts dropped and similar.
+        on_start: given the :class:`Farm` once it exists (progress display).
+
+    Returns:
+        ``(run name, counts)``.
+
+    Raises:
+        ConfigError: bad options, unknown run, unusable batch file.
+        SshqError: every host failed (tasks without a result stay in the
+            journal for ``--resume``).
+    """
+    if req.resume:
+        rd = RunDir(client.state_dir, req.resume)
+        _restore(req, rd.options())
+    else:
+        if req.batch is None:
+            raise ConfigError("give a batch file, or --resume NAME")
+        rd = RunDir(client.state_dir, req.run or new_run_name())
+        specs = split_specs(req.hosts)
+        resolve_hosts(client, specs)  # refuse bad specs before creating the run
+        rd.create(req.batch, _options_record(req, specs))
+    on_name(rd.name)
+    hosts = resolve_hosts(client, req.hosts)
+    reported, _ = rd.replay()
+    total, _lines = count_tasks(rd.batch)
+    total -= sum(1 for seq, _ in read_batch(rd.batch) if seq < len(reported) and reported[seq])
+    opts = req.options
+    if opts.output_dir is not None:
+        ensure_dir(opts.output_dir)
+    if req.deps is not None:
+        opts.cwd = await sync_deps(hosts, req.deps)
+    opts.env = dict(opts.env, SSHQ_FARM_RUN=rd.name)
+    writer = ResultWriter(out, req.fmt)
+    rd.open_journal()
+    rd.log("run", resume=bool(req.resume), hosts=[h.label for h in hosts], tasks=total)
+
+    def report(r: TaskResult) -> None:
+        writer.write(r)
+        rd.log("result", seq=r.seq, host=r.host, exit_status=r.exit_status, signal=r.signal)
+
+    farm = Farm(
+        hosts, read_batch(rd.batch, skip=reported), total, report, opts,
+        journal=rd.log, warn=warn, paused=rd.paused_flag.exists,
+        order=(seq for seq, _ in read_batch(rd.batch, skip=reported)),
+    )
+    on_start(farm)
+    try:
+        stats = await farm.run()
+    finally:
+        rd.log("end")
+        rd.close()
+    return rd.name, stats
+
+
+def pause_run(state_dir: Path, name: str, paused: bool) -> None:
+    """Stop (``paused``) or restart the dispatch of new tasks of a run.
+
+    Running tasks go on; a running client notices within half a second.
+
+    Raises:
+        ConfigError: no such run.
+    """
+    rd = RunDir(state_dir, name)
+    rd.options()
+    if paused:
+        rd.paused_flag.touch()
+    else:
+        rd.paused_flag.unlink(missing_ok=True)
