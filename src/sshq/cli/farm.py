@@ -142,11 +142,22 @@ def _progress(farm_ref: list[Any]) -> Iterator[None]:
 @click.option("--deps", type=click.Path(file_okay=False, path_type=Path),
               help="rsync this directory to every host first (only changed files); tasks"
               " run in its copy, ~/sshq-run/farm-deps/NAME.")
+@click.option("--detach", is_flag=True,
+              help="Leave the tasks with detached workers on the hosts (the remote run"
+              " directory holds the queue and results) and return; collect them with"
+              " `sshq farm attach NAME`.")
+@click.option("--via", metavar="PLATFORM",
+              help="Run the dispatchers as pilot jobs of PLATFORM's job runner (instead of"
+              " --hosts): a whole cluster through its scheduler, one job per pilot.")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --via: number of pilot jobs.")
+@click.option("--walltime", help="With --via: the pilot jobs' walltime (HH:MM:SS).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="Platforms file.")
 def run_cmd(batch_file: Path | None, hosts: tuple[str, ...], slots: int | None, fmt: str,
             keep_order: bool, output_dir: Path | None, retries: int, timeout: float | None,
             speculate: bool, run_name: str | None, resume: str | None, deps: Path | None,
+            detach: bool, via: str | None, nodes: int, walltime: str | None,
             config_path: str | None) -> None:
     """Run each line of BATCH_FILE as a shell command on the hosts' cores.
 
@@ -163,12 +174,18 @@ def run_cmd(batch_file: Path | None, hosts: tuple[str, ...], slots: int | None, 
         raise click.UsageError("give a BATCH_FILE, or --resume NAME")
     if batch_file is not None and resume:
         raise click.UsageError("--resume takes no BATCH_FILE (the run keeps its own copy)")
-    if not hosts and not resume:
-        raise click.UsageError("--hosts is required")
+    if not hosts and not resume and not via:
+        raise click.UsageError("--hosts (or --via PLATFORM) is required")
+    if via and hosts:
+        raise click.UsageError("--via and --hosts cannot be combined")
+    if (detach or via) and (keep_order or output_dir):
+        raise click.UsageError("--keep-order and --output-dir are not available with"
+                               " --detach or --via")
     if resume and run_name:
         raise click.UsageError("--run and --resume cannot be combined")
     req = FarmRequest(
         batch=batch_file, hosts=list(hosts), run=run_name, resume=resume, fmt=fmt, deps=deps,
+        detach=detach, via=via, nodes=nodes, walltime=walltime,
         options=FarmOptions(slots=slots, retries=retries, timeout=timeout, speculate=speculate,
                             keep_order=keep_order, output_dir=output_dir),
     )
@@ -178,6 +195,9 @@ def run_cmd(batch_file: Path | None, hosts: tuple[str, ...], slots: int | None, 
         named.append(name)
         if not run_name and not resume:
             click.echo(f"sshq: farm run {name}", err=True)
+        if detach:
+            click.echo(f"sshq: detached; collect the results with `sshq farm attach {name}`",
+                       err=True)
 
     farm_ref: list[Any] = []
 
@@ -209,14 +229,46 @@ def run_cmd(batch_file: Path | None, hosts: tuple[str, ...], slots: int | None, 
         sys.exit(1)
 
 
+@farm.command("attach", epilog=RESULT_HELP)
+@click.argument("name")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Platforms file.")
+def attach_cmd(name: str, config_path: str | None) -> None:
+    """Collect the results of detached run NAME (each reported once, ever).
+
+    Waits until every task has a result.  Interrupting is safe: attach again
+    later; results already written are not written again.
+    """
+    from ..farm.run import attach_run
+
+    farm_ref: list[Any] = []
+
+    async def body() -> Any:
+        client = _client(config_path)
+        try:
+            with _progress(farm_ref):
+                return await attach_run(client, name, sys.stdout.buffer, warn=_warn,
+                                        on_start=farm_ref.append)
+        finally:
+            await client.close()
+
+    stats = asyncio.run(body())
+    if stats.failed:
+        click.echo(f"sshq: {stats.failed} task(s) failed", err=True)
+        sys.exit(1)
+
+
 def _pause(name: str, paused: bool, config_path: str | None) -> None:
     from ..farm.run import pause_run
 
-    client = _client(config_path)
-    try:
-        pause_run(client.state_dir, name, paused)
-    finally:
-        client.store.close()
+    async def body() -> None:
+        client = _client(config_path)
+        try:
+            await pause_run(client, name, paused)
+        finally:
+            await client.close()
+
+    asyncio.run(body())
     click.echo(f"sshq: farm run {name} {'paused' if paused else 'resumed'}", err=True)
 
 

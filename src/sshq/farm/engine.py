@@ -235,6 +235,7 @@ class Farm:
         self._finished = asyncio.Event()
         self._fatal: BaseException | None = None
         self._bg: set[asyncio.Future[None]] = set()
+        self._paused = paused()
         self._connect_gate = asyncio.Semaphore(4)
         self._connect_lock = asyncio.Lock()
         self._last_connect = 0.0
@@ -276,10 +277,8 @@ class Farm:
 
     def _take(self, h: _Host) -> tuple[_Task, bool] | None:
         """The next task for host ``h`` and whether it is a speculative copy."""
-        if self._paused_cb():
-            self.stats.paused = True
+        if self._paused:
             return None
-        self.stats.paused = False
         if self._retry:
             for i, t in enumerate(self._retry):
                 if h.label not in t.failed_hosts:
@@ -326,10 +325,28 @@ class Farm:
             h.wake.set()
 
     async def _tick(self) -> None:
-        """Re-check pause and stragglers twice a second."""
+        """Re-check pause and stragglers twice a second.
+
+        A pause is also sent to every dispatcher, which then holds the tasks
+        it has queued but not started.
+        """
         while True:
             await asyncio.sleep(0.5)
+            paused = self._paused_cb()
+            if paused != self._paused:
+                self._paused = paused
+                self.stats.paused = paused
+                self._journal("pause" if paused else "resume")
+                msg = encode({"t": "pause" if paused else "resume"})
+                for h in self.hosts:
+                    if h.session is not None:
+                        self._background(_quiet_write(h.session, msg))
             self._wake_all()
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
 
     async def _all_hosts_gone(self, runners: list[asyncio.Task[None]]) -> None:
         await asyncio.gather(*runners, return_exceptions=True)
@@ -393,6 +410,8 @@ class Farm:
                 for head, _ in reader.feed(data):
                     if head.get("t") == "hello":
                         hello = head
+            if self._paused:
+                await session.write(encode({"t": "pause"}))
             h.slots = int(hello["slots"])
             h.capacity = h.slots + max(1, h.slots)
             h.session = session
@@ -541,9 +560,7 @@ class Farm:
             other.discard(self.opts.output_dir)
             if other.host.session is not None:
                 frame = encode({"t": "kill", "id": other.id})
-                kill = asyncio.ensure_future(_quiet_write(other.host.session, frame))
-                self._bg.add(kill)
-                kill.add_done_callback(self._bg.discard)
+                self._background(_quiet_write(other.host.session, frame))
         t.copies.clear()
         if self.opts.output_dir is not None:
             out, err = output_paths(self.opts.output_dir, t.seq)

@@ -6,7 +6,8 @@ Formats:
   ``command``, ``host``, ``exit_status`` (None when a signal ended it),
   ``signal`` (name such as ``"TERM"``, or None), ``stdout``, ``stderr``
   (text; ``stdout_b64``/``stderr_b64`` instead when the bytes are not valid
-  UTF-8), ``start``, ``end`` (epoch seconds, the host's clock),
+  UTF-8; likewise ``command_b64`` for a batch line that is not UTF-8),
+  ``start``, ``end`` (epoch seconds, the host's clock),
   ``attempts``, and ``timed_out`` / ``error`` when they apply.  With
   ``--output-dir`` the output is in files and the object names them
   (``stdout_file``, ``stderr_file``).
@@ -77,10 +78,14 @@ class TaskResult:
         return self.exit_status == 0 and self.signal is None and self.error is None
 
     def to_json(self) -> dict[str, object]:
-        d: dict[str, object] = {
-            "seq": self.seq, "command": self.command, "host": self.host,
-            "exit_status": self.exit_status, "signal": self.signal,
-        }
+        d: dict[str, object] = {"seq": self.seq}
+        try:
+            self.command.encode("utf-8")
+            d["command"] = self.command
+        except UnicodeEncodeError:  # not UTF-8 in the batch file: keep it exact
+            d["command_b64"] = base64.b64encode(
+                self.command.encode("utf-8", "surrogateescape")).decode("ascii")
+        d.update(host=self.host, exit_status=self.exit_status, signal=self.signal)
         for name, data, path in (("stdout", self.stdout, self.stdout_file),
                                  ("stderr", self.stderr, self.stderr_file)):
             if path is not None:
@@ -116,7 +121,7 @@ class ResultWriter:
         """Write one result and flush it."""
         if self.fmt == "jsonl":
             line = json.dumps(r.to_json(), ensure_ascii=False, separators=(", ", ": "))
-            self.out.write(line.encode("utf-8", "surrogateescape") + b"\n")
+            self.out.write(line.encode("utf-8") + b"\n")
         else:
             data = r.stdout
             if r.stdout_file is not None:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any, BinaryIO
 
 from ..config import Platform
 from ..exceptions import ConfigError
+from ..quoting import join as join_argv
 from ..remote.staging import rsync_push
 from ..transport import Transport
 from ..transport.local import LocalTransport
@@ -44,6 +46,10 @@ class FarmRequest:
         options: scheduling options.
         deps: local directory rsynced to every host before the first task;
             the tasks then run in its copy.
+        detach: leave the tasks with the hosts' detached workers and return
+            (collect with :func:`attach_run`).
+        via: run the dispatchers as ``nodes`` pilot jobs of this platform's
+            job runner (walltime ``walltime``) instead of on ``hosts``.
     """
 
     batch: Path | None = None
@@ -53,6 +59,10 @@ class FarmRequest:
     fmt: str = "jsonl"
     options: FarmOptions
     deps: Path | None = None
+    detach: bool = False
+    via: str | None = None
+    nodes: int = 1
+    walltime: str | None = None
 
 
 def split_specs(specs: list[str]) -> list[str]:
@@ -139,7 +149,8 @@ async def sync_deps(hosts: list[FarmHost], deps: Path) -> str:
 
 def _options_record(req: FarmRequest, hosts: list[str]) -> dict[str, Any]:
     o = req.options
-    return {"hosts": hosts, "format": req.fmt, "slots": o.slots, "retries": o.retries,
+    return {"hosts": hosts, "format": req.fmt, "via": req.via, "nodes": req.nodes,
+            "slots": o.slots, "retries": o.retries,
             "timeout": o.timeout, "speculate": o.speculate, "keep_order": o.keep_order,
             "output_dir": str(o.output_dir) if o.output_dir else None,
             "deps": str(req.deps.resolve()) if req.deps else None}
@@ -196,11 +207,13 @@ async def run_farm(
         if req.batch is None:
             raise ConfigError("give a batch file, or --resume NAME")
         rd = RunDir(client.state_dir, req.run or new_run_name())
-        specs = split_specs(req.hosts)
+        specs = split_specs([req.via] if req.via else req.hosts)
         resolve_hosts(client, specs)  # refuse bad specs before creating the run
         rd.create(req.batch, _options_record(req, specs))
     on_name(rd.name)
-    hosts = resolve_hosts(client, req.hosts)
+    hosts = resolve_hosts(client, [req.via] if req.via else req.hosts)
+    if (req.detach or req.via) and not req.resume:
+        return rd.name, await _start_spools(client, req, rd, hosts, out, warn, on_start)
     reported, _ = rd.replay()
     total, _lines = count_tasks(rd.batch)
     total -= sum(1 for seq, _ in read_batch(rd.batch) if seq < len(reported) and reported[seq])
@@ -232,17 +245,144 @@ async def run_farm(
     return rd.name, stats
 
 
-def pause_run(state_dir: Path, name: str, paused: bool) -> None:
+async def _start_spools(client: Any, req: FarmRequest, rd: RunDir, hosts: list[FarmHost],
+                        out: BinaryIO, warn: Callable[[str], None],
+                        on_start: Callable[[Any], None]) -> FarmStats:
+    """``--detach`` and ``--via``: fill the remote spools, start the workers."""
+    from ..model import JobSpec
+    from ..model.resources import parse_walltime
+    from .detached import Spool, attach_spools, command_lookup, prepare_spools, spool_path
+
+    opts = req.options
+    if req.deps is not None:
+        opts.cwd = await sync_deps(hosts, req.deps)
+    opts.env = dict(opts.env, SSHQ_FARM_RUN=rd.name)
+    if req.via:
+        login = hosts[0]
+        spools = [Spool(host=login, path=spool_path(login, rd.name, f"pilot-{k}"))
+                  for k in range(1, req.nodes + 1)]
+    else:
+        spools = [Spool(host=h, path=spool_path(h, rd.name, h.label)) for h in hosts]
+    prepared = await prepare_spools(spools, read_batch(rd.batch), opts, detach=not req.via)
+    total = sum(sp.tasks for sp in spools)
+    rd.open_journal()
+    try:
+        for sp, rep in zip(spools, prepared, strict=True):
+            rd.log("spool", host=sp.host.label, spool=sp.path, tasks=sp.tasks, pid=rep.get("pid"))
+        if not req.via:
+            _record_spools(rd, spools)
+            return FarmStats(total=total)
+        plat = client.config.platform(req.via)
+        specs = [JobSpec(
+            command=join_argv([plat.python, f"{sp.path}/dispatcher.py", "worker", sp.path]),
+            name=f"farm-{rd.name}-{k}"[:60],
+            walltime=parse_walltime(req.walltime) if req.walltime else None,
+        ) for k, sp in enumerate(spools, 1)]
+        jobs = await client.submit(specs, platform=req.via)
+        for sp, job in zip(spools, jobs, strict=True):
+            sp.job_id = job.id
+            rd.log("pilot", spool=sp.path, job=job.id, job_id=job.job_id, state=str(job.state))
+        _record_spools(rd, spools)
+        stats = FarmStats(total=total)
+        on_start(_StatsHolder(stats))
+
+        async def pilot_state(sp: Spool) -> str:
+            if sp.job_id is None:
+                return "dead"
+            (job,) = await client.poll([sp.job_id])
+            return "dead" if job.state.is_final else "waiting"
+
+        return await attach_spools(spools, rd, ResultWriter(out, req.fmt),
+                                   command_lookup(rd.batch), opts, warn=warn,
+                                   pilot_state=pilot_state, stats=stats)
+    finally:
+        rd.close()
+
+
+class _StatsHolder:
+    def __init__(self, stats: FarmStats) -> None:
+        self.stats = stats
+
+
+def _record_spools(rd: RunDir, spools: list[Any]) -> None:
+    rec = rd.options()
+    rec["spools"] = [{"host": sp.host.label, "path": sp.path, "tasks": sp.tasks,
+                      "job": sp.job_id} for sp in spools]
+    (rd.path / "options.json").write_text(json.dumps(rec, indent=1))
+
+
+async def attach_run(client: Any, name: str, out: BinaryIO, *,
+                     warn: Callable[[str], None] = lambda msg: None,
+                     on_start: Callable[[Any], None] = lambda farm: None) -> FarmStats:
+    """Collect the results of a detached (or pilot) run; each is reported once.
+
+    Raises:
+        ConfigError: no such run, or it was not detached.
+        SshqError: a host stayed unreachable (attach again later).
+    """
+    from .detached import Spool, attach_spools, command_lookup
+
+    rd = RunDir(client.state_dir, name)
+    rec = rd.options()
+    if not rec.get("spools"):
+        raise ConfigError(f"farm run {name!r} was not detached; use `sshq farm --resume {name}`")
+    req = FarmRequest(hosts=[], options=FarmOptions())
+    _restore(req, rec)
+    by_label = {h.label: h for h in resolve_hosts(client, req.hosts)}
+    spools = []
+    for item in rec["spools"]:
+        host = by_label.get(item["host"])
+        if host is None:
+            raise ConfigError(f"host {item['host']!r} of run {name!r} is no longer configured")
+        spools.append(Spool(host=host, path=item["path"], tasks=int(item["tasks"]),
+                            job_id=item.get("job")))
+    stats = FarmStats(total=sum(sp.tasks for sp in spools))
+    reported, _ = rd.replay()
+    stats.done = sum(reported)
+    on_start(_StatsHolder(stats))
+    rd.open_journal()
+    try:
+        pilot_state = None
+        if any(sp.job_id for sp in spools):
+            async def pilot_state(sp: Spool) -> str:
+                if sp.job_id is None:
+                    return "dead"
+                (job,) = await client.poll([sp.job_id])
+                return "dead" if job.state.is_final else "waiting"
+        return await attach_spools(spools, rd, ResultWriter(out, req.fmt),
+                                   command_lookup(rd.batch), req.options, warn=warn,
+                                   pilot_state=pilot_state, stats=stats)
+    finally:
+        rd.close()
+
+
+async def pause_run(client: Any, name: str, paused: bool) -> None:
     """Stop (``paused``) or restart the dispatch of new tasks of a run.
 
-    Running tasks go on; a running client notices within half a second.
+    Running tasks go on.  A running client notices within half a second and
+    tells its dispatchers to hold the tasks they have queued; the workers of
+    a detached run see a ``paused`` file in their spool.
 
     Raises:
         ConfigError: no such run.
+        TransportError: a detached run's host could not be reached.
     """
-    rd = RunDir(state_dir, name)
-    rd.options()
+    rd = RunDir(client.state_dir, name)
+    rec = rd.options()
     if paused:
         rd.paused_flag.touch()
     else:
         rd.paused_flag.unlink(missing_ok=True)
+    spools = rec.get("spools") or []
+    if spools:
+        by_label = {h.label: h for h in resolve_hosts(client, list(rec.get("hosts") or []))}
+        for item in spools:
+            host = by_label.get(item["host"])
+            if host is None:
+                continue
+            flag = f"{item['path']}/paused"
+            argv = ["touch", flag] if paused else ["rm", "-f", flag]
+            res = await host.transport.run(argv, timeout=60)
+            if res.exit_status != 0:
+                raise ConfigError(f"{host.label}: cannot {'pause' if paused else 'resume'}"
+                                  f" the workers: {res.stderr.decode('utf-8', 'replace')}")

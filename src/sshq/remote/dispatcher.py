@@ -15,7 +15,8 @@
 #    "timeout","attempt"}                {"t":"s","id","t0","pid"}   started
 #   {"t":"kill","id"}                    {"t":"o","id","s":1|2} + bytes
 #   {"t":"close"}  finish, then exit     {"t":"d","id","rc","sig","t0","t1",
-#                                         "to","k","n1"} + stdout+stderr
+#   {"t":"pause"}, {"t":"resume"}         "to","k","n1"} + stdout+stderr
+#     hold / start queued tasks
 #                                        {"t":"hb"}  every 5 s of silence
 #                                        {"t":"bye"}
 #
@@ -25,6 +26,19 @@
 # it: memory stays bounded whatever a task prints.  Taking new frames from
 # stdin never waits on writing results, and writing results never waits on
 # stdin (one non-blocking loop over both), so neither side can deadlock.
+#
+# Detached runs and pilot jobs (the ANet seed's wish: the file system as the
+# mediator).  "mode":"prepare" reads task frames and the dispatcher's own
+# source ({"t":"source"} + bytes) until {"t":"close"}, writes them to a
+# spool directory (tasks.jsonl, header.json, dispatcher.py) and, with
+# "detach", starts a daemon "worker" on it; it replies {"t":"prepared",
+# "spool","pid"}.  A worker (that daemon, or `python3 dispatcher.py worker
+# SPOOL` inside a pilot job) runs the spool's tasks that have no result yet,
+# writes results/<seq>.out, .err and, last, .json, honours a "paused" file,
+# and writes "done" at the end.  "mode":"collect" sends the results of
+# several spools that the client has not reported yet, as "o" and "d" frames
+# with id = seq, then {"t":"state","spool","done","alive","tasks","results"}
+# per spool.
 #
 # The dispatcher dies with its channel: on EOF of stdin or a broken stdout it
 # kills its tasks' process groups and exits; the client re-runs them.
@@ -166,6 +180,7 @@ class Dispatcher(object):
         self.by_pid = {}        # pid -> running Task
         self.free_slots = list(range(self.slots, 0, -1))
         self.closing = False
+        self.paused = False
         self.stdin_open = True
         self.wake_r, self.wake_w = os.pipe()
         self.last_send = time.monotonic()
@@ -373,6 +388,10 @@ class Dispatcher(object):
                 self.kill(head["id"])
             elif kind == "close":
                 self.closing = True
+            elif kind == "pause":
+                self.paused = True
+            elif kind == "resume":
+                self.paused = False
 
     # ------------------------------------------------------------ loop
     def run(self):
@@ -392,7 +411,7 @@ class Dispatcher(object):
                          "pid": os.getpid(), "python": sys.version.split()[0]}))
         writing = False
         while True:
-            while self.pending and self.free_slots:
+            while self.pending and self.free_slots and not self.paused:
                 self.start(self.pending.pop(0))
             done = self.flush()
             if not self.stdin_open and not self.closing:
@@ -434,8 +453,260 @@ class Dispatcher(object):
         shutil.rmtree(self.spool, ignore_errors=True)
 
 
+class Worker(Dispatcher):
+    """Runs a spool directory's tasks; results go to files, not frames."""
+
+    def __init__(self, spool_dir):
+        self.dir = os.path.abspath(spool_dir)
+        with open(os.path.join(self.dir, "header.json")) as fh:
+            header = json.load(fh)
+        header["nonce"] = ""
+        Dispatcher.__init__(self, header)
+        shutil.rmtree(self.spool, ignore_errors=True)
+        self.spool = os.path.join(self.dir, "tmp")
+        self.results = os.path.join(self.dir, "results")
+        for d in (self.spool, self.results):
+            if not os.path.isdir(d):
+                os.makedirs(d)
+        self.retries = int(header.get("retries") or 0)
+
+    def send(self, data):
+        pass
+
+    def send_file(self, task_id, stream_no, path):
+        pass
+
+    def finish(self, task):
+        del self.running[task.id]
+        self.free_slots.append(task.slot)
+        seq = task.head["seq"]
+        rc = None if task.sig else task.rc
+        attempt = int(task.head.get("attempt", 1))
+        if (rc != 0 or task.sig) and attempt <= self.retries:
+            head = dict(task.head, attempt=attempt + 1)
+            self.pending.append(head)
+            for stream in (task.out, task.err):
+                stream.discard()
+            return
+        base = os.path.join(self.results, str(seq))
+        for ext, stream in ((".out", task.out), (".err", task.err)):
+            stream.finish()
+            if stream.path:
+                os.rename(stream.path, base + ext)
+            else:
+                with open(base + ext, "wb") as fh:
+                    fh.write(stream.buf)
+        meta = {"seq": seq, "rc": rc, "sig": task.sig, "t0": task.t0, "t1": task.t1,
+                "to": task.timed_out, "attempt": attempt}
+        with open(base + ".tmp", "w") as fh:
+            json.dump(meta, fh)
+        os.rename(base + ".tmp", base + ".json")
+
+    def run(self):
+        os.chdir(self.cwd)
+        with open(os.path.join(self.dir, "worker.pid"), "w") as fh:
+            fh.write("%d\n" % os.getpid())
+        with open(os.path.join(self.dir, "tasks.jsonl")) as fh:
+            for line in fh:
+                head = json.loads(line)
+                if not os.path.exists(os.path.join(self.results, "%d.json" % head["seq"])):
+                    self.pending.append(head)
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *a: None)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        paused_flag = os.path.join(self.dir, "paused")
+        while self.pending or self.running:
+            if not os.path.exists(paused_flag):
+                while self.pending and self.free_slots:
+                    self.start(self.pending.pop(0))
+            timeout = self.timers()
+            timeout = 0.5 if timeout is None else min(timeout, 0.5)
+            for key, _ in self.sel.select(timeout):
+                if key.data == "pipe":
+                    self.read_pipe(key.fd)
+                else:
+                    try:
+                        os.read(self.wake_r, 4096)
+                    except OSError:
+                        pass
+            self.reap()
+        with open(os.path.join(self.dir, "done"), "w") as fh:
+            fh.write("%f\n" % time.time())
+
+
+def resolve_spool(path):
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def read_frames(stream):
+    """Blocking frame reader (prepare mode)."""
+    while True:
+        head = stream.read(8)
+        if len(head) < 8:
+            return
+        hl, pl = HEAD.unpack(head)
+        h = json.loads(stream.read(hl).decode("utf-8"))
+        yield h, stream.read(pl)
+
+
+def reply(nonce, frames):
+    out = sys.stdout.buffer
+    out.write(("\nSSHQ-BEGIN-%s\n" % nonce).encode("ascii"))
+    for f in frames:
+        out.write(f)
+    out.flush()
+
+
+def prepare(header):
+    spool = resolve_spool(header["spool"])
+    if not os.path.isdir(spool):
+        os.makedirs(spool, 0o700)
+    with open(os.path.join(spool, "tasks.jsonl"), "a") as tasks:
+        for head, payload in read_frames(sys.stdin.buffer):
+            kind = head.get("t")
+            if kind == "task":
+                tasks.write(json.dumps(head) + "\n")
+            elif kind == "source":
+                with open(os.path.join(spool, "dispatcher.py"), "wb") as fh:
+                    fh.write(payload)
+            elif kind == "close":
+                break
+    worker_header = dict(header)
+    worker_header.pop("nonce", None)
+    with open(os.path.join(spool, "header.json"), "w") as fh:
+        json.dump(worker_header, fh)
+    pid = None
+    if header.get("detach"):
+        pid = daemon(spool)
+    reply(header["nonce"], [frame({"t": "prepared", "spool": spool, "pid": pid})])
+
+
+def daemon(spool):
+    """Start a worker on ``spool`` that outlives this SSH session; its pid."""
+    r, w = os.pipe()
+    first = os.fork()
+    if first:
+        os.close(w)
+        data = b""
+        while True:
+            chunk = os.read(r, 64)
+            if not chunk:
+                break
+            data += chunk
+        os.close(r)
+        os.waitpid(first, 0)
+        return int(data) if data.strip() else None
+    # first child: new session, then the grandchild is the daemon
+    try:
+        os.close(r)
+        os.setsid()
+        pid = os.fork()
+        if pid:
+            os.write(w, str(pid).encode("ascii"))
+            os._exit(0)
+        os.close(w)
+        null = os.open(os.devnull, os.O_RDWR)
+        log = os.open(os.path.join(spool, "worker.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                      0o600)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(log, 2)
+        try:
+            Worker(spool).run()
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(0)
+    except BaseException:
+        os._exit(1)
+
+
+def worker_alive(spool):
+    try:
+        with open(os.path.join(spool, "worker.pid")) as fh:
+            pid = int(fh.read().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            if fh.read().split(")")[-1].split()[0] == "Z":
+                return False
+    except (OSError, IndexError):
+        pass
+    return True
+
+
+def collect(header):
+    out = sys.stdout.buffer
+    out.write(("\nSSHQ-BEGIN-%s\n" % header["nonce"]).encode("ascii"))
+    for item in header["spools"]:
+        spool = resolve_spool(item["spool"])
+        results = os.path.join(spool, "results")
+        for seq in item.get("ack") or ():      # reported by the client: forget them
+            for ext in (".json", ".out", ".err"):
+                try:
+                    os.unlink(os.path.join(results, "%d%s" % (int(seq), ext)))
+                except OSError:
+                    pass
+        done = os.path.exists(os.path.join(spool, "done"))
+        alive = worker_alive(spool)
+        try:
+            names = os.listdir(results)
+        except OSError:
+            names = []
+        count = 0
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            count += 1
+            seq = int(name[:-5])
+            with open(os.path.join(results, name)) as mf:
+                meta = json.load(mf)
+            for no, ext in ((1, ".out"), (2, ".err")):
+                try:
+                    fh = open(os.path.join(results, "%d%s" % (seq, ext)), "rb")
+                except OSError:
+                    continue
+                with fh:
+                    while True:
+                        data = fh.read(CHUNK)
+                        if not data:
+                            break
+                        out.write(frame({"t": "o", "id": seq, "s": no}, data))
+            out.write(frame({"t": "d", "id": seq, "rc": meta["rc"], "sig": meta["sig"],
+                             "t0": meta["t0"], "t1": meta["t1"], "to": meta["to"],
+                             "k": False, "n1": 0, "attempt": meta.get("attempt", 1)}))
+        try:
+            with open(os.path.join(spool, "tasks.jsonl")) as tf:
+                tasks = sum(1 for _ in tf)
+        except OSError:
+            tasks = 0
+        out.write(frame({"t": "state", "spool": spool, "done": done, "alive": alive,
+                         "exists": os.path.isdir(spool),
+                         "tasks": tasks, "results": count}))
+        if item.get("tidy") and (done or not alive):
+            shutil.rmtree(spool, ignore_errors=True)
+    out.write(frame({"t": "bye"}))
+    out.flush()
+
+
 def main():
+    if len(sys.argv) >= 3 and sys.argv[1] == "worker":   # inside a pilot job
+        Worker(sys.argv[2]).run()
+        return
     header = json.loads(sys.stdin.buffer.readline().decode("utf-8"))
+    mode = header.get("mode", "stream")
+    if mode == "prepare":
+        prepare(header)
+        return
+    if mode == "collect":
+        collect(header)
+        return
     d = Dispatcher(header)
     try:
         d.run()

@@ -1,0 +1,236 @@
+"""Detached runs and pilot jobs: the remote file system as the mediator.
+
+``--detach``: the tasks are split among the hosts and written to a spool
+directory on each (``~/sshq-run/farm/<run>/<host>/``), where a daemon
+worker (the dispatcher in worker mode) runs them and leaves each result in
+files.  The client may go; ``sshq farm attach NAME`` collects the results
+later, reporting each exactly once (the local journal decides), and then
+acknowledges them so the host deletes them.  A worker found dead before
+it finished is started again; it skips tasks that have a result.
+
+``--via PLATFORM --nodes N``: the same spools on the platform's login host,
+one per pilot job; the workers are started by the platform's job runner
+(one job per pilot, not one per task) and the client attaches at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..exceptions import RemoteError, SshqError
+from ..remote.protocol import agent_argv
+from ..transport.local import LocalTransport
+from .engine import FarmHost, FarmOptions, FarmStats
+from .journal import RunDir
+from .output import ResultWriter, TaskResult, signal_name
+from .wire import FrameReader, dispatcher_source, dispatcher_stdin, encode
+
+__all__ = ["Spool", "prepare_spools", "attach_spools", "spool_path"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Spool:
+    """One remote spool directory and the host that holds it."""
+
+    host: FarmHost
+    path: str
+    tasks: int = 0
+    job_id: int | None = None   # with --via: the sshq job of its pilot
+    finished: bool = False
+    failures: int = 0
+    restarts: int = 0
+
+
+def spool_path(host: FarmHost, run: str, part: str) -> str:
+    """The spool directory for ``part`` of run ``run`` (``~`` relative)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", part)
+    rel = f"sshq-run/farm/{run}/{safe}"
+    if isinstance(host.transport, LocalTransport):
+        return str(Path.home() / rel)
+    return "~/" + rel
+
+
+def _worker_header(opts: FarmOptions, spool: str, *, detach: bool) -> dict[str, Any]:
+    return {"mode": "prepare", "spool": spool, "detach": detach, "slots": opts.slots,
+            "env": opts.env, "cwd": opts.cwd, "retries": opts.retries}
+
+
+async def _call(host: FarmHost, header: dict[str, Any], frames: bytes = b"",
+                timeout: float = 300.0) -> list[tuple[dict[str, Any], bytes]]:
+    """One dispatcher call that reads frames until EOF (prepare, collect)."""
+    nonce, stdin = dispatcher_stdin(header)
+    res = await host.transport.run(agent_argv(host.python, login_shell=host.login_shell),
+                                   stdin=stdin + frames, timeout=timeout)
+    reader = FrameReader(nonce)
+    got = list(reader.feed(res.stdout))
+    if not reader.started:
+        err = res.stderr.decode("utf-8", "replace").strip()
+        raise RemoteError(f"{host.label}: the dispatcher failed (exit {res.exit_status}):"
+                          f" {err[-500:] or 'no output'}")
+    return got
+
+
+async def prepare_spools(
+    spools: list[Spool], tasks: Iterator[tuple[int, str]], opts: FarmOptions, *, detach: bool,
+) -> list[dict[str, Any]]:
+    """Write the tasks (split round-robin) and the dispatcher into the spools.
+
+    Returns:
+        One ``prepared`` reply per spool: ``{"spool": absolute path, "pid":
+        daemon pid or None}``.
+
+    Raises:
+        TransportError, RemoteError: a host could not be prepared.
+    """
+    chunks: list[list[bytes]] = [[] for _ in spools]
+    for i, (seq, cmd) in enumerate(tasks):
+        chunks[i % len(spools)].append(encode({"t": "task", "id": seq, "seq": seq, "cmd": cmd,
+                                               "timeout": opts.timeout, "attempt": 1}))
+    src = encode({"t": "source"}, dispatcher_source())
+
+    async def one(sp: Spool, frames: list[bytes]) -> dict[str, Any]:
+        sp.tasks = len(frames)
+        got = await _call(sp.host, _worker_header(opts, sp.path, detach=detach),
+                          b"".join(frames) + src + encode({"t": "close"}))
+        for head, _ in got:
+            if head.get("t") == "prepared":
+                sp.path = str(head["spool"])
+                return head
+        raise RemoteError(f"{sp.host.label}: no reply from the dispatcher")
+
+    return list(await asyncio.gather(*(one(sp, ch) for sp, ch in zip(spools, chunks,
+                                                                       strict=True))))
+
+
+async def restart_worker(sp: Spool, opts: FarmOptions) -> None:
+    """Start a detached worker on a spool again (it skips finished tasks)."""
+    await _call(sp.host, _worker_header(opts, sp.path, detach=True), encode({"t": "close"}))
+
+
+async def attach_spools(
+    spools: list[Spool],
+    rd: RunDir,
+    writer: ResultWriter,
+    commands: Callable[[int], str],
+    opts: FarmOptions,
+    *,
+    interval: float = 1.0,
+    warn: Callable[[str], None] = lambda msg: None,
+    pilot_state: Callable[[Spool], Awaitable[str]] | None = None,
+    stats: FarmStats | None = None,
+) -> FarmStats:
+    """Collect results from spools until every task has one.
+
+    Args:
+        spools: the spools of the run.
+        rd: the run directory (journal: what was reported already).
+        writer: where results go.
+        commands: seq -> command text (for the result objects).
+        opts: the run's options (to restart a worker).
+        interval: seconds between two collections from a host.
+        warn: told about unreachable hosts and dead workers.
+        pilot_state: with ``--via``: given a spool whose worker has not
+            started or died, returns "waiting" (pilot job not running yet),
+            or anything else to have the worker counted as dead.
+        stats: counts to update (progress display).
+
+    Returns:
+        The counts.
+
+    Raises:
+        SshqError: a host stayed unreachable (its tasks are still there:
+            attach again later).
+    """
+    stats = stats or FarmStats(total=sum(sp.tasks for sp in spools))
+    reported, _ = rd.replay()
+    acks: dict[int, list[int]] = {i: [] for i in range(len(spools))}
+
+    def seen(seq: int) -> bool:
+        return seq < len(reported) and bool(reported[seq])
+
+    while not all(sp.finished for sp in spools):
+        for i, sp in enumerate(spools):
+            if sp.finished:
+                continue
+            header = {"mode": "collect", "spools": [
+                {"spool": sp.path, "ack": acks[i], "tidy": False}]}
+            try:
+                frames = await _call(sp.host, header, timeout=600)
+            except SshqError as exc:
+                sp.failures += 1
+                warn(f"{sp.host.label}: {exc}")
+                if sp.failures >= opts.max_host_failures:
+                    raise SshqError(f"{sp.host.label} stayed unreachable; its tasks are"
+                                    f" still there: `sshq farm attach {rd.name}` later") from None
+                continue
+            sp.failures = 0
+            acks[i] = []
+            out: dict[int, list[bytearray]] = {}
+            for head, payload in frames:
+                kind = head.get("t")
+                if kind == "o":
+                    bufs = out.setdefault(int(head["id"]), [bytearray(), bytearray()])
+                    bufs[int(head.get("s", 1)) - 1] += payload
+                elif kind == "d":
+                    seq = int(head["id"])
+                    acks[i].append(seq)
+                    bufs = out.pop(seq, [bytearray(), bytearray()])
+                    if seen(seq):
+                        continue
+                    r = TaskResult(
+                        seq=seq, command=commands(seq), host=sp.host.label,
+                        exit_status=head.get("rc"), signal=signal_name(head.get("sig")),
+                        stdout=bytes(bufs[0]), stderr=bytes(bufs[1]), start=head.get("t0"),
+                        end=head.get("t1"), attempts=int(head.get("attempt", 1)),
+                        timed_out=bool(head.get("to")))
+                    writer.write(r)
+                    rd.log("result", seq=seq, host=r.host, exit_status=r.exit_status,
+                           signal=r.signal)
+                    if seq >= len(reported):
+                        reported.extend(bytes(seq + 1 - len(reported) + 1024))
+                    reported[seq] = 1
+                    if r.ok:
+                        stats.done += 1
+                    else:
+                        stats.failed += 1
+                elif kind == "state":
+                    if not head.get("exists", True):
+                        sp.finished = True     # tidied by an earlier attach
+                        rd.log("spool_done", spool=sp.path)
+                    elif head.get("done") and head.get("results", 0) == len(acks[i]):
+                        sp.finished = True
+                        # tidy: acknowledge and remove the spool
+                        await _call(sp.host, {"mode": "collect", "spools": [
+                            {"spool": sp.path, "ack": acks[i], "tidy": True}]})
+                        rd.log("spool_done", spool=sp.path)
+                    elif not head.get("alive") and not head.get("done"):
+                        state = await pilot_state(sp) if pilot_state else None
+                        if state == "waiting":
+                            continue
+                        if pilot_state is None and sp.restarts < 3:
+                            sp.restarts += 1
+                            warn(f"{sp.host.label}: the detached worker died; restarting it")
+                            await restart_worker(sp, opts)
+                        elif pilot_state is not None:
+                            warn(f"{sp.host.label}: pilot job for {sp.path} ended before"
+                                 " its tasks; they remain for `sshq farm --resume`")
+                            sp.finished = True
+        if not all(sp.finished for sp in spools):
+            await asyncio.sleep(interval)
+    return stats
+
+
+def command_lookup(batch: Path) -> Callable[[int], str]:
+    """seq -> command of a batch file (reads the file once into an offset index)."""
+    from .batch import read_batch
+
+    table = dict(read_batch(batch))
+    return lambda seq: table.get(seq, "")
