@@ -1,0 +1,101 @@
+"""Detached farm runs and pilot jobs (``--detach``, ``attach``, ``--via``) on the
+real loopback sshd and the real single-node Slurm."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+Run = Callable[..., subprocess.CompletedProcess[bytes]]
+
+
+def _batch(tmp_path: Path, n: int, cmd: str = "sleep 0.05; echo task-$SSHQ_FARM_SEQ") -> Path:
+    p = tmp_path / "batch.txt"
+    p.write_text("".join(f"{cmd}\n" for _ in range(n)))
+    return p
+
+
+def _results(out: bytes) -> list[dict[str, object]]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_detach_then_attach_reports_each_task_once(sshq: Run, tmp_path: Path) -> None:
+    batch = _batch(tmp_path, 40)
+    name = f"det-{time.time_ns()}"
+    started = time.monotonic()
+    res = sshq("farm", str(batch), "--hosts", "bg,local", "--detach", "--run", name)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == b""                       # results come with attach
+    assert f"sshq farm attach {name}".encode() in res.stderr
+    assert time.monotonic() - started < 30         # it did not wait for the tasks
+    first = sshq("farm", "attach", name)
+    assert first.returncode == 0, first.stderr
+    got = _results(first.stdout)
+    assert sorted(r["seq"] for r in got) == list(range(1, 41))
+    for r in got:
+        assert r["stdout"] == f"task-{r['seq']}\n" and r["exit_status"] == 0
+    assert {r["host"] for r in got} == {"bg", "local"}   # split over both hosts
+    again = sshq("farm", "attach", name)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == b""                     # never reported twice
+
+
+def test_detached_workers_survive_the_client_and_a_killed_worker_restarts(
+        sshq: Run, tmp_path: Path) -> None:
+    batch = _batch(tmp_path, 12, "sleep 0.3; echo ok-$SSHQ_FARM_SEQ")
+    name = f"det2-{time.time_ns()}"
+    assert sshq("farm", str(batch), "--hosts", "local", "--slots", "1", "--detach",
+                "--run", name).returncode == 0
+    spool = Path.home() / "sshq-run" / "farm" / name / "local"
+    pid = int((spool / "worker.pid").read_text())
+    time.sleep(1.0)
+    subprocess.run(["kill", "-9", str(pid)], check=True)   # the worker dies mid-run
+    res = sshq("farm", "attach", name, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert b"restarting" in res.stderr
+    got = _results(res.stdout)
+    assert sorted(r["seq"] for r in got) == list(range(1, 13))
+    assert all(r["stdout"] == f"ok-{r['seq']}\n" for r in got)
+    assert not spool.exists()                      # tidied once all were reported
+
+
+def test_via_slurm_pilot_jobs(slurm_testbed: dict[str, str], sshq: Run, tmp_path: Path,
+                              ) -> None:
+    batch = _batch(tmp_path, 30, "echo $SLURM_JOB_ID $SSHQ_FARM_SEQ")
+    res = sshq("farm", str(batch), "--via", "slurm", "--nodes", "2", "--run",
+               f"via-{time.time_ns()}", "--walltime", "00:05:00", timeout=240)
+    assert res.returncode == 0, res.stderr
+    got = _results(res.stdout)
+    assert sorted(r["seq"] for r in got) == list(range(1, 31))
+    job_ids = set()
+    for r in got:
+        job_id, seq = str(r["stdout"]).split()
+        assert int(seq) == r["seq"]
+        job_ids.add(job_id)
+    assert len(job_ids) == 2                       # the tasks ran inside the 2 pilot jobs
+    jobs = sshq("jobs", "--json")
+    names = [j["name"] for j in json.loads(jobs.stdout)]
+    assert sum(1 for n in names if n.startswith("farm-via-")) == 2
+
+
+def test_attach_refuses_a_run_that_was_not_detached(sshq: Run, tmp_path: Path) -> None:
+    batch = _batch(tmp_path, 2, "true")
+    name = f"att-{time.time_ns()}"
+    assert sshq("farm", str(batch), "--hosts", "local", "--run", name).returncode == 0
+    res = sshq("farm", "attach", name)
+    assert res.returncode != 0
+    assert b"not detached" in res.stderr
+
+
+@pytest.mark.parametrize("opt", [["--keep-order"], ["--output-dir", "/tmp/x"]])
+def test_detach_refuses_options_it_cannot_honour(sshq: Run, tmp_path: Path,
+                                                 opt: list[str]) -> None:
+    batch = _batch(tmp_path, 2, "true")
+    res = sshq("farm", str(batch), "--hosts", "local", "--detach", *opt)
+    assert res.returncode == 2 and b"not available" in res.stderr
+
