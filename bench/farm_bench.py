@@ -109,8 +109,8 @@ def check_sshq_jsonl(path: Path, n: int, command: str) -> None:
             except ValueError:
                 bad.append(f"line {lines} is not JSON: {raw[:200]!r}")
                 continue
-            missing = {"seq", "command", "host", "exit_status", "signal", "stdout", "stderr",
-                       "start", "end", "attempts"} - set(rec)
+            missing = {"seq", "command", "host", "exit_status", "signal", "start", "end",
+                       "attempts"} - set(rec)
             if missing:
                 bad.append(f"line {lines} lacks {sorted(missing)}: {raw[:200]!r}")
                 continue

@@ -370,7 +370,10 @@ def test_jsonl_line_is_valid_utf8_even_for_undecodable_command(tmp_path: Path) -
                                                 signal=None, stdout=b"\xff\n", attempts=1))
     line = buf.getvalue()
     line.decode("utf-8")   # RFC 8259: JSON text is UTF-8
-    assert json.loads(line)["seq"] == 1
+    d = json.loads(line)
+    assert d["seq"] == 1 and "command" not in d
+    assert base64.b64decode(d["command_b64"]) == b"echo \xff"
+    assert base64.b64decode(d["stdout_b64"]) == b"\xff\n"
 
 
 def test_result_writer_anet(tmp_path: Path) -> None:
@@ -608,6 +611,7 @@ async def test_dispatcher_kill_running_task(spool: Any) -> None:
     try:
         await d.send(task(1, "echo started; sleep 1000 & wait"))
         _, s, _ = await d.until("s", 1)
+        await asyncio.sleep(0.3)   # let it print
         t0 = time.monotonic()
         await d.send({"t": "kill", "id": 1})
         _, head, payload = await d.until("d", 1, timeout=5)
@@ -643,6 +647,25 @@ async def test_dispatcher_kill_pending_task(spool: Any) -> None:
         await d.send({"t": "close"})
         rest, _, _ = await d.until("bye")
         assert not any(h["t"] == "s" for h, _ in rest)
+    finally:
+        await d.close()
+
+
+async def test_dispatcher_pause_holds_queued_tasks(spool: Any) -> None:
+    _, env = spool
+    d = await LocalDispatcher.start({"slots": 1}, env=env)
+    try:
+        await d.send(task(1, "sleep 0.3"))
+        await d.send(task(2, "echo two"))
+        await d.until("s", 1)
+        await d.send({"t": "pause"})
+        seen, _, _ = await d.until("d", 1)
+        assert not any(h["t"] == "s" for h, _ in seen)
+        with pytest.raises(TimeoutError):
+            await d.until("s", 2, timeout=1.0)
+        await d.send({"t": "resume"})
+        _, head, payload = await d.until("d", 2)
+        assert head["rc"] == 0 and payload == b"two\n"
     finally:
         await d.close()
 

@@ -57,7 +57,9 @@ def count_tasks(path: str | os.PathLike[str]) -> tuple[int, int]:
     Raises:
         ConfigError: as :func:`read_batch`.
     """
-    n = lines = 0
-    for lines, _cmd in read_batch(Path(path)):  # noqa: B007
+    n = 0
+    for _ in read_batch(Path(path)):
         n += 1
+    with open(path, "rb") as fh:
+        lines = sum(1 for _ in fh)
     return n, lines
