@@ -87,6 +87,8 @@ class Rec:
     wall_s: float
     rss_kb: int | None  # peak RSS of the client process (largest of its tree); None: remote
     rep: int
+    span_s: float | None = None  # sshq: first task start to last task end (its JSON)
+    retried: int = 0  # sshq: tasks with attempts > 1 (retries, speculation)
 
     @property
     def rate(self) -> float:
@@ -96,10 +98,15 @@ class Rec:
 # ---------------------------------------------------------------- validation
 
 
-def check_sshq_jsonl(path: Path, n: int, command: str) -> None:
-    """sshq farm --format jsonl: exactly n lines, seq 1..n each once, all exit_status 0."""
+def check_sshq_jsonl(path: Path, n: int, command: str) -> tuple[float, int]:
+    """sshq farm --format jsonl: exactly n lines, seq 1..n each once, all exit_status 0.
+
+    Returns (first start to last end in s, number of tasks with attempts > 1);
+    raises RuntimeError when the output is wrong.
+    """
     seqs: set[int] = set()
-    lines = 0
+    lines = retried = 0
+    t_min, t_max = float("inf"), float("-inf")
     bad: list[str] = []
     with path.open("rb") as f:
         for raw in f:
@@ -118,6 +125,8 @@ def check_sshq_jsonl(path: Path, n: int, command: str) -> None:
             if not isinstance(seq, int) or seq in seqs or not 1 <= seq <= n:
                 bad.append(f"line {lines}: bad or repeated seq {seq!r}")
             seqs.add(seq)
+            t_min, t_max = min(t_min, rec["start"]), max(t_max, rec["end"])
+            retried += rec["attempts"] != 1
             if rec["exit_status"] != 0 or rec["command"] != command:
                 bad.append(f"line {lines}: {raw[:300]!r}")
             if len(bad) > 5:
@@ -129,6 +138,7 @@ def check_sshq_jsonl(path: Path, n: int, command: str) -> None:
     if bad:
         raise RuntimeError(f"sshq farm output {path} is wrong (--keep keeps it):\n  "
                            + "\n  ".join(bad[:6]))
+    return t_max - t_min, retried
 
 
 def check_joblog(path: Path, n: int, command: str) -> None:
@@ -317,10 +327,10 @@ class FarmBench:
                                    timeout=max(600.0, n / 20))
         if rc != 0:
             raise RuntimeError(f"sshq farm exited {rc}: {shlex.join(argv)}\n{tail(err)}")
-        check_sshq_jsonl(out, n, WORKLOADS[workload])
+        span, retried = check_sshq_jsonl(out, n, WORKLOADS[workload])
         if not self.args.keep:
             out.unlink()
-        return Rec("sshq", workload, n, self.slots, dt, rss, rep)
+        return Rec("sshq", workload, n, self.slots, dt, rss, rep, span, retried)
 
     def parallel_argv(self, j: int, joblog: Path) -> list[str]:
         login = f"{j}/ssh -S {self.ctl} -p {self.bed.port} {self.bed.user}@{self.bed.host}"
@@ -458,10 +468,19 @@ class FarmBench:
                          f"{r.rate:.0f}") for r in [
                              *sorted(small, key=lambda r: -(r.rss_kb or 0))[:1], *self.mem]]
             floor = self.notes.get("RSS floor (method, `true`) kB", 0) / 1024
-            out += ["sshq client peak RSS (ru_maxrss of `python -m sshq ... farm` from"
-                    " os.wait4, `true`; at --tasks the largest of the repeats;"
-                    f" the method's floor is {floor:.1f} MiB, see HELPER):",
-                    "", table(["tasks", "peak RSS MiB", "wall s", "tasks/s"], mem_rows), ""]
+            if mem_rows:
+                out += ["sshq client peak RSS (ru_maxrss of `python -m sshq ... farm` from"
+                        " os.wait4, `true`; at --tasks the largest of the repeats;"
+                        f" the method's floor is {floor:.1f} MiB, see HELPER):",
+                        "", table(["tasks", "peak RSS MiB", "wall s", "tasks/s"], mem_rows), ""]
+            diag = [(WORKLOADS[r.workload], r.n, r.rep + 1, f"{r.wall_s:.2f}",
+                     f"{r.span_s:.2f}", f"{r.wall_s - r.span_s:.2f}",
+                     f"{r.n / r.span_s:.0f}", r.retried)
+                    for r in [*self.recs, *self.mem] if r.tool == "sshq" and r.span_s]
+            out += ["sshq runs: wall time vs the span of its tasks (first start to last end,"
+                    " from its JSON): the rest is start-up, connection and shutdown.", "",
+                    table(["task", "tasks", "rep", "wall s", "task span s", "wall - span s",
+                           "tasks/s in span", "attempts > 1"], diag), ""]
             out += ["Goals:", "", table(["workload", "goal", "measured", "status"], [
                 (g["workload"], g["goal"], g["measured"], "✓" if g["met"] else "✗")
                 for g in self.goals()]), ""]

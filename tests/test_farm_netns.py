@@ -249,7 +249,7 @@ def test_host_crash_and_partition_every_task_reported_once(
     run.wait_results(30, timeout=90)
     h1.kill_all()
     h2.link_down()
-    t_down = time.monotonic()
+    t_down, wall_down = time.monotonic(), time.time()
     time.sleep(4)
     h2.link_up()
     if crashed_host_returns:
@@ -280,6 +280,10 @@ def test_host_crash_and_partition_every_task_reported_once(
     assert lost_h1, "h1 held no task when it crashed: the test proved nothing"
     for seq in lost_h1:   # re-run and reported once (checked above) from a live host
         assert by_seq[seq]["host"] in LABELS
+    reported_at = {e["seq"]: e["t"] for e in events if e["e"] == "result"}
+    assert any(e["e"] == "start" and e["host"] == "h2" and e["t"] < wall_down
+               and reported_at[e["seq"]] > wall_down for e in events), (
+        "h2 held no task when its link went down: the test proved nothing")
     dropped = [e for e in events if e["e"] == "host" and e.get("dropped")]
     if crashed_host_returns:
         assert "dropped" not in stderr, stderr

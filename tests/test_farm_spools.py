@@ -4,9 +4,12 @@ real loopback sshd and the real single-node Slurm."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -64,11 +67,25 @@ def test_detached_workers_survive_the_client_and_a_killed_worker_restarts(
     assert not spool.exists()                      # tidied once all were reported
 
 
-def test_via_slurm_pilot_jobs(slurm_testbed: dict[str, str], sshq: Run, tmp_path: Path,
-                              ) -> None:
-    batch = _batch(tmp_path, 30, "echo $SLURM_JOB_ID $SSHQ_FARM_SEQ")
-    res = sshq("farm", str(batch), "--via", "slurm", "--nodes", "2", "--run",
-               f"via-{time.time_ns()}", "--walltime", "00:05:00", timeout=240)
+@pytest.fixture
+def gate() -> Iterator[Path]:
+    """A directory the test bed's user (who runs the tasks) can write."""
+    d = Path(tempfile.mkdtemp(prefix="sq-gate-", dir="/tmp"))
+    d.chmod(0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_via_slurm_pilot_jobs_share_one_queue(slurm_testbed: dict[str, str], sshq: Run,
+                                              tmp_path: Path, gate: Path) -> None:
+    # every task waits (at most 60 s) until both pilots have started one: proves
+    # that the two pilot jobs take tasks from the same queue at the same time
+    cmd = (f"touch {gate}/$SLURM_JOB_ID; n=0; while [ $(ls {gate} | wc -l) -lt 2 ]"
+           " && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done; echo $SLURM_JOB_ID $SSHQ_FARM_SEQ")
+    batch = _batch(tmp_path, 30, cmd)
+    name = f"via-{time.time_ns()}"
+    res = sshq("farm", str(batch), "--via", "slurm", "--nodes", "2", "--run", name,
+               "--walltime", "00:05:00", timeout=240)
     assert res.returncode == 0, res.stderr
     got = _results(res.stdout)
     assert sorted(r["seq"] for r in got) == list(range(1, 31))
@@ -77,10 +94,47 @@ def test_via_slurm_pilot_jobs(slurm_testbed: dict[str, str], sshq: Run, tmp_path
         job_id, seq = str(r["stdout"]).split()
         assert int(seq) == r["seq"]
         job_ids.add(job_id)
+        assert str(r["host"]).startswith("slurm/")        # platform/node
     assert len(job_ids) == 2                       # the tasks ran inside the 2 pilot jobs
-    jobs = sshq("jobs", "--json")
-    names = [j["name"] for j in json.loads(jobs.stdout)]
-    assert sum(1 for n in names if n.startswith("farm-via-")) == 2
+    jobs = json.loads(sshq("jobs", "--json").stdout)
+    assert sorted(j["job_id"] for j in jobs if j["name"].startswith(f"farm-{name}")) \
+        == sorted(job_ids)
+
+
+def test_via_a_killed_pilots_tasks_are_taken_over(slurm_testbed: dict[str, str], sshq: Run,
+                                                  cli_env: dict[str, str],
+                                                  tmp_path: Path) -> None:
+    batch = _batch(tmp_path, 16, "sleep 1; echo done-$SSHQ_FARM_SEQ")
+    name = f"via2-{time.time_ns()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sshq", "farm", str(batch), "--via", "slurm", "--nodes", "2",
+         "--run", name], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        workers = Path("/home") / slurm_testbed["SSHQ_TEST_USER"] / "sshq-run" / "farm" / name \
+            / "pilots" / "workers"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if workers.is_dir() and len(list(workers.iterdir())) >= 2:
+                break
+        else:
+            pytest.fail("the two pilots never started")
+        jobs = json.loads(sshq("jobs", "--json").stdout)
+        victim = next(j for j in jobs if j["name"].startswith(f"farm-{name}"))
+        time.sleep(1.5)                            # both hold claimed tasks now
+        assert sshq("kill", str(victim["id"])).returncode in (0, 1)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+    assert proc.returncode == 0, err
+    got = _results(out)
+    assert sorted(r["seq"] for r in got) == list(range(1, 17))
+    assert all(r["stdout"] == f"done-{r['seq']}\n" for r in got)
 
 
 def test_attach_refuses_a_run_that_was_not_detached(sshq: Run, tmp_path: Path) -> None:

@@ -27,8 +27,9 @@ Output (stdout carries results and nothing else):
   --format anet   ANet's framing: 32-bit little-endian seq, 32-bit little-endian
                   length, then the task's stdout.
 \b
-Exit status: 0 if every task succeeded, 1 if any failed, other values for
-errors (3 config, 4 unreachable host, ...).  Tasks get SSHQ_FARM_RUN,
+Exit status: 0 if every task succeeded, 1 if any failed; for errors 2 (bad
+options or config), 3 (no host reachable), 4 (authentication), 5 (host key),
+6 (remote failure), 141 (stdout closed), 130 (interrupted).  Tasks get SSHQ_FARM_RUN,
 SSHQ_FARM_SEQ, SSHQ_FARM_HOST, SSHQ_FARM_SLOT and SSHQ_FARM_ATTEMPT in their
 environment."""
 

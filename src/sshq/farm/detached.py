@@ -19,7 +19,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ class Spool:
     host: FarmHost
     path: str
     tasks: int = 0
-    job_id: int | None = None   # with --via: the sshq job of its pilot
+    job_ids: list[int] = field(default_factory=list)  # with --via: the pilot jobs
     finished: bool = False
     failures: int = 0
     restarts: int = 0
@@ -59,8 +59,9 @@ def spool_path(host: FarmHost, run: str, part: str) -> str:
 
 
 def _worker_header(opts: FarmOptions, spool: str, *, detach: bool) -> dict[str, Any]:
-    return {"mode": "prepare", "spool": spool, "detach": detach, "slots": opts.slots,
-            "env": opts.env, "cwd": opts.cwd, "retries": opts.retries}
+    """A spool filled for pilots (not ``detach``) is shared by all of them."""
+    return {"mode": "prepare", "spool": spool, "detach": detach, "shared": not detach,
+            "slots": opts.slots, "env": opts.env, "cwd": opts.cwd, "retries": opts.retries}
 
 
 async def _call(host: FarmHost, header: dict[str, Any], frames: bytes = b"",
@@ -115,6 +116,15 @@ async def restart_worker(sp: Spool, opts: FarmOptions) -> None:
     await _call(sp.host, _worker_header(opts, sp.path, detach=True), encode({"t": "close"}))
 
 
+async def _restart(sp: Spool, opts: FarmOptions, warn: Callable[[str], None]) -> bool:
+    if sp.restarts >= 3:
+        return False
+    sp.restarts += 1
+    warn(f"{sp.host.label}: the detached worker died; restarting it")
+    await restart_worker(sp, opts)
+    return True
+
+
 async def attach_spools(
     spools: list[Spool],
     rd: RunDir,
@@ -124,7 +134,7 @@ async def attach_spools(
     *,
     interval: float = 1.0,
     warn: Callable[[str], None] = lambda msg: None,
-    pilot_state: Callable[[Spool], Awaitable[str]] | None = None,
+    revive: Callable[[Spool, FarmOptions, Callable[[str], None]], Awaitable[bool]] | None = None,
     stats: FarmStats | None = None,
 ) -> FarmStats:
     """Collect results from spools until every task has one.
@@ -137,9 +147,10 @@ async def attach_spools(
         opts: the run's options (to restart a worker).
         interval: seconds between two collections from a host.
         warn: told about unreachable hosts and dead workers.
-        pilot_state: with ``--via``: given a spool whose worker has not
-            started or died, returns "waiting" (pilot job not running yet),
-            or anything else to have the worker counted as dead.
+        revive: given a spool with tasks left and no live worker; returns
+            True if a worker is coming (a pilot job queued, a worker
+            restarted), False if none will (the tasks are left for later).
+            None: restart a detached worker, three times at most.
         stats: counts to update (progress display).
 
     Returns:
@@ -185,8 +196,10 @@ async def attach_spools(
                     bufs = out.pop(seq, [bytearray(), bytearray()])
                     if seen(seq):
                         continue
+                    node = head.get("node")
+                    label = f"{sp.host.label}/{node}" if node and sp.job_ids else sp.host.label
                     r = TaskResult(
-                        seq=seq, command=commands(seq), host=sp.host.label,
+                        seq=seq, command=commands(seq), host=label,
                         exit_status=head.get("rc"), signal=signal_name(head.get("sig")),
                         stdout=bytes(bufs[0]), stderr=bytes(bufs[1]), start=head.get("t0"),
                         end=head.get("t1"), attempts=int(head.get("attempt", 1)),
@@ -212,16 +225,9 @@ async def attach_spools(
                             {"spool": sp.path, "ack": acks[i], "tidy": True}]})
                         rd.log("spool_done", spool=sp.path)
                     elif not head.get("alive") and not head.get("done"):
-                        state = await pilot_state(sp) if pilot_state else None
-                        if state == "waiting":
-                            continue
-                        if pilot_state is None and sp.restarts < 3:
-                            sp.restarts += 1
-                            warn(f"{sp.host.label}: the detached worker died; restarting it")
-                            await restart_worker(sp, opts)
-                        elif pilot_state is not None:
-                            warn(f"{sp.host.label}: pilot job for {sp.path} ended before"
-                                 " its tasks; they remain for `sshq farm --resume`")
+                        if not await (revive or _restart)(sp, opts, warn):
+                            warn(f"{sp.host.label}: no worker is left for {sp.path}; its"
+                                 f" unfinished tasks stay there (`sshq farm attach {rd.name}`)")
                             sp.finished = True
         if not all(sp.finished for sp in spools):
             await asyncio.sleep(interval)
@@ -234,3 +240,61 @@ def command_lookup(batch: Path) -> Callable[[int], str]:
 
     table = dict(read_batch(batch))
     return lambda seq: table.get(seq, "")
+
+
+class Pilots:
+    """The pilot jobs of a ``--via`` run (one shared spool).
+
+    Args:
+        client: the :class:`~sshq.client.AsyncClient`.
+        platform: the platform whose job runner runs the pilots.
+        rd: the run (journal).
+        walltime: the pilots' walltime (``HH:MM:SS``), or None.
+    """
+
+    def __init__(self, client: Any, platform: str, rd: RunDir, walltime: str | None) -> None:
+        self.client = client
+        self.platform = client.config.platform(platform)
+        self.rd = rd
+        self.walltime = walltime
+
+    async def submit(self, sp: Spool, n: int) -> None:
+        """Submit ``n`` pilot jobs working on spool ``sp``.
+
+        Raises:
+            TransportError, RemoteError: the submission failed.
+            SshqError: the job runner refused every pilot.
+        """
+        from ..model import JobSpec
+        from ..model.resources import parse_walltime
+        from ..quoting import join
+
+        first = len(sp.job_ids) + 1
+        specs = [JobSpec(
+            command=join([self.platform.python, f"{sp.path}/dispatcher.py", "worker", sp.path]),
+            name=f"farm-{self.rd.name}-{k}"[:60],
+            walltime=parse_walltime(self.walltime) if self.walltime else None,
+        ) for k in range(first, first + n)]
+        jobs = await self.client.submit(specs, platform=self.platform.name)
+        ok = 0
+        for job in jobs:
+            sp.job_ids.append(job.id)
+            self.rd.log("pilot", spool=sp.path, job=job.id, job_id=job.job_id,
+                        state=str(job.state), message=job.message)
+            ok += not job.state.is_final
+        if not ok:
+            raise SshqError(f"{self.platform.name}: the job runner refused the pilot jobs:"
+                            f" {jobs[0].message if jobs else ''}")
+
+    async def revive(self, sp: Spool, opts: FarmOptions, warn: Callable[[str], None]) -> bool:
+        """No worker is alive: wait for queued pilots, or submit one more (3 at most)."""
+        if sp.job_ids:
+            jobs = await self.client.poll(sp.job_ids)
+            if any(not j.state.is_final for j in jobs):
+                return True   # queued or starting: its worker will come
+        if sp.restarts >= 3:
+            return False
+        sp.restarts += 1
+        warn(f"{self.platform.name}: every pilot job ended with tasks left; submitting another")
+        await self.submit(sp, 1)
+        return True

@@ -177,6 +177,7 @@ class _Host:
         self.capacity = 0
         self.session: Session | None = None
         self.failures = 0
+        self.completed = 0
         self.dropped = False
         self.wake = asyncio.Event()
 
@@ -356,7 +357,7 @@ class Farm:
     async def _host_main(self, h: _Host) -> None:
         backoff = 1.0
         while not self._finished.is_set():
-            progress = self.stats.done + self.stats.failed
+            progress = h.completed
             try:
                 await self._session(h)
                 return
@@ -364,7 +365,7 @@ class Farm:
                 fatal = isinstance(exc, SshqError) and not exc.transient \
                     and not isinstance(exc, RemoteError)
                 self._host_lost(h, str(exc))
-                if self.stats.done + self.stats.failed > progress:
+                if h.completed > progress:   # this host did work before failing
                     h.failures = 0
                     backoff = 1.0
                 h.failures += 1
@@ -509,6 +510,7 @@ class Farm:
         elif kind == "o":
             c.add(int(head.get("s", 1)), payload, self.opts.output_dir)
         elif kind == "d":
+            h.completed += 1
             del h.copies[c.id]
             self.stats.running -= 1
             h.wake.set()

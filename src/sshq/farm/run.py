@@ -16,7 +16,6 @@ from typing import Any, BinaryIO
 
 from ..config import Platform
 from ..exceptions import ConfigError
-from ..quoting import join as join_argv
 from ..remote.staging import rsync_push
 from ..transport import Transport
 from ..transport.local import LocalTransport
@@ -249,18 +248,14 @@ async def _start_spools(client: Any, req: FarmRequest, rd: RunDir, hosts: list[F
                         out: BinaryIO, warn: Callable[[str], None],
                         on_start: Callable[[Any], None]) -> FarmStats:
     """``--detach`` and ``--via``: fill the remote spools, start the workers."""
-    from ..model import JobSpec
-    from ..model.resources import parse_walltime
-    from .detached import Spool, attach_spools, command_lookup, prepare_spools, spool_path
+    from .detached import Pilots, Spool, attach_spools, command_lookup, prepare_spools, spool_path
 
     opts = req.options
     if req.deps is not None:
         opts.cwd = await sync_deps(hosts, req.deps)
     opts.env = dict(opts.env, SSHQ_FARM_RUN=rd.name)
-    if req.via:
-        login = hosts[0]
-        spools = [Spool(host=login, path=spool_path(login, rd.name, f"pilot-{k}"))
-                  for k in range(1, req.nodes + 1)]
+    if req.via:   # one spool on the login host, shared by every pilot job
+        spools = [Spool(host=hosts[0], path=spool_path(hosts[0], rd.name, "pilots"))]
     else:
         spools = [Spool(host=h, path=spool_path(h, rd.name, h.label)) for h in hosts]
     prepared = await prepare_spools(spools, read_batch(rd.batch), opts, detach=not req.via)
@@ -270,31 +265,16 @@ async def _start_spools(client: Any, req: FarmRequest, rd: RunDir, hosts: list[F
         for sp, rep in zip(spools, prepared, strict=True):
             rd.log("spool", host=sp.host.label, spool=sp.path, tasks=sp.tasks, pid=rep.get("pid"))
         if not req.via:
-            _record_spools(rd, spools)
+            _record_spools(rd, spools, None)
             return FarmStats(total=total)
-        plat = client.config.platform(req.via)
-        specs = [JobSpec(
-            command=join_argv([plat.python, f"{sp.path}/dispatcher.py", "worker", sp.path]),
-            name=f"farm-{rd.name}-{k}"[:60],
-            walltime=parse_walltime(req.walltime) if req.walltime else None,
-        ) for k, sp in enumerate(spools, 1)]
-        jobs = await client.submit(specs, platform=req.via)
-        for sp, job in zip(spools, jobs, strict=True):
-            sp.job_id = job.id
-            rd.log("pilot", spool=sp.path, job=job.id, job_id=job.job_id, state=str(job.state))
-        _record_spools(rd, spools)
+        pilots = Pilots(client, req.via, rd, req.walltime)
+        await pilots.submit(spools[0], req.nodes)
+        _record_spools(rd, spools, req.walltime)
         stats = FarmStats(total=total)
         on_start(_StatsHolder(stats))
-
-        async def pilot_state(sp: Spool) -> str:
-            if sp.job_id is None:
-                return "dead"
-            (job,) = await client.poll([sp.job_id])
-            return "dead" if job.state.is_final else "waiting"
-
         return await attach_spools(spools, rd, ResultWriter(out, req.fmt),
                                    command_lookup(rd.batch), opts, warn=warn,
-                                   pilot_state=pilot_state, stats=stats)
+                                   revive=pilots.revive, stats=stats)
     finally:
         rd.close()
 
@@ -304,10 +284,11 @@ class _StatsHolder:
         self.stats = stats
 
 
-def _record_spools(rd: RunDir, spools: list[Any]) -> None:
+def _record_spools(rd: RunDir, spools: list[Any], walltime: str | None) -> None:
     rec = rd.options()
     rec["spools"] = [{"host": sp.host.label, "path": sp.path, "tasks": sp.tasks,
-                      "job": sp.job_id} for sp in spools]
+                      "jobs": sp.job_ids} for sp in spools]
+    rec["walltime"] = walltime
     (rd.path / "options.json").write_text(json.dumps(rec, indent=1))
 
 
@@ -320,7 +301,7 @@ async def attach_run(client: Any, name: str, out: BinaryIO, *,
         ConfigError: no such run, or it was not detached.
         SshqError: a host stayed unreachable (attach again later).
     """
-    from .detached import Spool, attach_spools, command_lookup
+    from .detached import Pilots, Spool, attach_spools, command_lookup
 
     rd = RunDir(client.state_dir, name)
     rec = rd.options()
@@ -335,23 +316,19 @@ async def attach_run(client: Any, name: str, out: BinaryIO, *,
         if host is None:
             raise ConfigError(f"host {item['host']!r} of run {name!r} is no longer configured")
         spools.append(Spool(host=host, path=item["path"], tasks=int(item["tasks"]),
-                            job_id=item.get("job")))
+                            job_ids=list(item.get("jobs") or [])))
     stats = FarmStats(total=sum(sp.tasks for sp in spools))
     reported, _ = rd.replay()
     stats.done = sum(reported)
     on_start(_StatsHolder(stats))
     rd.open_journal()
     try:
-        pilot_state = None
-        if any(sp.job_id for sp in spools):
-            async def pilot_state(sp: Spool) -> str:
-                if sp.job_id is None:
-                    return "dead"
-                (job,) = await client.poll([sp.job_id])
-                return "dead" if job.state.is_final else "waiting"
+        revive = None
+        if rec.get("via"):
+            revive = Pilots(client, rec["via"], rd, rec.get("walltime")).revive
         return await attach_spools(spools, rd, ResultWriter(out, req.fmt),
                                    command_lookup(rd.batch), req.options, warn=warn,
-                                   pilot_state=pilot_state, stats=stats)
+                                   revive=revive, stats=stats)
     finally:
         rd.close()
 

@@ -49,6 +49,7 @@ import os
 import selectors
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -453,8 +454,20 @@ class Dispatcher(object):
         shutil.rmtree(self.spool, ignore_errors=True)
 
 
+STALE = 60.0           # seconds without a heartbeat after which a worker is dead
+BEAT = 5.0             # seconds between a worker's heartbeats
+
+
 class Worker(Dispatcher):
-    """Runs a spool directory's tasks; results go to files, not frames."""
+    """Runs a spool directory's tasks; results go to files, not frames.
+
+    A spool made with "shared" (pilot jobs) is worked on by several workers,
+    possibly on several nodes of a shared file system: each claims a task by
+    creating claims/<seq> with O_EXCL (atomic, NFS included) before running
+    it.  Every worker touches workers/<id> every BEAT seconds; a claim whose
+    worker has been silent for STALE seconds and has no result is taken over
+    (renaming the claim away is atomic, so only one worker wins it).
+    """
 
     def __init__(self, spool_dir):
         self.dir = os.path.abspath(spool_dir)
@@ -463,18 +476,108 @@ class Worker(Dispatcher):
         header["nonce"] = ""
         Dispatcher.__init__(self, header)
         shutil.rmtree(self.spool, ignore_errors=True)
-        self.spool = os.path.join(self.dir, "tmp")
+        self.wid = "%s-%d" % (socket.gethostname(), os.getpid())
+        self.spool = os.path.join(self.dir, "tmp", self.wid)
         self.results = os.path.join(self.dir, "results")
-        for d in (self.spool, self.results):
+        self.claims = os.path.join(self.dir, "claims")
+        self.workers = os.path.join(self.dir, "workers")
+        for d in (self.spool, self.results, self.claims, self.workers):
             if not os.path.isdir(d):
                 os.makedirs(d)
         self.retries = int(header.get("retries") or 0)
+        self.shared = bool(header.get("shared"))
+        self.tasks_fh = open(os.path.join(self.dir, "tasks.jsonl"))
+        self.exhausted = False
+        self.last_beat = 0.0
+        self.last_steal = 0.0
 
     def send(self, data):
         pass
 
     def send_file(self, task_id, stream_no, path):
         pass
+
+    def has_result(self, seq):
+        base = os.path.join(self.results, str(seq))
+        return os.path.exists(base + ".json") or os.path.exists(base + ".acked")
+
+    def claim(self, seq):
+        try:
+            fd = os.open(os.path.join(self.claims, str(seq)),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                return False
+            raise
+        os.write(fd, self.wid.encode("utf-8"))
+        os.close(fd)
+        return True
+
+    def next_task(self):
+        """The next task this worker may run, or None."""
+        if self.pending:
+            return self.pending.pop(0)
+        while not self.exhausted:
+            line = self.tasks_fh.readline()
+            if not line:
+                self.exhausted = True
+                break
+            head = json.loads(line)
+            if self.has_result(head["seq"]):
+                continue
+            if not self.shared or self.claim(head["seq"]):
+                return head
+        if self.shared and time.monotonic() - self.last_steal > BEAT:
+            self.last_steal = time.monotonic()
+            return self.steal()
+        return None
+
+    def worker_fresh(self, wid):
+        return fresh(self.workers, wid)
+
+    def orphans(self):
+        """Claims without a result whose worker is gone: [(seq, owner)]."""
+        found = []
+        for name in os.listdir(self.claims):
+            if not name.isdigit() or self.has_result(int(name)):
+                continue
+            try:
+                with open(os.path.join(self.claims, name)) as fh:
+                    owner = fh.read().strip()
+            except OSError:
+                continue
+            if owner != self.wid:
+                found.append((int(name), owner))
+        return found
+
+    def steal(self):
+        for seq, owner in self.orphans():
+            if self.worker_fresh(owner):
+                continue
+            path = os.path.join(self.claims, str(seq))
+            try:
+                os.rename(path, "%s.lost-%s" % (path, self.wid))
+            except OSError:
+                continue  # another worker took it over first
+            if not self.claim(seq):
+                continue
+            self.tasks_fh.seek(0)
+            for line in self.tasks_fh:
+                head = json.loads(line)
+                if head["seq"] == seq:
+                    return head
+        return None
+
+    def waiting_on_others(self):
+        """Tasks claimed by live workers are still unfinished (pilot start-up)."""
+        return self.shared and any(not self.has_result(seq) for seq, _ in self.orphans())
+
+    def beat(self):
+        now = time.monotonic()
+        if now - self.last_beat >= BEAT:
+            self.last_beat = now
+            with open(os.path.join(self.workers, self.wid), "w") as fh:
+                fh.write("%d\n" % os.getpid())
 
     def finish(self, task):
         del self.running[task.id]
@@ -497,20 +600,19 @@ class Worker(Dispatcher):
                 with open(base + ext, "wb") as fh:
                     fh.write(stream.buf)
         meta = {"seq": seq, "rc": rc, "sig": task.sig, "t0": task.t0, "t1": task.t1,
-                "to": task.timed_out, "attempt": attempt}
-        with open(base + ".tmp", "w") as fh:
+                "to": task.timed_out, "attempt": attempt, "node": socket.gethostname()}
+        with open(base + "." + self.wid + ".tmp", "w") as fh:
             json.dump(meta, fh)
-        os.rename(base + ".tmp", base + ".json")
+        os.rename(base + "." + self.wid + ".tmp", base + ".json")
+
+    def all_done(self):
+        self.tasks_fh.seek(0)
+        return all(self.has_result(json.loads(line)["seq"]) for line in self.tasks_fh)
 
     def run(self):
         os.chdir(self.cwd)
         with open(os.path.join(self.dir, "worker.pid"), "w") as fh:
             fh.write("%d\n" % os.getpid())
-        with open(os.path.join(self.dir, "tasks.jsonl")) as fh:
-            for line in fh:
-                head = json.loads(line)
-                if not os.path.exists(os.path.join(self.results, "%d.json" % head["seq"])):
-                    self.pending.append(head)
         os.set_blocking(self.wake_w, False)
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *a: None)
@@ -518,23 +620,39 @@ class Worker(Dispatcher):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
         paused_flag = os.path.join(self.dir, "paused")
-        while self.pending or self.running:
-            if not os.path.exists(paused_flag):
-                while self.pending and self.free_slots:
-                    self.start(self.pending.pop(0))
-            timeout = self.timers()
-            timeout = 0.5 if timeout is None else min(timeout, 0.5)
-            for key, _ in self.sel.select(timeout):
-                if key.data == "pipe":
-                    self.read_pipe(key.fd)
-                else:
-                    try:
-                        os.read(self.wake_r, 4096)
-                    except OSError:
-                        pass
-            self.reap()
-        with open(os.path.join(self.dir, "done"), "w") as fh:
-            fh.write("%f\n" % time.time())
+        started = time.monotonic()
+        try:
+            while True:
+                self.beat()
+                if not os.path.exists(paused_flag):
+                    while self.free_slots:
+                        head = self.next_task()
+                        if head is None:
+                            break
+                        self.start(head)
+                if not self.running and not self.pending and self.exhausted:
+                    # a pilot that starts while others' claims are fresh waits
+                    # until they finish or go stale, so lost tasks are re-run
+                    if not (self.waiting_on_others() and time.monotonic() - started < STALE + 10):
+                        break
+                timeout = self.timers()
+                timeout = 0.5 if timeout is None else min(timeout, 0.5)
+                for key, _ in self.sel.select(timeout):
+                    if key.data == "pipe":
+                        self.read_pipe(key.fd)
+                    else:
+                        try:
+                            os.read(self.wake_r, 4096)
+                        except OSError:
+                            pass
+                self.reap()
+        finally:
+            with open(os.path.join(self.workers, self.wid + ".done"), "w") as fh:
+                fh.write("%f\n" % time.time())
+            shutil.rmtree(self.spool, ignore_errors=True)
+        if self.all_done():
+            with open(os.path.join(self.dir, "done"), "w") as fh:
+                fh.write("%f\n" % time.time())
 
 
 def resolve_spool(path):
@@ -603,11 +721,8 @@ def daemon(spool):
     try:
         os.close(r)
         os.setsid()
-        pid = os.fork()
-        if pid:
-            os.write(w, str(pid).encode("ascii"))
+        if os.fork():
             os._exit(0)
-        os.close(w)
         null = os.open(os.devnull, os.O_RDWR)
         log = os.open(os.path.join(spool, "worker.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                       0o600)
@@ -615,7 +730,11 @@ def daemon(spool):
         os.dup2(null, 1)
         os.dup2(log, 2)
         try:
-            Worker(spool).run()
+            worker = Worker(spool)
+            worker.beat()     # alive before the client hears of it
+            os.write(w, str(os.getpid()).encode("ascii"))
+            os.close(w)
+            worker.run()
         except BaseException:
             import traceback
             traceback.print_exc()
@@ -625,20 +744,42 @@ def daemon(spool):
         os._exit(1)
 
 
-def worker_alive(spool):
+def pid_alive(pid):
     try:
-        with open(os.path.join(spool, "worker.pid")) as fh:
-            pid = int(fh.read().strip())
         os.kill(pid, 0)
-    except (OSError, ValueError):
+    except ProcessLookupError:
         return False
+    except OSError:
+        return True   # exists, someone else's
     try:
         with open("/proc/%d/stat" % pid) as fh:
-            if fh.read().split(")")[-1].split()[0] == "Z":
-                return False
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
     except (OSError, IndexError):
-        pass
-    return True
+        return True
+
+
+def fresh(workers, wid):
+    """Whether worker ``wid`` (``host-pid``) is alive: by its pid when it runs
+    on this host, else by its heartbeat file's age."""
+    if os.path.exists(os.path.join(workers, wid + ".done")):
+        return False
+    host, _, pid = wid.rpartition("-")
+    if host == socket.gethostname() and pid.isdigit():
+        return pid_alive(int(pid))
+    try:
+        return time.time() - os.stat(os.path.join(workers, wid)).st_mtime < STALE
+    except OSError:
+        return False
+
+
+def worker_alive(spool):
+    """Whether some worker of the spool is alive."""
+    workers = os.path.join(spool, "workers")
+    try:
+        names = os.listdir(workers)
+    except OSError:
+        return False
+    return any(fresh(workers, n) for n in names if not n.endswith(".done"))
 
 
 def collect(header):
@@ -648,9 +789,14 @@ def collect(header):
         spool = resolve_spool(item["spool"])
         results = os.path.join(spool, "results")
         for seq in item.get("ack") or ():      # reported by the client: forget them
-            for ext in (".json", ".out", ".err"):
+            base = os.path.join(results, str(int(seq)))
+            try:
+                os.rename(base + ".json", base + ".acked")
+            except OSError:
+                pass
+            for ext in (".out", ".err"):
                 try:
-                    os.unlink(os.path.join(results, "%d%s" % (int(seq), ext)))
+                    os.unlink(base + ext)
                 except OSError:
                     pass
         done = os.path.exists(os.path.join(spool, "done"))
@@ -680,7 +826,8 @@ def collect(header):
                         out.write(frame({"t": "o", "id": seq, "s": no}, data))
             out.write(frame({"t": "d", "id": seq, "rc": meta["rc"], "sig": meta["sig"],
                              "t0": meta["t0"], "t1": meta["t1"], "to": meta["to"],
-                             "k": False, "n1": 0, "attempt": meta.get("attempt", 1)}))
+                             "k": False, "n1": 0, "attempt": meta.get("attempt", 1),
+                             "node": meta.get("node")}))
         try:
             with open(os.path.join(spool, "tasks.jsonl")) as tf:
                 tasks = sum(1 for _ in tf)
