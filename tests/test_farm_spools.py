@@ -48,13 +48,21 @@ def test_detach_then_attach_reports_each_task_once(sshq: Run, tmp_path: Path) ->
     assert again.stdout == b""                     # never reported twice
 
 
+def _spool(cli_env: dict[str, str], name: str) -> Path:
+    """The (first) remote spool directory of run ``name``, from its options."""
+    opts = json.loads((Path(cli_env["SSHQ_STATE_DIR"]) / "farm" / name / "options.json")
+                      .read_text())
+    return Path(opts["spools"][0]["path"])
+
+
 def test_detached_workers_survive_the_client_and_a_killed_worker_restarts(
-        sshq: Run, tmp_path: Path) -> None:
+        sshq: Run, cli_env: dict[str, str], tmp_path: Path) -> None:
     batch = _batch(tmp_path, 12, "sleep 0.3; echo ok-$SSHQ_FARM_SEQ")
     name = f"det2-{time.time_ns()}"
     assert sshq("farm", str(batch), "--hosts", "local", "--slots", "1", "--detach",
                 "--run", name).returncode == 0
-    spool = Path.home() / "sshq-run" / "farm" / name / "local"
+    spool = _spool(cli_env, name)
+    assert spool.parent.parent.parent == tmp_path / "local-run"   # the platform's run_dir
     pid = int((spool / "worker.pid").read_text())
     time.sleep(1.0)
     subprocess.run(["kill", "-9", str(pid)], check=True)   # the worker dies mid-run
@@ -110,8 +118,13 @@ def test_via_a_killed_pilots_tasks_are_taken_over(slurm_testbed: dict[str, str],
         [sys.executable, "-m", "sshq", "farm", str(batch), "--via", "slurm", "--nodes", "2",
          "--run", name], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        workers = Path("/home") / slurm_testbed["SSHQ_TEST_USER"] / "sshq-run" / "farm" / name \
-            / "pilots" / "workers"
+        deadline = time.monotonic() + 30
+        while not (Path(cli_env["SSHQ_STATE_DIR"]) / "farm" / name / "options.json").is_file() \
+                or "spools" not in (Path(cli_env["SSHQ_STATE_DIR"]) / "farm" / name
+                                    / "options.json").read_text():
+            assert time.monotonic() < deadline, "the run never recorded its spool"
+            time.sleep(0.2)
+        workers = _spool(cli_env, name) / "workers"
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             time.sleep(0.5)

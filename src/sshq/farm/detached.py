@@ -1,7 +1,7 @@
 """Detached runs and pilot jobs: the remote file system as the mediator.
 
 ``--detach``: the tasks are split among the hosts and written to a spool
-directory on each (``~/sshq-run/farm/<run>/<host>/``), where a daemon
+directory on each (``<run_dir>/farm/<run>/<host>/``), where a daemon
 worker (the dispatcher in worker mode) runs them and leaves each result in
 files.  The client may go; ``sshq farm attach NAME`` collects the results
 later, reporting each exactly once (the local journal decides), and then
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +24,12 @@ from typing import Any
 
 from ..exceptions import RemoteError, SshqError
 from ..remote.protocol import agent_argv
-from ..transport.local import LocalTransport
-from .engine import FarmHost, FarmOptions, FarmStats
+from .engine import FarmHost, FarmOptions, FarmStats, task_dir
 from .journal import RunDir
 from .output import ResultWriter, TaskResult, signal_name
 from .wire import FrameReader, dispatcher_source, dispatcher_stdin, encode
 
-__all__ = ["Spool", "prepare_spools", "attach_spools", "spool_path"]
+__all__ = ["Spool", "Pilots", "prepare_spools", "attach_spools"]
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +47,11 @@ class Spool:
     restarts: int = 0
 
 
-def spool_path(host: FarmHost, run: str, part: str) -> str:
-    """The spool directory for ``part`` of run ``run`` (``~`` relative)."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", part)
-    rel = f"sshq-run/farm/{run}/{safe}"
-    if isinstance(host.transport, LocalTransport):
-        return str(Path.home() / rel)
-    return "~/" + rel
-
-
-def _worker_header(opts: FarmOptions, spool: str, *, detach: bool) -> dict[str, Any]:
+def _worker_header(sp: Spool, opts: FarmOptions, *, detach: bool) -> dict[str, Any]:
     """A spool filled for pilots (not ``detach``) is shared by all of them."""
-    return {"mode": "prepare", "spool": spool, "detach": detach, "shared": not detach,
-            "slots": opts.slots, "env": opts.env, "cwd": opts.cwd, "retries": opts.retries}
+    return {"mode": "prepare", "spool": sp.path, "detach": detach, "shared": not detach,
+            "slots": opts.slots, "env": dict(opts.env, SSHQ_FARM_HOST=sp.host.label),
+            "cwd": task_dir(sp.host, opts), "retries": opts.retries}
 
 
 async def _call(host: FarmHost, header: dict[str, Any], frames: bytes = b"",
@@ -99,7 +89,7 @@ async def prepare_spools(
 
     async def one(sp: Spool, frames: list[bytes]) -> dict[str, Any]:
         sp.tasks = len(frames)
-        got = await _call(sp.host, _worker_header(opts, sp.path, detach=detach),
+        got = await _call(sp.host, _worker_header(sp, opts, detach=detach),
                           b"".join(frames) + src + encode({"t": "close"}))
         for head, _ in got:
             if head.get("t") == "prepared":
@@ -113,7 +103,7 @@ async def prepare_spools(
 
 async def restart_worker(sp: Spool, opts: FarmOptions) -> None:
     """Start a detached worker on a spool again (it skips finished tasks)."""
-    await _call(sp.host, _worker_header(opts, sp.path, detach=True), encode({"t": "close"}))
+    await _call(sp.host, _worker_header(sp, opts, detach=True), encode({"t": "close"}))
 
 
 async def _restart(sp: Spool, opts: FarmOptions, warn: Callable[[str], None]) -> bool:

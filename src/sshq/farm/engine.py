@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import statistics
 import time
@@ -36,6 +37,7 @@ from typing import Any, BinaryIO
 from ..exceptions import HostUnreachableError, RemoteError, SshqError
 from ..remote.protocol import agent_argv
 from ..transport import Session, Transport
+from ..transport.local import LocalTransport
 from .output import TaskResult, output_paths, signal_name
 from .wire import FrameReader, dispatcher_stdin, encode
 
@@ -57,12 +59,29 @@ class FarmHost:
         transport: how to reach it.
         python: the remote Python 3.6+ interpreter.
         login_shell: start the dispatcher from ``bash -l``.
+        run_dir: the host's remote run directory (``~`` allowed): spools
+            and ``--deps`` copies live under it.
     """
 
     label: str
     transport: Transport
     python: str = "python3"
     login_shell: bool = False
+    run_dir: str = "~/sshq-run"
+
+    def path(self, *parts: str) -> str:
+        """A path under the host's run directory, as the dispatcher reads it
+        (``~`` expanded remotely; on a local transport, expanded here)."""
+        p = "/".join([self.run_dir.rstrip("/"), *parts])
+        if isinstance(self.transport, LocalTransport):
+            return os.path.expanduser(p)
+        return p
+
+    def argv_path(self, *parts: str) -> str:
+        """:meth:`path` as an argument of a remote command (run from the home
+        directory, no shell: ``~/x`` becomes ``x``)."""
+        p = self.path(*parts)
+        return p[2:] if p.startswith("~/") else p
 
 
 @dataclass(slots=True, kw_only=True)
@@ -79,8 +98,8 @@ class FarmOptions:
         keep_order: report results in input order.
         output_dir: write each task's stdout/stderr there instead of
             carrying them in the result.
-        cwd: tasks' working directory on every host (``~`` allowed); None
-            for the login directory.
+        deps: name of the ``--deps`` directory: tasks run in its copy,
+            ``<run_dir>/farm-deps/<deps>``; None: in the login directory.
         env: extra environment variables for the tasks.
         max_host_failures: consecutive session failures that drop a host.
         lost_limit: a task whose host went away this many times is reported
@@ -95,7 +114,7 @@ class FarmOptions:
     speculate: bool = True
     keep_order: bool = False
     output_dir: Path | None = None
-    cwd: str | None = None
+    deps: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     max_host_failures: int = 5
     lost_limit: int = 3
@@ -397,7 +416,7 @@ class Farm:
     async def _session(self, h: _Host) -> None:
         env = dict(self.opts.env, SSHQ_FARM_HOST=h.label)
         nonce, stdin = dispatcher_stdin({"slots": self.opts.slots, "env": env,
-                                         "cwd": self.opts.cwd})
+                                         "cwd": task_dir(h.spec, self.opts)})
         session = await self._paced_open(h)
         try:
             await session.write(stdin)
@@ -597,6 +616,11 @@ class Farm:
         self._remaining -= 1
         if self._remaining <= 0:
             self._finished.set()
+
+
+def task_dir(host: FarmHost, opts: FarmOptions) -> str | None:
+    """The tasks' working directory on ``host`` (None: the login directory)."""
+    return host.path("farm-deps", opts.deps) if opts.deps else None
 
 
 async def _quiet_write(session: Session, data: bytes) -> None:

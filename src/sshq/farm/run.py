@@ -17,7 +17,6 @@ from typing import Any, BinaryIO
 from ..config import Platform
 from ..exceptions import ConfigError
 from ..remote.staging import rsync_push
-from ..transport import Transport
 from ..transport.local import LocalTransport
 from .batch import count_tasks, read_batch
 from .engine import Farm, FarmHost, FarmOptions, FarmStats
@@ -64,6 +63,11 @@ class FarmRequest:
     walltime: str | None = None
 
 
+def _safe(label: str) -> str:
+    """A host label as one path component."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
+
+
 def split_specs(specs: list[str]) -> list[str]:
     """``["a,b", "c"]`` -> ``["a", "b", "c"]`` (blanks dropped)."""
     return [s.strip() for spec in specs for s in spec.split(",") if s.strip()]
@@ -91,7 +95,8 @@ def resolve_hosts(client: Any, specs: list[str]) -> list[FarmHost]:
             for host in plat.hosts:
                 label = spec if len(plat.hosts) == 1 else f"{spec}/{host}"
                 hosts.append(FarmHost(label=label, transport=client.transport(plat, host),
-                                      python=plat.python, login_shell=plat.login_shell))
+                                      python=plat.python, login_shell=plat.login_shell,
+                                      run_dir=plat.run_dir))
             continue
         m = _DEST_RE.match(spec)
         if m is None:
@@ -110,21 +115,15 @@ def resolve_hosts(client: Any, specs: list[str]) -> list[FarmHost]:
     return hosts
 
 
-def _remote_deps_dir(t: Transport, name: str) -> str:
-    rel = f"sshq-run/farm-deps/{name}"
-    if isinstance(t, LocalTransport):
-        return str(Path.home() / rel)
-    return rel
-
-
 async def sync_deps(hosts: list[FarmHost], deps: Path) -> str:
-    """rsync ``deps`` to every host (only changed files travel).
+    """rsync ``deps`` to every host's ``<run_dir>/farm-deps/NAME`` (only
+    changed files travel).
 
     Returns:
-        The tasks' working directory on the hosts (``~/sshq-run/farm-deps/NAME``).
+        NAME, for :attr:`FarmOptions.deps`.
 
     Raises:
-        ConfigError: ``deps`` is not a directory.
+        ConfigError: ``deps`` is not a directory, or a host's copy cannot be made.
         RemoteError, TransportError: a copy failed.
     """
     if not deps.is_dir():
@@ -132,7 +131,7 @@ async def sync_deps(hosts: list[FarmHost], deps: Path) -> str:
     name = deps.resolve().name or "deps"
 
     async def one(h: FarmHost) -> None:
-        remote = _remote_deps_dir(h.transport, name)
+        remote = h.argv_path("farm-deps", name)
         res = await h.transport.run(["mkdir", "-p", remote], timeout=60)
         if res.exit_status != 0:
             raise ConfigError(f"{h.label}: cannot create {remote}: "
@@ -141,9 +140,7 @@ async def sync_deps(hosts: list[FarmHost], deps: Path) -> str:
                          deps, remote, [])
 
     await asyncio.gather(*(one(h) for h in hosts))
-    t = hosts[0].transport
-    return _remote_deps_dir(t, name) if isinstance(t, LocalTransport) \
-        else f"~/{_remote_deps_dir(t, name)}"
+    return name
 
 
 def _options_record(req: FarmRequest, hosts: list[str]) -> dict[str, Any]:
@@ -201,7 +198,11 @@ async def run_farm(
     """
     if req.resume:
         rd = RunDir(client.state_dir, req.resume)
-        _restore(req, rd.options())
+        rec = rd.options()
+        if rec.get("spools"):
+            raise ConfigError(f"farm run {req.resume!r} is detached: collect its results with"
+                              f" `sshq farm attach {req.resume}`")
+        _restore(req, rec)
     else:
         if req.batch is None:
             raise ConfigError("give a batch file, or --resume NAME")
@@ -220,7 +221,7 @@ async def run_farm(
     if opts.output_dir is not None:
         ensure_dir(opts.output_dir)
     if req.deps is not None:
-        opts.cwd = await sync_deps(hosts, req.deps)
+        opts.deps = await sync_deps(hosts, req.deps)
     opts.env = dict(opts.env, SSHQ_FARM_RUN=rd.name)
     writer = ResultWriter(out, req.fmt)
     rd.open_journal()
@@ -248,16 +249,16 @@ async def _start_spools(client: Any, req: FarmRequest, rd: RunDir, hosts: list[F
                         out: BinaryIO, warn: Callable[[str], None],
                         on_start: Callable[[Any], None]) -> FarmStats:
     """``--detach`` and ``--via``: fill the remote spools, start the workers."""
-    from .detached import Pilots, Spool, attach_spools, command_lookup, prepare_spools, spool_path
+    from .detached import Pilots, Spool, attach_spools, command_lookup, prepare_spools
 
     opts = req.options
     if req.deps is not None:
-        opts.cwd = await sync_deps(hosts, req.deps)
+        opts.deps = await sync_deps(hosts, req.deps)
     opts.env = dict(opts.env, SSHQ_FARM_RUN=rd.name)
     if req.via:   # one spool on the login host, shared by every pilot job
-        spools = [Spool(host=hosts[0], path=spool_path(hosts[0], rd.name, "pilots"))]
+        spools = [Spool(host=hosts[0], path=hosts[0].path("farm", rd.name, "pilots"))]
     else:
-        spools = [Spool(host=h, path=spool_path(h, rd.name, h.label)) for h in hosts]
+        spools = [Spool(host=h, path=h.path("farm", rd.name, _safe(h.label))) for h in hosts]
     prepared = await prepare_spools(spools, read_batch(rd.batch), opts, detach=not req.via)
     total = sum(sp.tasks for sp in spools)
     rd.open_journal()
