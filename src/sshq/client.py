@@ -247,7 +247,7 @@ class AsyncClient:
                         extra["SSHQ_ID"] = str(job_id)
                     script = render_job_script(
                         spec, handler, job_log_dir=log_dir, work_dir=work_dir,
-                        extra_env=extra,
+                        extra_env=extra, container_runtime=plat.container_runtime,
                     )
                     jobs_req.append({
                         "key": str(job_id),

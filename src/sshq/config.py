@@ -16,6 +16,7 @@ also honours ``SSHQ_CONFIG`` and ``--config``)::
     login_shell = false           # true: run the agent from `bash -l` (modules, PATH)
     path_prepend = []             # remote dirs put before PATH, e.g. ["/opt/slurm/bin"]
     min_poll_interval = 10        # seconds between job runner status queries per host
+    container_runtime = "apptainer"  # apptainer | singularity | podman (--container-image)
 
 Every key is optional; ``hosts`` defaults to ``[NAME]`` (an ~/.ssh/config
 alias works).  The built-in platform ``localhost`` (transport ``local``,
@@ -35,6 +36,7 @@ import platformdirs
 
 from .exceptions import ConfigError
 from .job_runners import HANDLERS
+from .jobscript.container import CONTAINER_RUNTIMES
 from .transport import TRANSPORTS, HostParams, check_host
 
 __all__ = ["Platform", "Config", "load_config", "default_config_path", "default_state_dir"]
@@ -70,6 +72,8 @@ class Platform:
         bad_host_seconds: how long a failing host is skipped, in seconds.
         batch_mode: openssh only; False lets ssh prompt (MFA).
         submit_concurrency: concurrent job runner submissions in the agent.
+        container_runtime: what runs a job's ``container_image``:
+            ``apptainer`` (default), ``singularity`` or ``podman``.
         login_shell: start the agent from ``bash -l`` so that it sees a login
             environment (module systems, PATH to the job runner's commands).
         path_prepend: absolute remote directories put before PATH for the
@@ -94,6 +98,7 @@ class Platform:
     batch_mode: bool = True
     submit_concurrency: int = 4
     login_shell: bool = False
+    container_runtime: str = "apptainer"
     path_prepend: tuple[str, ...] = ()
     min_poll_interval: float = 10.0
 
@@ -116,6 +121,7 @@ _KEYS = {
     "hosts", "port", "user", "identity_file", "known_hosts", "job_runner", "run_dir",
     "transport", "python", "connect_timeout", "bad_host_seconds", "batch_mode",
     "submit_concurrency", "login_shell", "path_prepend", "min_poll_interval",
+    "container_runtime",
 }
 
 
@@ -197,6 +203,11 @@ def _platform(name: str, table: Any, source: str) -> Platform:
             f"{where}: unknown transport {transport!r}; known: {', '.join(TRANSPORTS)}"
         )
     kw["transport"] = transport
+    runtime = table.get("container_runtime", "apptainer")
+    if runtime not in CONTAINER_RUNTIMES:
+        raise ConfigError(f"{where}: unknown container_runtime {runtime!r}; known:"
+                          f" {', '.join(CONTAINER_RUNTIMES)}")
+    kw["container_runtime"] = runtime
     for key in ("connect_timeout", "bad_host_seconds", "min_poll_interval"):
         if key in table:
             v = table[key]

@@ -170,6 +170,10 @@ def _parse_env(values: Sequence[str]) -> dict[str, str]:
 @click.option("--output", "outputs", multiple=True, metavar="RELPATH",
               help="File or directory (relative to the work directory) that `sshq retrieve`"
               " brings back once the job has succeeded (repeatable).")
+@click.option("--container-image", metavar="IMAGE",
+              help="Run the script inside this container image, with the platform's"
+              " container_runtime (apptainer, singularity or podman); ssh-to-job then opens"
+              " its shell there too.")
 @click.option("--wait", "wait_", is_flag=True, help="Wait until the jobs are final; exit 0"
               " only if all succeeded.")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
@@ -181,7 +185,7 @@ def submit(ctx: click.Context, scripts: tuple[str, ...], platform: str, command:
            memory: str | None, queue: str | None, account: str | None,
            mail_user: str | None, mail_events: str | None, directives: tuple[str, ...],
            work_dir: str | None, array: str | None, inputs: tuple[str, ...],
-           outputs: tuple[str, ...],
+           outputs: tuple[str, ...], container_image: str | None,
            wait_: bool, timeout: float | None, as_json: bool,
            config_path: str | None) -> None:
     """Submit job scripts (or --command) to a platform, all in one SSH command.
@@ -211,6 +215,7 @@ def submit(ctx: click.Context, scripts: tuple[str, ...], platform: str, command:
         "mail_events": tuple(e for e in (mail_events or "").split(",") if e),
         "directives": tuple(directives), "work_dir": work_dir,
         "inputs": tuple(inputs), "outputs": tuple(outputs), "array": array,
+        "container_image": container_image,
     }
     if command is not None:
         specs = [JobSpec(command=command, name=name or "job", **fields)]

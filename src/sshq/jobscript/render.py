@@ -27,7 +27,8 @@ record how it ended (LSF sends USR2 at a run limit, Slurm can send USR1/USR2
 before a time limit with ``--signal``).  The user's script is embedded as a
 quoted here-document, written to ``job.user`` in the job log directory and
 run with its arguments in the job's work directory, with the requested
-environment.  Every value that
+environment; inside a container image when the spec names one
+(:mod:`sshq.jobscript.container`).  Every value that
 reaches the shell goes through :mod:`sshq.quoting`.
 """
 
@@ -40,6 +41,7 @@ from collections.abc import Mapping
 from ..job_runners.base import JobRunnerHandler
 from ..model.job_spec import JobSpec
 from ..quoting import join, quote
+from .container import container_launch
 
 __all__ = ["render_job_script", "STATUS_FILE"]
 
@@ -97,7 +99,7 @@ _RUN = r"""chmod 700 "$SSHQ_JOB_LOG_DIR/job.user"
 trap - ERR
 {env}# snapshot of the job's environment, for `sshq ssh-to-job` (bash syntax, mode 0600)
 ( umask 077; export -p >"$SSHQ_JOB_LOG_DIR/job.env" )
-"$SSHQ_JOB_LOG_DIR/job.user"{args} &
+{container}{launch}{args} &
 sshq__child=$!
 wait "$sshq__child"
 exit $?
@@ -126,6 +128,7 @@ def render_job_script(
     job_log_dir: str,
     work_dir: str,
     extra_env: Mapping[str, str] | None = None,
+    container_runtime: str = "apptainer",
 ) -> bytes:
     """Render the job file for one job.
 
@@ -136,6 +139,8 @@ def render_job_script(
         work_dir: absolute work directory.
         extra_env: sshq's own variables (``SSHQ_ID``...), exported before the
             user's environment.
+        container_runtime: runs ``spec.container_image``, if any
+            (:mod:`sshq.jobscript.container`).
 
     Returns:
         The job file's bytes (``#!/bin/bash``).
@@ -172,11 +177,16 @@ def render_job_script(
     env_lines = "".join(f"export {k}={quote(v)}\n" for k, v in spec.environment.items())
     if env_lines:
         env_lines = "# ---- the job's environment ----\n" + env_lines
+    container, launch = "", '"$SSHQ_JOB_LOG_DIR/job.user"'
+    if spec.container_image is not None:
+        container, launch = container_launch(container_runtime, spec.container_image)
+        container = "# ---- the job runs in a container image ----\n" + container
     return (
         head.encode("utf-8", "surrogateescape")
         + b"# ---- the user's script ----\n"
         + f"cat >\"$SSHQ_JOB_LOG_DIR/job.user\" <<'{delim}'\n".encode()
         + body
         + f"{delim}\n".encode()
-        + _RUN.format(args=args, env=env_lines).encode("utf-8", "surrogateescape")
+        + _RUN.format(args=args, env=env_lines, container=container,
+                      launch=launch).encode("utf-8", "surrogateescape")
     )

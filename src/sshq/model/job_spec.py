@@ -57,6 +57,11 @@ class JobSpec:
             throttle): one submission, and one sshq job per element, polled
             on its own.  Each element has its own job log directory
             ``<NN>/<index>/`` and sees ``SSHQ_ARRAY_INDEX``.
+        container_image: run the script inside this image (an Apptainer
+            ``.sif`` path or a registry reference such as
+            ``docker://alpine:3.20``; for podman an image name), with the
+            platform's ``container_runtime``.  ``sshq ssh-to-job`` then opens
+            its shell in the same image (podman: the same container).
     """
 
     script: bytes | None = None
@@ -78,6 +83,7 @@ class JobSpec:
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     array: str | None = None
+    container_image: str | None = None
 
     def __post_init__(self) -> None:
         # Accept the forms people write ("0:10:00", 600, "2G"); store the types.
@@ -154,6 +160,13 @@ class JobSpec:
         _check_inputs(self.inputs)
         if self.array is not None:
             parse_array(self.array)
+        if self.container_image is not None:
+            img = self.container_image
+            check_directive_value("container-image", img)
+            if not img or img.startswith("-") or any(c.isspace() for c in img):
+                raise InvalidInputError(
+                    f"container-image {img!r}: an image path or reference, without spaces,"
+                    " not starting with '-'")
         for out in self.outputs:
             check_directive_value("output", out)
             parts = out.split("/")

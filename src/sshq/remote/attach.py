@@ -26,12 +26,27 @@ NO_ENV_MARK = "sshq-ssh-to-job: no job environment"
 
 #: $1 env file, $2 work dir, $3 "shell" or "command", $4 the command.  A job
 #: the runner reports running may not have reached its wrapper yet: wait up to
-#: 30 s for the environment file rather than run without it.
+#: 30 s for the environment file rather than run without it.  When the job
+#: status file (next to the env file) records a container, the shell or
+#: command runs there: ``podman exec`` into the job's own container, or
+#: ``apptainer exec`` of the job's image (sshq.jobscript.container); inside,
+#: the job's $SHELL if the image has it, else /bin/sh.
 LAUNCH = (
     'n=0; while [ ! -r "$1" ] && [ $n -lt 60 ]; do sleep 0.5; n=$((n+1)); done; '
     f'[ -r "$1" ] || {{ echo "{NO_ENV_MARK} ($1): the job has not started its script yet"'
     ' >&2; exit 125; }; '
     'set -a; . "$1" 2>/dev/null; set +a; cd "$2" || exit 1; '
+    's="${1%/*}/job.status"; '
+    'k() { sed -n "s/^SSHQ_JOB_CONTAINER_$1=//p" "$s" 2>/dev/null | tail -n 1; }; '
+    'rt=$(k RUNTIME); '
+    'if [ -n "$rt" ]; then '
+    '  if [ "$3" = shell ]; then '
+    """    set -- "$1" "$2" "$3" 'if [ -x "$SHELL" ]; then exec "$SHELL"; fi; exec /bin/sh'; """
+    '  fi; '
+    '  if [ "$rt" = podman ]; then t=-i; [ -t 0 ] && t=-it; '
+    '    exec podman exec $t -w "$2" "$(k NAME)" /bin/sh -c "$4"; fi; '
+    '  exec "$rt" exec --pwd "$2" "$(k IMAGE)" /bin/sh -c "$4"; '
+    'fi; '
     'if [ "$3" = shell ]; then exec "${SHELL:-/bin/bash}"; fi; exec /bin/bash -c "$4"'
 )
 

@@ -1,0 +1,61 @@
+"""Running a job's script inside a container image (``JobSpec.container_image``).
+
+The platform's ``container_runtime`` says how:
+
+* ``apptainer`` / ``singularity`` (HPC sites): ``apptainer exec --pwd WORK
+  --bind LOGDIR IMAGE job.user ARGS`` (``apptainer exec`` in the Apptainer
+  user guide); the home directory, /tmp and the environment pass through
+  by default.
+* ``podman``: ``podman run --rm --name NAME --network=host --userns=keep-id
+  --env-host -v LOGDIR:LOGDIR -v WORK:WORK -w WORK IMAGE job.user ARGS``
+  (podman-run(1)); the container gets a unique name so that
+  ``sshq ssh-to-job`` can ``podman exec`` into the very same container.
+
+The wrapper records the runtime, the image and (podman) the container name
+in the job status file, as ``SSHQ_JOB_CONTAINER_RUNTIME``,
+``SSHQ_JOB_CONTAINER_IMAGE`` and ``SSHQ_JOB_CONTAINER_NAME``.
+"""
+
+from __future__ import annotations
+
+from ..quoting import quote
+
+__all__ = ["CONTAINER_RUNTIMES", "container_launch"]
+
+#: Accepted values of a platform's ``container_runtime``.
+CONTAINER_RUNTIMES = ("apptainer", "singularity", "podman")
+
+_USER = '"$SSHQ_JOB_LOG_DIR/job.user"'
+
+
+def container_launch(runtime: str, image: str) -> tuple[str, str]:
+    """Shell text for running the user script in ``image``.
+
+    Args:
+        runtime: one of :data:`CONTAINER_RUNTIMES`.
+        image: the image reference or path (validated by ``JobSpec``).
+
+    Returns:
+        ``(prologue, command)``: lines that record the container in the job
+        status file, and the command that replaces the plain
+        ``"$SSHQ_JOB_LOG_DIR/job.user"`` (the script's arguments follow it).
+
+    Raises:
+        ValueError: unknown runtime.
+    """
+    if runtime not in CONTAINER_RUNTIMES:
+        raise ValueError(f"unknown container runtime {runtime!r}")
+    img = quote(image)
+    prologue = (f"sshq__record SSHQ_JOB_CONTAINER_RUNTIME {runtime}\n"
+                f"sshq__record SSHQ_JOB_CONTAINER_IMAGE {img}\n")
+    if runtime == "podman":
+        prologue += ('sshq__ctr="sshq-$(hostname -s 2>/dev/null || uname -n)-$$-$RANDOM"\n'
+                     'sshq__record SSHQ_JOB_CONTAINER_NAME "$sshq__ctr"\n')
+        command = ('podman run --rm --name "$sshq__ctr" --network=host --userns=keep-id'
+                   ' --env-host -v "$SSHQ_JOB_LOG_DIR:$SSHQ_JOB_LOG_DIR"'
+                   ' -v "$SSHQ_WORK_DIR:$SSHQ_WORK_DIR" -w "$SSHQ_WORK_DIR"'
+                   f" {img} {_USER}")
+    else:
+        command = (f'{runtime} exec --pwd "$SSHQ_WORK_DIR" --bind "$SSHQ_JOB_LOG_DIR"'
+                   f" {img} {_USER}")
+    return prologue, command
