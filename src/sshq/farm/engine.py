@@ -472,7 +472,6 @@ class Farm:
                 self._next_id += 1
                 t.copies[c.id] = c
                 h.copies[c.id] = c
-                self.stats.running += 1
                 if speculative:
                     self.stats.speculative += 1
                     self._journal("speculate", seq=t.seq, host=h.label)
@@ -489,7 +488,7 @@ class Farm:
         copies = list(h.copies.values())
         h.copies.clear()
         for c in copies:
-            self.stats.running -= 1
+            self.stats.running -= c.started is not None
             c.discard(self.opts.output_dir)
             t = c.task
             t.copies.pop(c.id, None)
@@ -516,23 +515,22 @@ class Farm:
         c = h.copies.get(head.get("id", -1))
         if c is None:
             return
-        if c.task.seq not in self._active:   # decided already: a loser's output
-            if kind == "d":
-                del h.copies[c.id]
-                self.stats.running -= 1
-                h.wake.set()
-            return
         if kind == "s":
             c.started = time.monotonic()
+            self.stats.running += 1
+        elif kind == "d":
+            del h.copies[c.id]
+            self.stats.running -= c.started is not None
+            h.wake.set()
+        if c.task.seq not in self._active:   # decided already: a loser's output
+            return
+        if kind == "s":
             c.task.attempts += 1
             self._journal("start", seq=c.task.seq, host=h.label, attempt=c.task.attempts)
         elif kind == "o":
             c.add(int(head.get("s", 1)), payload, self.opts.output_dir)
         elif kind == "d":
             h.completed += 1
-            del h.copies[c.id]
-            self.stats.running -= 1
-            h.wake.set()
             n1 = int(head.get("n1", 0))
             c.add(1, payload[:n1], self.opts.output_dir)
             c.add(2, payload[n1:], self.opts.output_dir)
