@@ -26,7 +26,7 @@ from ..exceptions import RemoteError, SshqError
 from ..remote.protocol import agent_argv
 from .engine import FarmHost, FarmOptions, FarmStats, task_dir
 from .journal import RunDir
-from .output import ResultWriter, TaskResult, signal_name
+from .output import TaskResult, signal_name
 from .wire import FrameReader, dispatcher_source, dispatcher_stdin, encode
 
 __all__ = ["Spool", "Pilots", "prepare_spools", "attach_spools"]
@@ -118,7 +118,7 @@ async def _restart(sp: Spool, opts: FarmOptions, warn: Callable[[str], None]) ->
 async def attach_spools(
     spools: list[Spool],
     rd: RunDir,
-    writer: ResultWriter,
+    writer: Any,
     commands: Callable[[int], str],
     opts: FarmOptions,
     *,

@@ -23,11 +23,12 @@ import json
 import os
 import signal as signal_mod
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
-__all__ = ["TaskResult", "ResultWriter", "signal_name"]
+__all__ = ["TaskResult", "ResultWriter", "ResultSink", "make_writer", "signal_name"]
 
 
 def signal_name(num: int | None) -> str | None:
@@ -138,3 +139,23 @@ def output_paths(directory: Path, seq: int) -> tuple[Path, Path]:
 def ensure_dir(directory: Path) -> Path:
     os.makedirs(directory, exist_ok=True)
     return directory
+
+
+class _Writes(Protocol):
+    def write(self, r: TaskResult) -> None: ...
+
+
+#: Where results go: a binary stream (written in ``fmt``) or a callable.
+ResultSink = BinaryIO | Callable[[TaskResult], None]
+
+
+class _CallbackWriter:
+    def __init__(self, fn: Callable[[TaskResult], None]) -> None:
+        self.write = fn
+
+
+def make_writer(out: ResultSink, fmt: str = "jsonl") -> _Writes:
+    """A writer for ``out``: a :class:`ResultWriter` for a stream, else the callable."""
+    if callable(out) and not hasattr(out, "write"):
+        return _CallbackWriter(out)
+    return ResultWriter(out, fmt)  # type: ignore[arg-type]

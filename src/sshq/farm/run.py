@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from ..config import Platform
 from ..exceptions import ConfigError
@@ -21,7 +21,7 @@ from ..transport.local import LocalTransport
 from .batch import count_tasks, read_batch
 from .engine import Farm, FarmHost, FarmOptions, FarmStats
 from .journal import RunDir, new_run_name
-from .output import ResultWriter, TaskResult, ensure_dir
+from .output import ResultSink, TaskResult, ensure_dir, make_writer
 
 __all__ = ["FarmRequest", "resolve_hosts", "run_farm", "pause_run", "sync_deps"]
 
@@ -170,7 +170,7 @@ def _restore(req: FarmRequest, rec: dict[str, Any]) -> None:
 async def run_farm(
     client: Any,
     req: FarmRequest,
-    out: BinaryIO,
+    out: ResultSink,
     *,
     on_name: Callable[[str], None] = lambda name: None,
     warn: Callable[[str], None] = lambda msg: None,
@@ -182,7 +182,8 @@ async def run_farm(
         client: an :class:`~sshq.client.AsyncClient` (config, transports,
             state dir).
         req: what to do.
-        out: binary stream for the results.
+        out: binary stream for the results (in ``req.fmt``), or a callable
+            given each :class:`TaskResult`.
         on_name: told the run's name before anything runs (the CLI prints
             a generated one on stderr).
         warn: told of hosts dropped and similar.
@@ -223,7 +224,7 @@ async def run_farm(
     if req.deps is not None:
         opts.deps = await sync_deps(hosts, req.deps)
     opts.env = dict(opts.env, SSHQ_FARM_RUN=rd.name)
-    writer = ResultWriter(out, req.fmt)
+    writer = make_writer(out, req.fmt)
     rd.open_journal()
     rd.log("run", resume=bool(req.resume), hosts=[h.label for h in hosts], tasks=total)
 
@@ -246,7 +247,7 @@ async def run_farm(
 
 
 async def _start_spools(client: Any, req: FarmRequest, rd: RunDir, hosts: list[FarmHost],
-                        out: BinaryIO, warn: Callable[[str], None],
+                        out: ResultSink, warn: Callable[[str], None],
                         on_start: Callable[[Any], None]) -> FarmStats:
     """``--detach`` and ``--via``: fill the remote spools, start the workers."""
     from .detached import Pilots, Spool, attach_spools, command_lookup, prepare_spools
@@ -273,7 +274,7 @@ async def _start_spools(client: Any, req: FarmRequest, rd: RunDir, hosts: list[F
         _record_spools(rd, spools, req.walltime)
         stats = FarmStats(total=total)
         on_start(_StatsHolder(stats))
-        return await attach_spools(spools, rd, ResultWriter(out, req.fmt),
+        return await attach_spools(spools, rd, make_writer(out, req.fmt),
                                    command_lookup(rd.batch), opts, warn=warn,
                                    revive=pilots.revive, stats=stats)
     finally:
@@ -293,7 +294,7 @@ def _record_spools(rd: RunDir, spools: list[Any], walltime: str | None) -> None:
     (rd.path / "options.json").write_text(json.dumps(rec, indent=1))
 
 
-async def attach_run(client: Any, name: str, out: BinaryIO, *,
+async def attach_run(client: Any, name: str, out: ResultSink, *,
                      warn: Callable[[str], None] = lambda msg: None,
                      on_start: Callable[[Any], None] = lambda farm: None) -> FarmStats:
     """Collect the results of a detached (or pilot) run; each is reported once.
@@ -327,7 +328,7 @@ async def attach_run(client: Any, name: str, out: BinaryIO, *,
         revive = None
         if rec.get("via"):
             revive = Pilots(client, rec["via"], rd, rec.get("walltime")).revive
-        return await attach_spools(spools, rd, ResultWriter(out, req.fmt),
+        return await attach_spools(spools, rd, make_writer(out, req.fmt),
                                    command_lookup(rd.batch), req.options, warn=warn,
                                    revive=revive, stats=stats)
     finally:
