@@ -5,7 +5,9 @@
 #   * a real single-node Slurm (munge + slurmctld + slurmd) on this host;
 #   * a real single-node Grid Engine (.ci/setup-sge.sh) and its own test user
 #     `sshqsge`, whose login shell is tcsh (remote commands must not assume
-#     bash), reached through the same sshd with the same key.
+#     bash), reached through the same sshd with the same key;
+#   * rootless podman for `sshqtest` and a tiny local image built offline
+#     (localhost/sshq-test:latest); optional: SSHQ_TEST_PODMAN=0 if it fails.
 # Recipes: shared/TESTBED.md. Must run as root. No systemd needed: daemons are
 # started directly.
 #
@@ -411,6 +413,145 @@ rc=$(qacct -j "$job" | awk '$1 == "exit_status" {print $2}')
 [ "$rc" = 0 ] || sge_fail "SGE test job $job ended with exit status '$rc'"
 log "SGE test job $job completed (exit 0)"
 
+# ------------------------------------------------------------------ podman
+# Rootless podman for $TUSER (tests/test_containers.py): runc (crun refuses
+# hybrid cgroups), cgroupfs, vfs storage, and a tiny local image built here
+# without network (busybox + bash).  Optional: if podman cannot work, the
+# test bed goes on with SSHQ_TEST_PODMAN=0 and those tests skip.
+PODMAN_PKGS=(podman uidmap runc busybox-static)
+PODMAN_IMAGE=localhost/sshq-test:latest
+PODMAN_IMAGE_REV=1          # bump when the image recipe below changes
+PODMAN_OK=0
+
+# tssh CMD...: run CMD as $TUSER through the test bed's sshd, as the tests do.
+tssh() { "${SSH[@]}" "$TUSER@$ADDR" "$@"; }
+
+# add_subids FILE FLAG: give $TUSER 65536 ids in FILE after the highest used.
+add_subids() {
+    local f=$1 flag=$2 start
+    grep -q "^$TUSER:" "$f" 2>/dev/null && return 1
+    start=$(awk -F: 'BEGIN {m = 100000} $3 ~ /^[0-9]+$/ && $2 + $3 > m {m = $2 + $3}
+                     END {print m}' "$f" 2>/dev/null || echo 100000)
+    log "giving $TUSER sub-ids $start-$((start + 65535)) in $f"
+    usermod "$flag" "$start-$((start + 65535))" "$TUSER"
+}
+
+# build_test_rootfs DIR: busybox (+ applet links), bash and its libraries.
+build_test_rootfs() {
+    local r=$1 b lib
+    mkdir -p "$r"/{bin,etc,tmp,proc,sys,dev,run,root,home,usr}
+    chmod 1777 "$r/tmp"
+    ln -s ../bin "$r/usr/bin"
+    for b in /bin/bash /bin/busybox; do
+        cp -L "$b" "$r/bin/" || return 1
+        for lib in $(ldd "$b" 2>/dev/null | grep -o '/[^ ]*' || true); do
+            [ -e "$r$lib" ] && continue
+            mkdir -p "$r$(dirname "$lib")" && cp -L "$lib" "$r$lib" || return 1
+        done
+    done
+    for b in $("$r/bin/busybox" --list); do
+        [ -e "$r/bin/$b" ] || ln -s busybox "$r/bin/$b"
+    done
+    printf 'root:x:0:0:root:/root:/bin/sh\n' >"$r/etc/passwd"
+    printf 'root:x:0:\n' >"$r/etc/group"
+}
+
+# podman_image_ok: the image exists and is of this recipe's revision.
+podman_image_ok() {
+    [ "$(tssh "podman image inspect --format '{{index .Config.Labels \"sshq.test-image\"}}'" \
+         "$PODMAN_IMAGE" </dev/null 2>/dev/null)" = "$PODMAN_IMAGE_REV" ]
+}
+
+# podman_run_ok: a container runs through sshd, detached from the session
+# like a background job (setsid, stdin /dev/null), with bash inside.
+podman_run_ok() {
+    local out
+    out=$(tssh setsid -w podman run --rm --network=host "$PODMAN_IMAGE" \
+          /bin/bash -c "'test -e /run/.containerenv && echo podman-ok'" </dev/null 2>&1)
+    [ "$out" = podman-ok ] || { echo "$out" >&2; return 1; }
+}
+
+# podman_image_and_run: import the image unless it is there, then run it.
+podman_image_and_run() {
+    local tmp
+    if ! podman_image_ok; then
+        log "podman: building and importing $PODMAN_IMAGE"
+        tmp=$(mktemp -d) || return 1
+        if ! build_test_rootfs "$tmp/root" \
+            || ! tar -C "$tmp/root" --numeric-owner --owner=0 --group=0 -cf "$tmp/root.tar" . \
+            || ! tssh podman import -q --change "'LABEL sshq.test-image=$PODMAN_IMAGE_REV'" \
+                     --change "'CMD [\"/bin/sh\"]'" - "$PODMAN_IMAGE" <"$tmp/root.tar" >/dev/null
+        then
+            rm -rf "$tmp"
+            return 1
+        fi
+        rm -rf "$tmp"
+        podman_image_ok || { log "podman: $PODMAN_IMAGE missing after import"; return 1; }
+    fi
+    podman_run_ok
+}
+
+setup_podman() {
+    local missing=() p changed=0
+    for p in "${PODMAN_PKGS[@]}"; do pkg_installed "$p" || missing+=("$p"); done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        log "installing podman packages (missing: ${missing[*]})"
+        apt-get update -o DPkg::Lock::Timeout=600 || return 1
+        apt-get install -y -o DPkg::Lock::Timeout=600 \
+            -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+            "${PODMAN_PKGS[@]}" || return 1
+    fi
+    for p in /usr/bin/podman /usr/sbin/runc /bin/busybox /usr/bin/newuidmap; do
+        [ -x "$p" ] || { log "podman: $p missing"; return 1; }
+    done
+    add_subids /etc/subuid --add-subuids && changed=1
+    add_subids /etc/subgid --add-subgids && changed=1
+    grep -q "^$TUSER:" /etc/subuid && grep -q "^$TUSER:" /etc/subgid || return 1
+
+    local tuid cdir
+    tuid=$(id -u "$TUSER")
+    cdir=$THOME/.config/containers
+    install -d -m 0700 -o "$TUSER" -g "$TUSER" "$THOME/.config" "$cdir" || return 1
+    # Paths pinned to podman's defaults without XDG_RUNTIME_DIR (sshd here has
+    # no PAM/logind), so that a session that has one sees the same state.
+    write_if_changed "$cdir/containers.conf" 0644 <<EOC && changed=1
+# sshq test bed (written by .ci/setup-testbed.sh)
+[containers]
+log_driver = "k8s-file"
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+tmp_dir = "/tmp/podman-run-$tuid/libpod/tmp"
+EOC
+    write_if_changed "$cdir/storage.conf" 0644 <<EOC && changed=1
+# sshq test bed (written by .ci/setup-testbed.sh)
+[storage]
+driver = "vfs"
+runroot = "/tmp/podman-run-$tuid/containers"
+graphroot = "$THOME/.local/share/containers/storage"
+EOC
+    chown "$TUSER:$TUSER" "$cdir/containers.conf" "$cdir/storage.conf" || return 1
+    if [ "$changed" = 1 ]; then
+        log "podman: configuration changed: podman system migrate"
+        tssh podman system migrate </dev/null || true
+    fi
+
+    if ! podman_image_and_run; then
+        log "podman: not working for $TUSER yet: resetting its podman storage, trying again"
+        tssh podman system reset --force </dev/null >/dev/null 2>&1 || true
+        podman_image_and_run || return 1
+    fi
+    log "podman: $PODMAN_IMAGE runs as $TUSER through sshd"
+}
+
+if setup_podman; then
+    PODMAN_OK=1
+else
+    log "podman does not work here: container tests will skip (SSHQ_TEST_PODMAN=0)"
+fi
+
 # ------------------------------------------------------------------ testbed.env
 write_if_changed "$TB/testbed.env" 0644 <<EOF || true
 SSHQ_TEST_HOST=$ADDR
@@ -423,5 +564,7 @@ SSHQ_TEST_SLURM=1
 SSHQ_TEST_SSHD_PIDFILE=$SSHD_PID
 SSHQ_TEST_SGE=1
 SSHQ_TEST_SGE_USER=$SGEUSER
+SSHQ_TEST_PODMAN=$PODMAN_OK
+SSHQ_TEST_PODMAN_IMAGE=$PODMAN_IMAGE
 EOF
 log "test bed ready: $TB/testbed.env"

@@ -423,7 +423,8 @@ class Farm:
             reader = FrameReader(nonce)
             hello: dict[str, Any] | None = None
             while hello is None:
-                data = await asyncio.wait_for(session.read(), 60.0)
+                async with asyncio.timeout(60.0):   # not wait_for: see below
+                    data = await session.read()
                 if not data:
                     err = session.stderr_tail().decode("utf-8", "replace").strip()
                     raise RemoteError(f"the dispatcher did not start: {err or 'no output'}")
@@ -439,7 +440,12 @@ class Farm:
             feeder = asyncio.create_task(self._feed(h, session))
             try:
                 while True:
-                    data = await asyncio.wait_for(session.read(), SILENCE)
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow
+                    # the cancellation that ends the run (CPython gh-86296)
+                    async with asyncio.timeout(SILENCE):
+                        data = await session.read()
+                    if self._finished.is_set():
+                        return
                     if not data:
                         err = session.stderr_tail().decode("utf-8", "replace").strip()
                         raise HostUnreachableError(
