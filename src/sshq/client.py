@@ -755,9 +755,11 @@ class AsyncClient:
                 f"job {job_id}: its execution host is unreachable from the login node:"
                 f" {result.stderr.decode('utf-8', 'replace').strip()}", host=job.host)
         if result.exit_status == 125 and NO_ENV_MARK.encode() in result.stderr:
+            what = ("its container is not running (yet)" if b"container" in result.stderr
+                    else "its script has not started yet (no job.env)")
             raise JobNotRunningError(
-                f"job {job_id} is running for {job.job_runner} but its script has not"
-                " started yet (no job.env); try again in a moment")
+                f"job {job_id} is running for {job.job_runner} but {what};"
+                " try again in a moment")
         why = HANDLERS[job.job_runner].attach_error(
             result.exit_status, result.stderr.decode("utf-8", "replace"))
         if result.exit_status != 0 and why:

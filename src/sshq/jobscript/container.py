@@ -11,9 +11,13 @@ The platform's ``container_runtime`` says how:
   (podman-run(1)); the container gets a unique name so that
   ``sshq ssh-to-job`` can ``podman exec`` into the very same container.
 
-The wrapper records the runtime, the image and (podman) the container name
-in the job status file, as ``SSHQ_JOB_CONTAINER_RUNTIME``,
-``SSHQ_JOB_CONTAINER_IMAGE`` and ``SSHQ_JOB_CONTAINER_NAME``.
+The wrapper records the runtime, the command it resolved to (with the
+wrapper's PATH), the image and (podman) the container name in the job
+status file, as ``SSHQ_JOB_CONTAINER_RUNTIME``, ``SSHQ_JOB_CONTAINER_COMMAND``,
+``SSHQ_JOB_CONTAINER_IMAGE`` and ``SSHQ_JOB_CONTAINER_NAME``.  A killed
+podman job's container is stopped by the wrapper's signal handler (``podman
+stop -t 2``: the container's processes live under conmon, outside the
+job's process group).
 """
 
 from __future__ import annotations
@@ -46,16 +50,20 @@ def container_launch(runtime: str, image: str) -> tuple[str, str]:
     if runtime not in CONTAINER_RUNTIMES:
         raise ValueError(f"unknown container runtime {runtime!r}")
     img = quote(image)
-    prologue = (f"sshq__record SSHQ_JOB_CONTAINER_RUNTIME {runtime}\n"
+    # found with the wrapper's PATH, not the job's (which is meant for the image)
+    prologue = (f"sshq__rt=$(PATH=$sshq__path command -v {runtime}) || sshq__rt={runtime}\n"
+                f"sshq__record SSHQ_JOB_CONTAINER_RUNTIME {runtime}\n"
+                'sshq__record SSHQ_JOB_CONTAINER_COMMAND "$sshq__rt"\n'
                 f"sshq__record SSHQ_JOB_CONTAINER_IMAGE {img}\n")
     if runtime == "podman":
         prologue += ('sshq__ctr="sshq-$(hostname -s 2>/dev/null || uname -n)-$$-$RANDOM"\n'
                      'sshq__record SSHQ_JOB_CONTAINER_NAME "$sshq__ctr"\n')
-        command = ('podman run --rm --name "$sshq__ctr" --network=host --userns=keep-id'
-                   ' --env-host -v "$SSHQ_JOB_LOG_DIR:$SSHQ_JOB_LOG_DIR"'
+        # --init: PID 1 forwards signals, so a TERM ends the user's script
+        command = ('"$sshq__rt" run --rm --init --name "$sshq__ctr" --network=host'
+                   ' --userns=keep-id --env-host -v "$SSHQ_JOB_LOG_DIR:$SSHQ_JOB_LOG_DIR"'
                    ' -v "$SSHQ_WORK_DIR:$SSHQ_WORK_DIR" -w "$SSHQ_WORK_DIR"'
                    f" {img} {_USER}")
     else:
-        command = (f'{runtime} exec --pwd "$SSHQ_WORK_DIR" --bind "$SSHQ_JOB_LOG_DIR"'
+        command = ('"$sshq__rt" exec --pwd "$SSHQ_WORK_DIR" --bind "$SSHQ_JOB_LOG_DIR"'
                    f" {img} {_USER}")
     return prologue, command

@@ -51,6 +51,7 @@ _WRAPPER = r"""
 # ---- sshq job wrapper: records this job's life in job.status ----
 sshq__status="$SSHQ_JOB_LOG_DIR/job.status"
 sshq__child=
+sshq__ctr=
 sshq__ended=
 sshq__watchdog=
 sshq__path=$PATH
@@ -69,6 +70,8 @@ sshq__end() {
 sshq__on_signal() {
     trap '' TERM XCPU INT HUP USR1 USR2
     trap - ERR
+    # a podman container lives under conmon, outside our process group
+    [ -n "$sshq__ctr" ] && "$sshq__rt" stop -t 2 "$sshq__ctr" >/dev/null 2>&1
     # The user's processes: our children (even one forked a moment ago, before
     # $! was known), and the whole process group when we lead it.
     [ -n "$sshq__child" ] && kill -s TERM "$sshq__child" 2>/dev/null

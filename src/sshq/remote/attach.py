@@ -43,9 +43,15 @@ LAUNCH = (
     '  if [ "$3" = shell ]; then '
     """    set -- "$1" "$2" "$3" 'if [ -x "$SHELL" ]; then exec "$SHELL"; fi; exec /bin/sh'; """
     '  fi; '
-    '  if [ "$rt" = podman ]; then t=-i; [ -t 0 ] && t=-it; '
-    '    exec podman exec $t -w "$2" "$(k NAME)" /bin/sh -c "$4"; fi; '
-    '  exec "$rt" exec --pwd "$2" "$(k IMAGE)" /bin/sh -c "$4"; '
+    '  x=$(k COMMAND); x=${x:-$rt}; '
+    '  if [ "$rt" = podman ]; then c=$(k NAME); n=0; '
+    """    while [ "$("$x" container inspect -f '{{.State.Running}}' "$c" 2>/dev/null)" != true ]"""
+    '    && [ $n -lt 60 ]; do sleep 0.5; n=$((n+1)); done; '
+    f'    [ $n -lt 60 ] || {{ echo "{NO_ENV_MARK} ($c): the job\'s container is not running"'
+    ' >&2; exit 125; }; '
+    '    t=-i; [ -t 0 ] && t=-it; '
+    '    exec "$x" exec $t -w "$2" "$c" /bin/sh -c "$4"; fi; '
+    '  exec "$x" exec --pwd "$2" "$(k IMAGE)" /bin/sh -c "$4"; '
     'fi; '
     'if [ "$3" = shell ]; then exec "${SHELL:-/bin/bash}"; fi; exec /bin/bash -c "$4"'
 )
