@@ -23,6 +23,7 @@ TUSER=sshqtest
 SGEUSER=sshqsge
 SLURM_CONF=/etc/slurm/slurm.conf
 PKGS=(openssh-server openssh-client rsync slurm-wlm munge iproute2 parallel tmux procps)
+apt_updated=0
 
 export DEBIAN_FRONTEND=noninteractive
 export LC_ALL=C
@@ -67,6 +68,7 @@ for p in "${PKGS[@]}"; do pkg_installed "$p" || missing+=("$p"); done
 if [ "${#missing[@]}" -gt 0 ]; then
     log "installing packages (missing: ${missing[*]})"
     apt-get update -o DPkg::Lock::Timeout=600
+    apt_updated=1
     # The packages' maintainer scripts may try to start system daemons; that
     # is harmless (they fail or run on other ports); we start our own below.
     apt-get install -y -o DPkg::Lock::Timeout=600 \
@@ -423,12 +425,14 @@ PODMAN_IMAGE=localhost/sshq-test:latest
 PODMAN_IMAGE_REV=1          # bump when the image recipe below changes
 PODMAN_OK=0
 
-# tssh CMD...: run CMD as $TUSER through the test bed's sshd, as the tests do.
-tssh() { "${SSH[@]}" "$TUSER@$ADDR" "$@"; }
+# tssh CMD...: run CMD as $TUSER through the test bed's sshd, as the tests do
+# (a hung podman must not hang the set-up).
+tssh() { timeout 180 "${SSH[@]}" "$TUSER@$ADDR" "$@"; }
 
 # add_subids FILE FLAG: give $TUSER 65536 ids in FILE after the highest used.
 add_subids() {
     local f=$1 flag=$2 start
+    [ -e "$f" ] || install -m 0644 /dev/null "$f"
     grep -q "^$TUSER:" "$f" 2>/dev/null && return 1
     start=$(awk -F: 'BEGIN {m = 100000} $3 ~ /^[0-9]+$/ && $2 + $3 > m {m = $2 + $3}
                      END {print m}' "$f" 2>/dev/null || echo 100000)
@@ -465,10 +469,16 @@ podman_image_ok() {
 # podman_run_ok: a container runs through sshd, detached from the session
 # like a background job (setsid, stdin /dev/null), with bash inside.
 podman_run_ok() {
-    local out
+    local out err rc=0
+    err=$(mktemp) || return 1
     out=$(tssh setsid -w podman run --rm --network=host "$PODMAN_IMAGE" \
-          /bin/bash -c "'test -e /run/.containerenv && echo podman-ok'" </dev/null 2>&1)
-    [ "$out" = podman-ok ] || { echo "$out" >&2; return 1; }
+          /bin/bash -c "'test -e /run/.containerenv && echo podman-ok'" </dev/null 2>"$err")
+    if [ "$out" != podman-ok ]; then
+        echo "$out" | cat - "$err" >&2
+        rc=1
+    fi
+    rm -f "$err"
+    return "$rc"
 }
 
 # podman_image_and_run: import the image unless it is there, then run it.
@@ -496,7 +506,10 @@ setup_podman() {
     for p in "${PODMAN_PKGS[@]}"; do pkg_installed "$p" || missing+=("$p"); done
     if [ "${#missing[@]}" -gt 0 ]; then
         log "installing podman packages (missing: ${missing[*]})"
-        apt-get update -o DPkg::Lock::Timeout=600 || return 1
+        if [ "$apt_updated" = 0 ]; then
+            apt-get update -o DPkg::Lock::Timeout=600 || return 1
+            apt_updated=1
+        fi
         apt-get install -y -o DPkg::Lock::Timeout=600 \
             -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
             "${PODMAN_PKGS[@]}" || return 1

@@ -298,14 +298,16 @@ def big_expected() -> tuple[int, str]:
     return len(data), hashlib.sha256(data).hexdigest()
 
 
-@pytest.mark.parametrize("outdir", [False, True], ids=["inline", "output-dir"])
-def test_50mb_output_arrives_intact(sshq: Sshq, tmp_path: Path, outdir: bool) -> None:
+@pytest.mark.parametrize(("platform", "outdir"), [("bg", False), ("bg", True),
+                                                  ("bg-openssh", False)])
+def test_50mb_output_arrives_intact(sshq: Sshq, tmp_path: Path, platform: str,
+                                    outdir: bool) -> None:
     n, digest = big_expected()
     assert n > 50_000_000
     b = write_batch(tmp_path, ["seq 6600000; seq 300000 >&2", "echo small"])
     out = tmp_path / "out"
     extra = ["--output-dir", str(out)] if outdir else []
-    p = ok(sshq("farm", str(b), "--hosts", "bg", *extra))
+    p = ok(sshq("farm", str(b), "--hosts", platform, *extra))
     rs = by_seq(jsonl(p.stdout))
     err_expected = b"".join(b"%d\n" % i for i in range(1, 300001))
     if outdir:
@@ -436,8 +438,7 @@ def test_bad_arguments(sshq: Sshq, tmp_path: Path, state_dir: Path, args: list[s
         args = [*args, "--hosts", "bg"]
     p = sshq("farm", str(b), *args)
     assert p.returncode == CONFIG_RC and p.stdout == b"" and msg in p.stderr, p.stderr
-    assert not list((state_dir / "farm").glob("*/options.json")) \
-        if (state_dir / "farm").exists() else True
+    assert not list(state_dir.glob("farm/*/options.json")), "a run was created"
     assert not (tmp_path.parent / "evil").exists()
 
 
@@ -539,13 +540,16 @@ def test_deps_are_copied_and_updated(sshq: Sshq, tmp_path: Path, testbed: dict[s
     script.chmod(0o755)
     (deps / "data.txt").write_text("d1")
     (deps / "big.bin").write_bytes(os.urandom(1 << 20))
-    remote = bed_user_home(testbed) / "sshq-run" / "farm-deps" / name
+    home = bed_user_home(testbed)
+    remote: Path | None = None
     try:
         b = write_batch(tmp_path, ["./script.sh", "pwd", "sha256sum big.bin"])
         p = ok(sshq("farm", str(b), "--hosts", "bg", "--deps", f"{deps}/"))
         rs = by_seq(jsonl(p.stdout))
         assert rs[1]["stdout"] == "v1 d1\n"
-        assert Path(rs[2]["stdout"].strip()).resolve() == remote.resolve()
+        # the tasks run in the copy: <the platform's run dir>/farm-deps/NAME
+        remote = Path(rs[2]["stdout"].strip())
+        assert remote.is_relative_to(home) and remote.parts[-2:] == ("farm-deps", name)
         digest = hashlib.sha256((deps / "big.bin").read_bytes()).hexdigest()
         assert rs[3]["stdout"].split()[0] == digest
         ino_big = (remote / "big.bin").stat().st_ino
@@ -563,4 +567,42 @@ def test_deps_are_copied_and_updated(sshq: Sshq, tmp_path: Path, testbed: dict[s
         assert (remote / "big.bin").stat().st_ino == ino_big
         assert (remote / "data.txt").stat().st_ino == ino_data
     finally:
-        shutil.rmtree(remote, ignore_errors=True)
+        if remote is not None:
+            shutil.rmtree(remote, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- many tasks, several transports
+
+def test_many_small_tasks_over_three_transports(sshq: Sshq, tmp_path: Path) -> None:
+    n = 3000
+    b = write_batch(tmp_path, ['echo "$SSHQ_FARM_SEQ"'] * n)
+    t0 = time.monotonic()
+    p = ok(sshq("farm", str(b), "--hosts", "bg,bg-openssh,local", "--slots", "4"))
+    elapsed = time.monotonic() - t0
+    rs = by_seq(jsonl(p.stdout))
+    assert set(rs) == set(range(1, n + 1))
+    assert all(r["stdout"] == f"{s}\n" and r["exit_status"] == 0 for s, r in rs.items())
+    assert set(Counter(r["host"] for r in rs.values())) == {"bg", "bg-openssh", "local"}
+    assert elapsed < 60
+
+
+def test_reader_gone_ends_the_run_quietly(cli_env: dict[str, str], tmp_path: Path) -> None:
+    b = write_batch(tmp_path, ["echo first", "sleep 1; echo second", "sleep 1; echo third"])
+    proc = subprocess.Popen([sys.executable, "-m", "sshq", "farm", str(b), "--hosts", "bg",
+                             "--slots", "1"], env=cli_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert json.loads(proc.stdout.readline())["stdout"] == "first\n"
+        proc.stdout.close()   # like `| head -n 1`
+        rc = proc.wait(timeout=60)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+    assert rc == 141, err
+    assert b"Traceback" not in err

@@ -142,7 +142,8 @@ def _progress(farm_ref: list[Any]) -> Iterator[None]:
               help="Resume a run: run only its tasks without a reported result.")
 @click.option("--deps", type=click.Path(file_okay=False, path_type=Path),
               help="rsync this directory to every host first (only changed files); tasks"
-              " run in its copy, ~/sshq-run/farm-deps/NAME.")
+              " run in its copy, <run_dir>/farm-deps/NAME (the platform's run_dir;"
+              " ~/sshq-run for a plain destination).")
 @click.option("--detach", is_flag=True,
               help="Leave the tasks with detached workers on the hosts (the remote run"
               " directory holds the queue and results) and return; collect them with"
