@@ -241,6 +241,7 @@ class Dispatcher(object):
             task.err.add(("sshq: cannot start the task: %s\n" % exc).encode("utf-8"))
             task.rc = 127
             self.running[task.id] = task
+            self.send(frame({"t": "s", "id": task.id, "t0": task.t0, "pid": None}))
             self.finish(task)
             return
         task.t0 = time.time()
