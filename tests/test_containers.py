@@ -269,6 +269,7 @@ def test_podman_job_runs_in_image_and_records_container(bed: Bed) -> None:
     status = _status(job)
     name = status["SSHQ_JOB_CONTAINER_NAME"]
     assert status["SSHQ_JOB_CONTAINER_RUNTIME"] == "podman"
+    assert status["SSHQ_JOB_CONTAINER_COMMAND"].endswith("/podman"), status
     assert status["SSHQ_JOB_CONTAINER_IMAGE"] == image
     assert re.fullmatch(r"sshq-[A-Za-z0-9._-]+", name), name
     # Inside podman's container, of the test image (whose /bin/sh is
@@ -342,10 +343,13 @@ def test_ssh_to_job_command_runs_in_the_jobs_container(
                 f'cat {path}; pwd; echo "[$MYVAR]"; tr "\\0" " " </proc/1/cmdline; echo;'
                 ' echo "SH=$(readlink /bin/sh)"; exit 3')
     assert r.returncode == 3, r.stderr.decode()
-    # PID 1 of the command's PID namespace is the job's script: its container.
-    assert r.stdout.decode().splitlines() == [
-        text, job["work_dir"], "[a b]", f"/bin/bash {job['job_log_dir']}/job.user ",
-        "SH=busybox"]
+    lines = r.stdout.decode().splitlines()
+    assert lines[:3] == [text, job["work_dir"], "[a b]"], lines
+    # PID 1 of the command's PID namespace is the job's script (or an init
+    # that runs it): the command is in the job's container...
+    assert lines[3].endswith(f" {job['job_log_dir']}/job.user "), lines
+    # ... of the test image (busybox /bin/sh; the host's is not).
+    assert lines[4:] == ["SH=busybox"], lines
     # And the job was left alone.
     assert bed.poll(job["id"])["state"] == "running"
 
@@ -486,11 +490,14 @@ def test_fake_apptainer_invocations_of_wrapper_and_ssh_to_job(bed: Bed) -> None:
     """FAKE apptainer (a logging shell script on path_prepend), not a real one.
 
     Apptainer cannot be installed on the test bed; the fake checks the exact
-    argv of the job wrapper's ``apptainer exec`` and of ssh-to-job's.
+    argv of the job wrapper's ``apptainer exec`` and of ssh-to-job's.  The
+    job's own PATH (meant for inside the image) lacks the fake's directory:
+    the runtime is found with the wrapper's PATH (path_prepend) all the same.
     """
     image = "/nonexistent/images/sshq-fake.sif"
     job = bed.submit("fakeapp", "--name", "fakeapp", "--container-image", image,
-                     "--env", "MYVAR=a b", "--arg", "x y", "--arg", "$(no) ;",
+                     "--env", "MYVAR=a b", "--env", "PATH=/usr/bin:/bin",
+                     "--arg", "x y", "--arg", "$(no) ;",
                      "--command", 'echo "started fake=$SSHQ_FAKE_APPTAINER pwd=$(pwd)"; sleep 600')
     bed.wait_output(job, "started")
     log_dir, work = job["job_log_dir"], job["work_dir"]
@@ -498,6 +505,7 @@ def test_fake_apptainer_invocations_of_wrapper_and_ssh_to_job(bed: Bed) -> None:
     status = _status(job)
     assert status["SSHQ_JOB_CONTAINER_RUNTIME"] == "apptainer"
     assert status["SSHQ_JOB_CONTAINER_IMAGE"] == image
+    assert status["SSHQ_JOB_CONTAINER_COMMAND"] == str(bed.fake_dir / "apptainer")
     assert "SSHQ_JOB_CONTAINER_NAME" not in status
     assert bed.fake_calls() == [
         ["exec", "--pwd", work, "--bind", log_dir, image, f"{log_dir}/job.user", "x y",

@@ -431,3 +431,55 @@ def test_dead_host_is_dropped_with_a_warning_run_goes_on(bed: FarmBed) -> None:
         assert r["host"] in ("h2", "h3"), r
     dropped = [e for e in bed.journal(name) if e["e"] == "host" and e.get("dropped")]
     assert [e["host"] for e in dropped] == ["h1"]
+
+
+def test_plain_destinations_through_ssh_config_find_and_killall(bed: FarmBed) -> None:
+    """--hosts given as ~/.ssh/config aliases (no platforms): the farm runs on each
+    namespace host, and `farm find` / `farm killall` see only the marked processes.
+    (The namespace hosts share this machine's process table, so every host lists
+    all three.)"""
+    home = bed.work / "home"
+    bed.hosts.ssh_home(home)
+    env = dict(bed.env, HOME=str(home))
+    aliases = [h.alias for h in bed.hosts]
+    batch = bed.batch([f"sleep 0.2; echo $SSHQ_FARM_HOST-{i}" for i in range(30)])
+    res = subprocess.run([sys.executable, "-m", "sshq", "farm", str(batch), "--hosts",
+                          ",".join(aliases)], capture_output=True, env=env, timeout=CLI_TIMEOUT)
+    assert res.returncode == 0, res.stderr
+    got = [json.loads(x) for x in res.stdout.splitlines()]
+    assert sorted(r["seq"] for r in got) == list(range(1, 31))
+    for r in got:
+        assert r["host"] in aliases and r["stdout"].startswith(r["host"] + "-")
+    assert len({r["host"] for r in got}) >= 2          # spread over the hosts
+    # a marked process of the hosts' user (the namespace hosts share this
+    # machine's process table, so every host lists it): found through each
+    # alias, then killed exactly once
+    marker = f"sleep 300.{os.getpid()}"        # unique on this machine
+    user = bed.hosts[0].user
+    subprocess.run(["su", user, "-s", "/bin/sh", "-c", f"setsid {marker} </dev/null"
+                    " >/dev/null 2>&1 &"], check=True, timeout=30)
+    try:
+        out = subprocess.run([sys.executable, "-m", "sshq", "farm", "find", marker,
+                              "--hosts", ",".join(aliases), "--json"],
+                             capture_output=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        found = json.loads(out.stdout)
+        assert {p["host"] for p in found} == set(aliases), found
+        assert len({p["pid"] for p in found}) == 1 and all(p["user"] == user for p in found)
+        killed = subprocess.run([sys.executable, "-m", "sshq", "farm", "killall", marker,
+                                 "--hosts", ",".join(aliases), "--json"],
+                                capture_output=True, env=env, timeout=60)
+        assert killed.returncode == 0, killed.stderr
+        assert [p["pid"] for p in json.loads(killed.stdout)] == [found[0]["pid"]]
+        left = subprocess.run(["pgrep", "-f", marker], capture_output=True)
+        assert left.stdout.strip() == b"" or all(
+            _proc_state(int(pid)) == "Z" for pid in left.stdout.split())
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", marker], capture_output=True)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
