@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-import sshq.client as sshq_client
+import sshq._client.core as sshq_client  # where agent calls are made
 from sshq import AsyncClient, JobSpec
 from sshq.cli.main import main as cli_main
 

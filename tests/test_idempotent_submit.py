@@ -20,7 +20,8 @@ from sshq import AsyncClient, JobState
 
 CRASH = textwrap.dedent("""
     import asyncio, os, sys
-    import sshq.client as client_mod
+    import sshq._client.core as client_mod  # where agent calls are made
+    import sshq.client as client_api
     from sshq import AsyncClient, JobSpec
 
     point = sys.argv[3]
@@ -36,7 +37,7 @@ CRASH = textwrap.dedent("""
 
     client_mod.call_agent = call_agent
     if point == "after-accept":
-        client_mod.AsyncClient._record_submissions = record
+        client_api.AsyncClient._record_submissions = record
 
     async def main():
         c = AsyncClient(sys.argv[1], state_dir=sys.argv[2])

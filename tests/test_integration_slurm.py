@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from helpers import wait_for_state
 
-import sshq.client as sshq_client
+import sshq._client.core as sshq_client  # where agent calls are made
 from sshq import AsyncClient, InvalidInputError, JobSpec, JobState
 from sshq.remote.status import parse_status
 

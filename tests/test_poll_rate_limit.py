@@ -8,7 +8,7 @@ import asyncio
 import time
 from pathlib import Path
 
-import sshq.client as client_mod
+import sshq._client.core as client_mod  # where agent calls are made
 from sshq import AsyncClient, JobSpec, JobState
 from sshq.store import Store
 

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from helpers import expand_ids, wait_for_state
 
-import sshq.client as sshq_client
+import sshq._client.core as sshq_client  # where agent calls are made
 from sshq import AsyncClient, HostUnreachableError, InvalidInputError, Job, JobSpec, JobState
 from sshq.config import Platform
 from sshq.exceptions import JobRunnerError

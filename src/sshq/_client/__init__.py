@@ -1,0 +1,1 @@
+"""The parts of :class:`sshq.AsyncClient` (private; import from :mod:`sshq`)."""

@@ -1,0 +1,146 @@
+"""The client's plumbing: configuration, state, transports, failover, agent calls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Self
+
+from ..config import Config, Platform, default_state_dir, load_config
+from ..exceptions import TransportError
+from ..job_runners import HANDLERS
+from ..remote.operations import call_agent
+from ..store import RemoteInit, Store
+from ..transport import Transport
+from ..transport.local import LocalTransport
+from ..transport.openssh import OpenSSHTransport
+
+log = logging.getLogger("sshq.client")
+
+
+class ClientCore:
+    """What every part of :class:`sshq.AsyncClient` stands on."""
+
+    def __init__(
+        self, config: Config | str | Path | None = None, *, state_dir: str | Path | None = None
+    ) -> None:
+        if isinstance(config, Config):
+            self.config = config
+        else:
+            self.config = load_config(config, must_exist=config is not None)
+        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        self.store = Store(self.state_dir)
+        self._transports: dict[tuple[str, str], Transport] = {}
+        self._init_lock = asyncio.Lock()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every connection and the database."""
+        transports, self._transports = list(self._transports.values()), {}
+        for t in transports:
+            try:
+                await t.close()
+            except Exception:  # closing must not mask the real outcome
+                log.debug("closing %s failed", t.host, exc_info=True)
+        self.store.close()
+
+    def transport(self, platform: Platform, host: str) -> Transport:
+        """The (cached) transport to one host of a platform."""
+        key = (platform.name, host)
+        t = self._transports.get(key)
+        if t is None:
+            params = platform.host_params(host)
+            if platform.transport == "local":
+                t = LocalTransport(params)
+            elif platform.transport == "openssh":
+                t = OpenSSHTransport(
+                    params, control_dir=str(self.state_dir / "cm"),
+                    batch_mode=platform.batch_mode,
+                )
+            else:
+                from ..transport.asyncssh_ import AsyncSSHTransport  # 0.1 s to import
+
+                t = AsyncSSHTransport(params)
+            self._transports[key] = t
+        return t
+
+    async def _with_failover(self, platform: Platform, op: Any, prefer: str | None = None) -> Any:
+        """Run ``op(host, transport)`` on the first usable host of the platform.
+
+        A host whose connection fails before the command was sent goes on the
+        bad-host list for ``platform.bad_host_seconds`` (Cylc's behaviour) and
+        the next is tried; ``prefer`` is tried first.
+        """
+        bad = self.store.bad_hosts(platform.name)
+        hosts = [h for h in platform.hosts if h not in bad] or list(platform.hosts)
+        if prefer in hosts:
+            hosts.remove(prefer)
+            hosts.insert(0, prefer)
+        last: TransportError | None = None
+        for n, host in enumerate(hosts):
+            try:
+                return await op(host, self.transport(platform, host))
+            except TransportError as exc:
+                if not exc.transient or exc.command_sent:
+                    raise
+                last = exc
+                self.store.mark_bad_host(platform.name, host, platform.bad_host_seconds, str(exc))
+                if n + 1 < len(hosts):
+                    log.warning("%s: %s; trying %s", platform.name, exc, hosts[n + 1])
+        assert last is not None
+        raise last
+
+    async def _remote_init(self, platform: Platform, host: str, t: Transport) -> RemoteInit:
+        cached = self.store.remote_init(platform.name, platform.run_dir)
+        if cached is not None:
+            return cached
+        async with self._init_lock:
+            reply = await self._agent(platform, t, "init", {"run_dir": platform.run_dir})
+            info = RemoteInit(reply["run_dir"], reply["home"])
+            self.store.set_remote_init(platform.name, platform.run_dir, info)
+            return info
+
+    def _host_of(self, plat: Platform, job_host: str) -> str:
+        # job.host is a transport label ([user@]host[:port]); map back to the platform host.
+        for h in plat.hosts:
+            if self.transport(plat, h).host == job_host:
+                return h
+        return plat.hosts[0]
+
+    async def _agent_on_group(
+        self, plat_name: str, host_label: str, op: str, payload: dict[str, Any],
+        timeout: float = 120.0, *, runners: Iterable[str] = (),
+    ) -> dict[str, Any]:
+        """One agent call for jobs submitted through ``host_label``.
+
+        Jobs of batch systems can be reached from any login host of the
+        platform (shared filesystem), so a host that is down fails over to
+        the next; background jobs only from the host they run on.
+        """
+        plat = self.config.platform(plat_name)
+        host = self._host_of(plat, host_label)
+        if any(HANDLERS[r].runs_on_submit_host for r in runners):
+            return await self._agent(plat, self.transport(plat, host), op, payload,
+                                     timeout=timeout)
+
+        async def op_on(h: str, t: Transport) -> dict[str, Any]:
+            return await self._agent(plat, t, op, payload, timeout=timeout)
+
+        result: dict[str, Any] = await self._with_failover(plat, op_on, prefer=host)
+        return result
+
+    @staticmethod
+    async def _agent(platform: Platform, t: Transport, op: str, payload: dict[str, Any],
+                     timeout: float = 120.0) -> dict[str, Any]:
+        """One agent call with the platform's interpreter, login shell and PATH."""
+        if platform.path_prepend:
+            payload = dict(payload, path_prepend=list(platform.path_prepend))
+        return await call_agent(t, platform.python, op, payload, timeout=timeout,
+                                login_shell=platform.login_shell)

@@ -1,0 +1,485 @@
+"""Jobs: submit, poll, kill, wait and the local job list (part of :class:`sshq.AsyncClient`)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+from ..config import Platform
+from ..exceptions import (
+    JobRunnerError,
+    SshqError,
+    TransportError,
+    WaitTimeoutError,
+)
+from ..job_runners import HANDLERS, JobRunnerHandler, RunnerJobState, get_handler
+from ..jobscript import render_job_script
+from ..model import Job, JobSpec, JobState
+from ..remote.operations import runner_templates
+from ..remote.staging import (
+    input_files,
+)
+from ..remote.status import decide, parse_status
+from ..store import RemoteInit
+from ..transport import Transport
+from .core import ClientCore
+
+log = logging.getLogger("sshq.client")
+
+
+def _utc(s: str | None) -> datetime | None:
+    if not s:
+        return None
+    return datetime.fromisoformat(s.replace("Z", "+00:00")).astimezone(UTC)
+
+
+class JobsClient(ClientCore):
+    """Submit, poll, kill, wait, jobs."""
+
+    async def submit(
+        self, specs: JobSpec | Sequence[JobSpec], *, platform: str = "localhost"
+    ) -> list[Job]:
+        """Submit jobs to a platform's job runner, all in one SSH command.
+
+        Args:
+            specs: one spec or several.
+            platform: platform name.
+
+        Returns:
+            The jobs, in the order of ``specs``.  A job the runner refused is
+            ``submit-failed`` with the runner's stderr in ``message``.
+
+        Raises:
+            InvalidInputError: a spec was refused (nothing was sent).
+            ConfigError: unknown platform.
+            TransportError: no host of the platform could be reached.
+            RemoteError: the agent failed for the whole batch.
+        """
+        if isinstance(specs, JobSpec):
+            specs = [specs]
+        plat = self.config.platform(platform)
+        handler = get_handler(plat.job_runner)
+        normalized = []
+        for s in specs:
+            n = s.normalized()
+            handler.check_array(n)
+            handler.directives(n, "/")  # refuses what the runner cannot express
+            normalized.append(n)
+        if not normalized:
+            return []
+
+        async def op(host: str, t: Transport) -> list[Job]:
+            info = await self._remote_init(plat, host, t)
+            return await self._submit_on(plat, handler, host, t, info, normalized)
+
+        result: list[Job] = await self._with_failover(plat, op)
+        return result
+
+    async def _submit_on(
+        self,
+        plat: Platform,
+        handler: JobRunnerHandler,
+        host: str,
+        t: Transport,
+        info: RemoteInit,
+        specs: list[JobSpec],
+    ) -> list[Job]:
+        summaries = [_spec_summary(s) for s in specs]
+        counts = [len(s.array_indices) or 1 for s in specs]
+        reserved = self.store.reserve_jobs(
+            plat.name, t.host, handler.name, [s.job_name for s in specs], summaries, counts
+        )
+        ids = [r[0] for r in reserved]
+        nums = {r[0]: r[1] for r in reserved}
+        # one submission per spec, keyed by its first row; an array's rows are its elements
+        elements: dict[int, list[int]] = {}
+        pos = 0
+        for count in counts:
+            elements[ids[pos]] = ids[pos:pos + count]
+            pos += count
+        todo = list(zip(elements, specs, strict=True))
+        sent_any = False
+        try:
+            for _round in range(5):
+                jobs_req = []
+                for job_id, spec in todo:
+                    nn = nums[job_id]
+                    log_dir = f"{info.run_dir}/log/job/{spec.job_name}/{nn:02d}"
+                    work_dir = spec.work_dir or f"{info.run_dir}/work/{spec.job_name}"
+                    extra = {"SSHQ_PLATFORM": plat.name, "SSHQ_SUBMIT_NUM": str(nn)}
+                    if spec.array is None:
+                        extra["SSHQ_ID"] = str(job_id)
+                    script = render_job_script(
+                        spec, handler, job_log_dir=log_dir, work_dir=work_dir,
+                        extra_env=extra, container_runtime=plat.container_runtime,
+                    )
+                    jobs_req.append({
+                        "key": str(job_id),
+                        "log_dir": log_dir,
+                        "work_dir": work_dir,
+                        "job_b64": base64.b64encode(script).decode(),
+                        "submit_argv": handler.submit_argv(f"{log_dir}/job", log_dir),
+                        "id_regex": handler.job_id_regex,
+                        "stdin_job_file": handler.submit_stdin,
+                        "inputs": input_files(spec),
+                        "runner": handler.name,
+                        "timeout": 120,
+                        "array": list(spec.array_indices),
+                        "array_element_id": handler.array_element_id,
+                    })
+                    indices = spec.array_indices or (None,)
+                    self.store.update_jobs(
+                        (row, {"job_log_dir": log_dir if i is None else f"{log_dir}/{i}",
+                               "work_dir": work_dir, "submit_num": nn})
+                        for row, i in zip(elements[job_id], indices, strict=True))
+                sent_any = True
+                reply = await self._agent(
+                    plat, t, "submit",
+                    {"jobs": jobs_req, "concurrency": plat.submit_concurrency},
+                    timeout=max(300.0, 2.0 * len(jobs_req)),
+                )
+                retry = self._record_submissions(reply["results"], plat, handler, elements,
+                                                 {k: sp for k, sp in todo})
+                if not retry:
+                    break
+                # Another client (or a lost local state) used these submit
+                # numbers: continue after the highest one on the remote side.
+                todo = [(i, s) for i, s in todo if i in retry]
+                taken: dict[str, int] = {}
+                for i, s in todo:
+                    base = max(taken.get(s.job_name, 0), retry[i])
+                    for row in elements[i]:
+                        nums[row] = base + 1
+                    taken[s.job_name] = nums[i]
+            else:
+                self.store.update_jobs(
+                    (row, {"state": JobState.SUBMIT_FAILED,
+                           "message": "job log directories exist already"})
+                    for i, _s in todo for row in elements[i])
+        except BaseException as exc:
+            if not sent_any or (isinstance(exc, TransportError) and not exc.command_sent):
+                self.store.delete_jobs(ids)  # provably nothing was submitted
+            else:
+                pending = [j.id for j in self.store.get(ids) if not j.job_id]
+                self.store.update_jobs(
+                    (i, {"message": f"submission outcome unknown ({exc}); `sshq poll` adopts"
+                                    " the job if its job runner accepted it"})
+                    for i in pending)
+            raise
+        return self.store.get(ids)
+
+    def _record_submissions(
+        self, results: list[dict[str, Any]], plat: Platform, handler: JobRunnerHandler,
+        elements: dict[int, list[int]], specs: dict[int, JobSpec],
+    ) -> dict[int, int]:
+        """Record the agent's submit results; return {sshq id: highest NN} to retry."""
+        retry: dict[int, int] = {}
+        updates: list[tuple[int, dict[str, Any]]] = []
+        for r in results:
+            job_id = int(r["key"])
+            if r.get("ok"):
+                indices = specs[job_id].array_indices
+                groups = dict(r.get("groups") or {"id": r["job_id"]})
+                for row, index in zip(elements[job_id], indices or (None,), strict=True):
+                    if index is not None:
+                        groups["id"] = (handler.array_element_id.replace("{id}", r["job_id"])
+                                        .replace("{index}", str(index)))
+                    element_id = handler.job_id_from_submit(groups)
+                    updates.append((row, {
+                        "state": JobState.SUBMITTED, "job_id": element_id,
+                        "submit_time": _utc(r.get("submit_time")), "message": "",
+                    }))
+            elif r.get("code") == "exists":
+                retry[job_id] = int(r.get("max_submit_num") or 0)
+            else:
+                detail = (r.get("stderr") or r.get("error") or "").strip()
+                if r.get("code") == "runner" and r.get("exit") == 0:
+                    detail = (f"no job id in the output of {handler.name} submit:"
+                              f" {r.get('stdout', '').strip()!r} {detail}").strip()
+                elif r.get("code") == "runner":
+                    detail = f"{handler.name} submit failed (exit {r.get('exit')}): {detail}"
+                updates.extend((row, {
+                    "state": JobState.SUBMIT_FAILED, "message": detail,
+                    "submit_time": datetime.now(UTC),
+                }) for row in elements[job_id])
+        self.store.update_jobs(updates)
+        return retry
+
+    def _select(self, ids: Sequence[int] | None, all_active: bool) -> list[Job]:
+        if ids:
+            return self.store.get(list(dict.fromkeys(ids)))
+        if all_active:
+            return self.store.query(states=[JobState.SUBMITTED, JobState.RUNNING])
+        return []
+
+    @staticmethod
+    def _group(jobs: Iterable[Job]) -> dict[tuple[str, str], list[Job]]:
+        groups: dict[tuple[str, str], list[Job]] = defaultdict(list)
+        for j in jobs:
+            if j.job_log_dir:
+                groups[(j.platform, j.host)].append(j)
+        return groups
+
+    def _apply(
+        self, jobs: list[Job], reply: dict[str, Any], queried: set[str]
+    ) -> dict[int, str]:
+        """Decide states from a poll/kill reply; returns per-job runner errors."""
+        known_by_runner: dict[str, dict[str, RunnerJobState]] = {}
+        failed_runners: dict[str, str] = {}
+        for runner, results in reply.get("runners", {}).items():
+            handler = HANDLERS[runner]
+            known: dict[str, RunnerJobState] = {}
+            try:
+                for r in results:
+                    group = tuple(r.get("group") or ())
+                    for bare, st in handler.parse_poll(r["exit"], r["stdout"],
+                                                       r["stderr"]).items():
+                        full = handler.job_id_join(group, bare)
+                        known[full] = RunnerJobState(full, st.running, st.raw)
+            except JobRunnerError as exc:
+                failed_runners[runner] = str(exc)
+            known_by_runner[runner] = known
+        updates: list[tuple[int, dict[str, Any]]] = []
+        errors: dict[int, str] = {}
+        missing = set(reply.get("missing", []))
+        for j in jobs:
+            text = reply["status"].get(str(j.id), "")
+            job_id = j.job_id
+            if not job_id and j.state.is_final:
+                continue  # refused at submission: nothing to poll
+            if not job_id:  # an intent: sshq stopped between sending and recording
+                adopted = self._adopt(j, text, str(j.id) in missing)
+                if adopted is None:
+                    continue
+                updates.append((j.id, adopted))
+                job_id = adopted.get("job_id", "")
+                if not job_id:
+                    continue
+            d = decide(
+                text,
+                job_id=job_id,
+                queried=str(j.id) in queried,
+                runner_ok=j.job_runner not in failed_runners,
+                known=known_by_runner.get(j.job_runner, {}),
+                runner_name=j.job_runner,
+            )
+            if j.job_runner in failed_runners and str(j.id) in queried:
+                errors[j.id] = failed_runners[j.job_runner]
+            fields = dict(d.fields)
+            if d.state is not None:
+                fields["state"] = d.state
+            if j.state.is_final and d.state is None:
+                continue
+            changed = {k: v for k, v in fields.items() if getattr(j, k) != v}
+            if changed:  # most polls change nothing: write only what moved
+                updates.append((j.id, changed))
+        self.store.update_jobs(updates)
+        return errors
+
+    @staticmethod
+    def _adopt(job: Job, status_text: str, log_dir_missing: bool) -> dict[str, Any] | None:
+        """Resolve a submission intent from its job status file.
+
+        Returns the fields to record, or None while the outcome is still open.
+        """
+        st = parse_status(status_text)
+        if st.get("SSHQ_JOB_ID"):
+            groups = {k[len("SSHQ_JOB_ID_"):].lower(): v for k, v in st.items()
+                      if k.startswith("SSHQ_JOB_ID_")}
+            groups["id"] = st["SSHQ_JOB_ID"]
+            job_id = HANDLERS[job.job_runner].job_id_from_submit(groups)
+            return {"job_id": job_id, "state": JobState.SUBMITTED,
+                    "submit_time": _utc(st.get("SSHQ_JOB_RUNNER_SUBMIT_TIME")),
+                    "message": "adopted: submitted before sshq could record it"}
+        if "SSHQ_JOB_RUNNER_SUBMIT_FAILED" in st:
+            return {"state": JobState.SUBMIT_FAILED,
+                    "message": "the job runner refused the job (its error was not recorded"
+                               " because sshq stopped during the submission)"}
+        if log_dir_missing:
+            return {"state": JobState.SUBMIT_FAILED,
+                    "message": "never submitted: sshq stopped before sending it"}
+        return None
+
+    async def poll(self, ids: Sequence[int] | None = None, *, all: bool = False) -> list[Job]:
+        """Update the state of jobs: one SSH command per host.
+
+        Args:
+            ids: sshq ids to poll.
+            all: poll every job not yet final (when ``ids`` is empty).
+
+        Returns:
+            The jobs with their new states, in the order asked.  A host that
+            cannot be reached, or a job runner that fails, changes no state
+            (transient); the error is logged.
+
+        Raises:
+            UnknownJobError: an id is not known.
+        """
+        jobs = self._select(ids, all)
+        await self._poll_jobs(jobs)
+        return self.store.get([j.id for j in jobs])
+
+    async def _poll_jobs(self, jobs: list[Job]) -> list[str]:
+        errors: list[str] = []
+
+        async def one(key: tuple[str, str], group: list[Job]) -> None:
+            plat = self.config.platform(key[0])
+            payload = _jobs_payload(group)
+            # Job status files are cheap; the job runner's status command is
+            # rate-limited per host, across processes sharing this state.
+            if not self.store.claim_runner_query(key[0], key[1], plat.min_poll_interval):
+                payload["skip_runner"] = True
+            try:
+                reply = await self._agent_on_group(key[0], key[1], "poll", payload,
+                                                   runners={j.job_runner for j in group})
+            except SshqError as exc:
+                log.warning("poll of %s on %s failed (no state changed): %s", key[0], key[1], exc)
+                errors.append(str(exc))
+                return
+            errs = self._apply(group, reply, set(reply.get("queried", [])))
+            for err in sorted(set(errs.values())):
+                log.warning("poll of %s on %s: job runner query failed (no state changed):"
+                            " %s", key[0], key[1], err)
+                errors.append(err)
+
+        await asyncio.gather(*(one(k, g) for k, g in self._group(jobs).items()))
+        return errors
+
+    async def kill(self, ids: Sequence[int], *, settle: float = 5.0) -> list[Job]:
+        """Kill jobs with their job runner: one SSH command per host.
+
+        Jobs already final are left alone.  The call waits up to ``settle``
+        seconds for the killed jobs' status files to record how they ended.
+
+        Returns:
+            The jobs with their states after the kill.
+
+        Raises:
+            UnknownJobError: an id is not known.
+            TransportError, RemoteError: a host could not be reached or its
+                agent failed.
+        """
+        jobs = self._select(ids, False)
+        live = [j for j in jobs if not j.state.is_final and j.job_id]
+
+        async def one(key: tuple[str, str], group: list[Job]) -> None:
+            payload = dict(_jobs_payload(group), settle=settle)
+            reply = await self._agent_on_group(key[0], key[1], "kill", payload,
+                                               timeout=120 + settle,
+                                               runners={j.job_runner for j in group})
+            # (the kill commands' output is no poll output: only statuses count)
+            self._apply(group, {"status": reply["status"]}, set())
+            # A kill command that failed, for jobs that still record no exit:
+            # say so on the job (and in the log), never silently.
+            failed = {runner: "; ".join(r["stderr"].strip() or f"exit {r['exit']}"
+                                        for r in results if r["exit"] != 0)
+                      for runner, results in reply.get("runners", {}).items()}
+            updates = []
+            for j in self.store.get([j.id for j in group]):
+                why = failed.get(j.job_runner)
+                if why and not j.state.is_final:
+                    log.warning("kill of job %d (%s %s) failed: %s", j.id, j.job_runner,
+                                j.job_id, why)
+                    updates.append((j.id, {"message": f"kill failed: {why}"}))
+            self.store.update_jobs(updates)
+
+        await asyncio.gather(*(one(k, g) for k, g in self._group(live).items()))
+        return self.store.get([j.id for j in jobs])
+
+    async def wait(
+        self,
+        ids: Sequence[int],
+        *,
+        timeout: float | None = None,
+        interval: float = 1.0,
+        max_interval: float = 10.0,
+        on_poll: Any = None,
+    ) -> list[Job]:
+        """Poll until every job is final.
+
+        Args:
+            ids: sshq ids.
+            timeout: seconds; None waits for ever.
+            interval: first poll interval in seconds (grows by half each poll
+                up to ``max_interval``).
+            on_poll: optional ``callable(list[Job])`` called after each poll
+                (progress display).
+
+        Returns:
+            The final jobs.
+
+        Raises:
+            WaitTimeoutError: ``timeout`` passed first (its ``jobs`` attribute
+                holds the latest states).
+            UnknownJobError: an id is not known.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ids = list(dict.fromkeys(ids))
+        jobs = self.store.get(ids)
+        delay = interval
+        while True:
+            pending = [j for j in jobs if not j.state.is_final]
+            if pending:
+                await self._poll_jobs(pending)
+                jobs = self.store.get(ids)
+            if on_poll is not None:
+                on_poll(jobs)
+            if all(j.state.is_final for j in jobs):
+                return jobs
+            if deadline is not None and time.monotonic() >= deadline:
+                err = WaitTimeoutError(
+                    f"timed out after {timeout} s; not final: "
+                    + ", ".join(f"{j.id} ({j.state.value})" for j in jobs if not j.state.is_final)
+                )
+                err.jobs = jobs  # type: ignore[attr-defined]
+                raise err
+            pause = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
+            await asyncio.sleep(pause)
+            delay = min(delay * 1.5, max_interval)
+
+    async def jobs(
+        self, ids: Sequence[int] | None = None, *, platform: str | None = None,
+        state: JobState | str | None = None, limit: int | None = None,
+    ) -> list[Job]:
+        """Jobs in the local store (no SSH), oldest first.
+
+        Args:
+            ids: only these sshq ids (in this order).
+            platform: only this platform's jobs.
+            state: only jobs in this state.
+            limit: only the newest ``limit`` jobs.
+
+        Raises:
+            UnknownJobError: an id in ``ids`` is not known.
+        """
+        if ids is not None:
+            return self.store.get(list(ids))
+        states = [JobState(state)] if state else None
+        return self.store.query(platform=platform, states=states, limit=limit)
+
+
+def _jobs_payload(group: Sequence[Job]) -> dict[str, Any]:
+    """The ``jobs`` and ``runners`` fields of an agent poll or kill request."""
+    runners = sorted({HANDLERS[j.job_runner] for j in group}, key=lambda h: h.name)
+    jobs = []
+    for j in group:
+        words, bare = HANDLERS[j.job_runner].job_id_parts(j.job_id)
+        jobs.append({"key": str(j.id), "log_dir": j.job_log_dir, "job_id": j.job_id,
+                     "bare_id": bare, "group": list(words), "runner": j.job_runner})
+    return {"jobs": jobs, "runners": runner_templates(runners)}
+
+
+def _spec_summary(spec: JobSpec) -> dict[str, Any]:
+    d = asdict(spec)
+    d.pop("script", None)
+    d["environment"] = sorted(spec.environment)  # keys only: values may be secrets
+    if spec.walltime is not None:
+        d["walltime"] = spec.walltime.total_seconds()
+    return d

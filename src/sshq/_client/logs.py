@@ -1,0 +1,214 @@
+"""Job logs and SSH to job (part of :class:`sshq.AsyncClient`)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Literal
+
+from ..config import Platform
+from ..exceptions import (
+    HostUnreachableError,
+    InvalidInputError,
+    JobNotRunningError,
+    JobRunnerError,
+    RemoteError,
+)
+from ..job_runners import HANDLERS
+from ..model import Job, JobState
+from ..remote.attach import HOP_MARK, NO_ENV_MARK, hop_argv, launch_argv
+from ..remote.operations import stream_agent
+from ..remote.protocol import LOGIN_SHELL
+from ..remote.status import parse_status
+from ..transport import CommandResult, Transport, check_host
+from .jobs import JobsClient
+
+log = logging.getLogger("sshq.client")
+
+
+#: ``cat_log`` file names: short name -> file in the job log directory.
+LOG_FILES = {"out": "job.out", "err": "job.err", "status": "job.status", "job": "job"}
+
+LogFile = Literal["out", "err", "status", "job"]
+
+
+class LogsClient(JobsClient):
+    """cat_log, follow_log, ssh_to_job."""
+
+    async def cat_log(self, job_id: int, file: LogFile = "out", *, offset: int = 0) -> bytes:
+        """Read a file of a job's log directory.
+
+        Args:
+            job_id: sshq id.
+            file: ``out`` (job.out), ``err`` (job.err), ``status`` (job.status)
+                or ``job`` (the job script).
+            offset: first byte to read.
+
+        Returns:
+            The raw bytes (decode with ``errors="replace"`` to display).
+
+        Raises:
+            InvalidInputError: unknown file name.
+            RemoteError: the file cannot be read.
+        """
+        if file not in LOG_FILES:
+            raise InvalidInputError(f"unknown log file {file!r}; use {', '.join(LOG_FILES)}")
+        (job,) = self.store.get([job_id])
+        reply = await self._agent_on_group(
+            job.platform, job.host, "read",
+            {"path": f"{job.job_log_dir}/{LOG_FILES[file]}", "offset": offset},
+            runners=[job.job_runner],
+        )
+        if not reply.get("ok"):
+            raise RemoteError(f"job {job_id}: {reply.get('error')}")
+        return base64.b64decode(reply["data_b64"])
+
+    async def follow_log(
+        self, job_id: int, files: Sequence[LogFile] = ("out", "err"), *, poll_every: float = 10.0
+    ) -> AsyncIterator[tuple[str, bytes]]:
+        """Stream a job's log files as they grow, until the job is final.
+
+        Yields ``(file, bytes)`` pairs (``file`` is ``out`` or ``err``).  The
+        stream ends when the job status file records an exit, or when a poll
+        (every ``poll_every`` seconds) finds the job final otherwise.
+        """
+        (job,) = self.store.get([job_id])
+        plat = self.config.platform(job.platform)
+        t = self.transport(plat, self._host_of(plat, job.host))
+        payload = {
+            "files": {f: f"{job.job_log_dir}/{LOG_FILES[f]}" for f in files},
+            "log_dir": job.job_log_dir,
+            "interval": 0.2,
+        }
+        queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for frame in stream_agent(t, plat.python, "follow", payload,
+                                                login_shell=plat.login_shell):
+                    if "file" in frame:
+                        await queue.put((frame["file"], base64.b64decode(frame["data_b64"])))
+                    elif frame.get("done"):
+                        break
+            finally:
+                await queue.put(None)
+
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(poll_every)
+                (j,) = await self.poll([job_id])
+                if j.state.is_final:
+                    await asyncio.sleep(1.0)  # let the last bytes arrive
+                    await queue.put(None)
+                    return
+
+        pump_task = asyncio.create_task(pump())
+        watch_task = asyncio.create_task(watch())
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                yield item
+            if pump_task.done() and pump_task.exception() is not None:
+                raise pump_task.exception()  # type: ignore[misc]
+        finally:
+            for task in (pump_task, watch_task):
+                task.cancel()
+            await asyncio.gather(pump_task, watch_task, return_exceptions=True)
+        await self.poll([job_id])
+
+    async def _running_job(self, job_id: int) -> tuple[Job, Platform, Transport]:
+        (job,) = await self.poll([job_id])
+        if job.state is not JobState.RUNNING:
+            detail = f" ({job.message})" if job.message else ""
+            raise JobNotRunningError(f"job {job_id} is {job.state.value}, not running{detail}")
+        plat = self.config.platform(job.platform)
+        return job, plat, self.transport(plat, self._host_of(plat, job.host))
+
+    async def _attach_remote_argv(self, job: Job, command: str | None, *,
+                                  tty: bool) -> list[str]:
+        inner = launch_argv(f"{job.job_log_dir}/job.env", job.work_dir, command)
+        handler = HANDLERS[job.job_runner]
+        if handler.attach_via_exec_host:
+            status = parse_status((await self.cat_log(job.id, "status")).decode(
+                "utf-8", "replace"))
+            exec_host = status.get("SSHQ_JOB_HOST", "")
+            if not exec_host:
+                raise JobNotRunningError(
+                    f"job {job.id} is running for {job.job_runner} but its script has not"
+                    " started yet (no execution host recorded); try again in a moment")
+            check_host(exec_host)
+            return hop_argv(exec_host, inner, tty=tty)
+        return handler.attach_argv(job.job_id, inner, tty=tty)
+
+    async def ssh_to_job(self, job_id: int, command: str, *,
+                         timeout: float | None = None) -> CommandResult:
+        """Run one command inside a running job's environment (non-interactive).
+
+        The command runs with the job's environment variables, in its work
+        directory, on its execution host (for Slurm, as a step of the job:
+        ``srun --jobid=ID --overlap``).
+
+        Args:
+            job_id: sshq id.
+            command: a shell command line (run by ``/bin/bash -c``).
+            timeout: seconds; None for no limit.
+
+        Returns:
+            The command's exit status and output.
+
+        Raises:
+            JobNotRunningError: the job is not running (the message says its state).
+            JobRunnerError: the job runner refused to step into the job.
+            TransportError: the host could not be reached.
+        """
+        job, plat, t = await self._running_job(job_id)
+        argv = await self._attach_remote_argv(job, command, tty=False)
+        if plat.login_shell:
+            argv = [*LOGIN_SHELL, *argv]
+        result = await t.run(argv, timeout=timeout)
+        if HOP_MARK.encode() in result.stderr:
+            raise HostUnreachableError(
+                f"job {job_id}: its execution host is unreachable from the login node:"
+                f" {result.stderr.decode('utf-8', 'replace').strip()}", host=job.host)
+        if result.exit_status == 125 and NO_ENV_MARK.encode() in result.stderr:
+            what = ("its container is not running (yet)" if b"container" in result.stderr
+                    else "its script has not started yet (no job.env)")
+            raise JobNotRunningError(
+                f"job {job_id} is running for {job.job_runner} but {what};"
+                " try again in a moment")
+        why = HANDLERS[job.job_runner].attach_error(
+            result.exit_status, result.stderr.decode("utf-8", "replace"))
+        if result.exit_status != 0 and why:
+            raise JobRunnerError(f"job {job_id}: {why}",
+                                 stderr=result.stderr.decode("utf-8", "replace"))
+        return result
+
+    async def ssh_to_job_argv(self, job_id: int) -> list[str]:
+        """The local argv of an interactive terminal inside a running job.
+
+        For a platform reached by SSH this is a system ``ssh -t`` command
+        (terminal handling, window-size changes and Ctrl-C are OpenSSH's);
+        for the local transport, the shell itself.  Run it with the terminal
+        attached; its exit status is the remote shell's.
+
+        Raises:
+            JobNotRunningError: the job is not running.
+            JobRunnerError: the job runner cannot step into the job.
+        """
+        job, plat, t = await self._running_job(job_id)
+        handler = HANDLERS[job.job_runner]
+        probe = handler.attach_argv(job.job_id, ["true"], tty=False)
+        if probe[0] != "true":  # a job runner step: check it is allowed, cheaply
+            result = await t.run(probe, timeout=60)
+            why = handler.attach_error(result.exit_status,
+                                       result.stderr.decode("utf-8", "replace"))
+            if why:
+                raise JobRunnerError(f"job {job_id}: {why}")
+        argv = await self._attach_remote_argv(job, None, tty=True)
+        if plat.login_shell:
+            argv = [*LOGIN_SHELL, *argv]
+        return t.interactive_argv(argv)

@@ -1,0 +1,123 @@
+"""Run files and results: install, retrieve, tidy (part of :class:`sshq.AsyncClient`)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..exceptions import InvalidInputError
+from ..model import JobState
+from ..quoting import check_directive_value
+from ..remote.staging import (
+    CYLC_EXCLUDES,
+    Installation,
+    is_shared_filesystem,
+    rsync_pull,
+    rsync_push,
+    sftp_push,
+)
+from ..transport import Transport
+from ..transport.local import LocalTransport
+from .core import ClientCore
+
+log = logging.getLogger("sshq.client")
+
+
+class StagingClient(ClientCore):
+    """install, retrieve, tidy."""
+
+    async def retrieve(self, ids: Sequence[int], *, dest: str | Path = ".") -> list[Path]:
+        """Copy job log directories back with rsync (Cylc's log retrieval).
+
+        Each job's directory lands in ``DEST/<name>/<NN>/``.
+
+        Returns:
+            The local directories, in the order of ``ids``.
+
+        Raises:
+            RemoteError: rsync failed (its stderr in the message).
+        """
+        jobs = self.store.get(list(ids))
+        out: list[Path] = []
+        for job in jobs:
+            plat = self.config.platform(job.platform)
+            t = self.transport(plat, self._host_of(plat, job.host))
+            local = Path(dest) / job.name / f"{job.submit_num:02d}"
+            await rsync_pull(t, job.job_log_dir, local)
+            if job.state is JobState.SUCCEEDED:
+                for rel in self.store.spec(job.id).get("outputs") or ():
+                    await rsync_pull(t, f"{job.work_dir}/./{rel}", local / "outputs",
+                                     relative=True)
+            out.append(local)
+        return out
+
+    async def install(self, src_dir: str | Path, *, platform: str,
+                      excludes: Sequence[str] = ()) -> Installation:
+        """Install a source tree into the platform's run directory.
+
+        rsync with Cylc's excludes (:data:`CYLC_EXCLUDES`) plus ``excludes``;
+        only changed files travel.  If remote-init finds a shared filesystem
+        the copy is local (and skipped when the source is the run directory);
+        if the remote side has no rsync, changed files go by SFTP.
+
+        Args:
+            src_dir: local directory.
+            platform: platform name.
+            excludes: more rsync exclude patterns (``/x`` anchors at the top).
+
+        Returns:
+            What was done (:class:`Installation`).
+
+        Raises:
+            InvalidInputError: ``src_dir`` is not a directory.
+            TransportError, RemoteError: the copy failed.
+        """
+        src = Path(src_dir)
+        if not src.is_dir():
+            raise InvalidInputError(f"{str(src)!r} is not a directory")
+        for e in excludes:
+            check_directive_value("exclude", e)
+        plat = self.config.platform(platform)
+        patterns = [*CYLC_EXCLUDES, *excludes]
+
+        async def op(host: str, t: Transport) -> Installation:
+            init = await self._agent(plat, t, "init", {"run_dir": plat.run_dir})
+            remote_dir = init["run_dir"]
+            shared = is_shared_filesystem(init)
+            done = {"platform": platform, "host": t.host, "source": str(src),
+                    "remote_dir": remote_dir, "shared_filesystem": shared}
+            if shared or isinstance(t, LocalTransport):
+                if src.resolve() == Path(remote_dir).resolve():
+                    return Installation(method="skipped", files_transferred=0, **done)
+                n = await rsync_push(None, src, remote_dir, patterns)
+                return Installation(method="local", files_transferred=n, **done)
+            if init.get("rsync") and shutil.which("rsync"):
+                n = await rsync_push(t, src, remote_dir, patterns)
+                return Installation(method="rsync", files_transferred=n, **done)
+            listing = await self._agent(plat, t, "listing", {"path": remote_dir})
+            n = await sftp_push(t, src, remote_dir, patterns, listing["files"])
+            return Installation(method="sftp", files_transferred=n, **done)
+
+        result: Installation = await self._with_failover(plat, op)
+        return result
+
+    async def tidy(self, *, platform: str) -> list[str]:
+        """Remove what sshq left on the platform: its service directory
+        (``<run_dir>/.sshq``: remote-init's UUID file) and links an interrupted
+        submission left.  Job logs, work directories and installed files stay.
+
+        Returns:
+            The remote paths removed.
+        """
+        plat = self.config.platform(platform)
+
+        async def op(host: str, t: Transport) -> list[str]:
+            info = await self._remote_init(plat, host, t)
+            reply = await self._agent(plat, t, "tidy", {"run_dir": info.run_dir})
+            removed: list[str] = reply["removed"]
+            return removed
+
+        result: list[str] = await self._with_failover(plat, op)
+        return result
