@@ -483,3 +483,38 @@ def _proc_state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "gone"
+
+
+def test_detached_hosts_sharing_a_file_system_share_one_queue(bed: FarmBed) -> None:
+    """The namespace hosts share /home: --detach then uses ONE spool whose workers
+    claim tasks (no static split).  One host crashes mid-run (its worker and
+    sessions die); the others take over its claimed tasks, and attach reports
+    every task exactly once."""
+    name = "detach-shared"
+    n = 60
+    batch = bed.batch(["sleep 0.3; echo s-$SSHQ_FARM_SEQ"] * n)
+    res = subprocess.run([sys.executable, "-m", "sshq", "--config", str(bed.config), "farm",
+                          str(batch), "--hosts", ",".join(LABELS), "--detach", "--run", name,
+                          "--slots", "2"], capture_output=True, env=bed.env, timeout=CLI_TIMEOUT)
+    assert res.returncode == 0, res.stderr
+    opts = json.loads((bed.state_dir / "farm" / name / "options.json").read_text())
+    (spool,) = opts["spools"]
+    assert sorted(spool["workers"]) == sorted(LABELS) and spool["tasks"] == n
+    results = Path(spool["path"]) / "results"
+    deadline = time.monotonic() + 60
+    while len(list(results.glob("*.json"))) < 6:
+        assert time.monotonic() < deadline, "the detached workers produced nothing"
+        time.sleep(0.2)
+    bed.host("h1").kill_all()          # h1's worker dies holding claimed tasks
+    bed.host("h1").start_sshd()
+    att = subprocess.run([sys.executable, "-m", "sshq", "--config", str(bed.config), "farm",
+                          "attach", name], capture_output=True, env=bed.env,
+                         timeout=CLI_TIMEOUT)
+    assert att.returncode == 0, att.stderr
+    got = [json.loads(x) for x in att.stdout.splitlines()]
+    by_seq = _check_exactly_once(got, set(range(1, n + 1)))
+    for i, r in by_seq.items():
+        assert r["stdout"] == f"s-{i}\n" and r["exit_status"] == 0, r
+    assert {r["host"] for r in got} <= set(LABELS)
+    assert len({r["host"] for r in got}) >= 2      # the queue was shared
+    assert not Path(spool["path"]).exists()         # tidied after the last result

@@ -42,16 +42,22 @@ class Spool:
     path: str
     tasks: int = 0
     job_ids: list[int] = field(default_factory=list)  # with --via: the pilot jobs
+    workers: list[FarmHost] = field(default_factory=list)  # hosts sharing this spool
     finished: bool = False
     failures: int = 0
     restarts: int = 0
 
 
-def _worker_header(sp: Spool, opts: FarmOptions, *, detach: bool) -> dict[str, Any]:
-    """A spool filled for pilots (not ``detach``) is shared by all of them."""
-    return {"mode": "prepare", "spool": sp.path, "detach": detach, "shared": not detach,
-            "slots": opts.slots, "env": dict(opts.env, SSHQ_FARM_HOST=sp.host.label),
-            "cwd": task_dir(sp.host, opts), "retries": opts.retries}
+def _worker_header(sp: Spool, opts: FarmOptions, *, detach: bool,
+                   host: FarmHost | None = None) -> dict[str, Any]:
+    """A spool for pilots (not ``detach``) or for hosts sharing it is shared:
+    its workers claim tasks.  ``host``: whose worker this is (default: the
+    spool's host)."""
+    host = host or sp.host
+    return {"mode": "prepare", "spool": sp.path, "detach": detach,
+            "shared": not detach or bool(sp.workers), "label": host.label,
+            "slots": opts.slots, "env": dict(opts.env, SSHQ_FARM_HOST=host.label),
+            "cwd": task_dir(host, opts), "retries": opts.retries}
 
 
 async def _call(host: FarmHost, header: dict[str, Any], frames: bytes = b"",
@@ -101,18 +107,72 @@ async def prepare_spools(
                                                                        strict=True))))
 
 
-async def restart_worker(sp: Spool, opts: FarmOptions) -> None:
-    """Start a detached worker on a spool again (it skips finished tasks)."""
-    await _call(sp.host, _worker_header(sp, opts, detach=True), encode({"t": "close"}))
+async def restart_worker(sp: Spool, opts: FarmOptions, host: FarmHost | None = None) -> None:
+    """Start a detached worker on a spool (again: it skips finished tasks).
+
+    Args:
+        sp: the spool.
+        opts: the run's options.
+        host: where (default: the spool's host; for a shared spool, any of
+            its workers' hosts).
+    """
+    await _call(host or sp.host, _worker_header(sp, opts, detach=True, host=host),
+                encode({"t": "close"}))
 
 
 async def _restart(sp: Spool, opts: FarmOptions, warn: Callable[[str], None]) -> bool:
     if sp.restarts >= 3:
         return False
     sp.restarts += 1
-    warn(f"{sp.host.label}: the detached worker died; restarting it")
-    await restart_worker(sp, opts)
-    return True
+    hosts = sp.workers or [sp.host]
+    warn(f"{sp.path}: no detached worker is alive; restarting them on"
+         f" {', '.join(h.label for h in hosts)}")
+    started = 0
+    for h in hosts:
+        try:
+            await restart_worker(sp, opts, h)
+            started += 1
+        except SshqError as exc:
+            warn(f"{h.label}: cannot restart its worker: {exc}")
+    return started > 0
+
+
+async def shares_run_dir(hosts: list[FarmHost], run: str) -> bool:
+    """Whether every host sees the same ``<run_dir>/farm/<run>`` directory (a
+    shared file system, as on a cluster or a department's machines).
+
+    A random token written through the first host must be read back through
+    every other one.
+    """
+    import secrets
+
+    if len(hosts) < 2:
+        return False
+    token = secrets.token_hex(16)
+    first = hosts[0]
+    d = first.argv_path("farm", run)
+    res = await first.transport.run(
+        ["sh", "-c", 'mkdir -p "$1" && printf %s "$2" >"$1/.shared-probe"', "sh", d, token],
+        timeout=60)
+    if res.exit_status != 0:
+        return False
+
+    async def sees(h: FarmHost) -> bool:
+        try:
+            r = await h.transport.run(["cat", f"{h.argv_path('farm', run)}/.shared-probe"],
+                                      timeout=60)
+        except SshqError:
+            return False
+        return r.exit_status == 0 and r.stdout == token.encode()
+
+    return all(await asyncio.gather(*(sees(h) for h in hosts[1:])))
+
+
+async def start_shared(sp: Spool, opts: FarmOptions) -> None:
+    """Start a detached worker on every other host of a shared spool (the
+    spool's own host got one when it was prepared)."""
+    await asyncio.gather(*(restart_worker(sp, opts, h) for h in sp.workers
+                           if h is not sp.host))
 
 
 async def attach_spools(
@@ -187,7 +247,10 @@ async def attach_spools(
                     if seen(seq):
                         continue
                     node = head.get("node")
-                    label = f"{sp.host.label}/{node}" if node and sp.job_ids else sp.host.label
+                    if sp.job_ids:    # a pilot: platform/node
+                        label = f"{sp.host.label}/{node}" if node else sp.host.label
+                    else:             # the worker's host (several may share a spool)
+                        label = head.get("host") or sp.host.label
                     r = TaskResult(
                         seq=seq, command=commands(seq), host=label,
                         exit_status=head.get("rc"), signal=signal_name(head.get("sig")),

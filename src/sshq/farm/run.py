@@ -250,22 +250,39 @@ async def _start_spools(client: Any, req: FarmRequest, rd: RunDir, hosts: list[F
                         out: ResultSink, warn: Callable[[str], None],
                         on_start: Callable[[Any], None]) -> FarmStats:
     """``--detach`` and ``--via``: fill the remote spools, start the workers."""
-    from .detached import Pilots, Spool, attach_spools, command_lookup, prepare_spools
+    from .detached import (
+        Pilots,
+        Spool,
+        attach_spools,
+        command_lookup,
+        prepare_spools,
+        shares_run_dir,
+        start_shared,
+    )
 
     opts = req.options
     if req.deps is not None:
         opts.deps = await sync_deps(hosts, req.deps)
     opts.env = dict(opts.env, SSHQ_FARM_RUN=rd.name)
+    shared = False
     if req.via:   # one spool on the login host, shared by every pilot job
         spools = [Spool(host=hosts[0], path=hosts[0].path("farm", rd.name, "pilots"))]
+    elif await shares_run_dir(hosts, rd.name):
+        # one queue for all: each host's worker claims tasks (no static split)
+        shared = True
+        spools = [Spool(host=hosts[0], path=hosts[0].path("farm", rd.name, "shared"),
+                        workers=list(hosts))]
     else:
         spools = [Spool(host=h, path=h.path("farm", rd.name, _safe(h.label))) for h in hosts]
     prepared = await prepare_spools(spools, read_batch(rd.batch), opts, detach=not req.via)
+    if shared:
+        await start_shared(spools[0], opts)
     total = sum(sp.tasks for sp in spools)
     rd.open_journal()
     try:
         for sp, rep in zip(spools, prepared, strict=True):
-            rd.log("spool", host=sp.host.label, spool=sp.path, tasks=sp.tasks, pid=rep.get("pid"))
+            rd.log("spool", host=sp.host.label, spool=sp.path, tasks=sp.tasks, pid=rep.get("pid"),
+                   workers=[h.label for h in sp.workers])
         if not req.via:
             _record_spools(rd, spools, None)
             return FarmStats(total=total)
@@ -289,7 +306,8 @@ class _StatsHolder:
 def _record_spools(rd: RunDir, spools: list[Any], walltime: str | None) -> None:
     rec = rd.options()
     rec["spools"] = [{"host": sp.host.label, "path": sp.path, "tasks": sp.tasks,
-                      "jobs": sp.job_ids} for sp in spools]
+                      "jobs": sp.job_ids, "workers": [h.label for h in sp.workers]}
+                     for sp in spools]
     rec["walltime"] = walltime
     (rd.path / "options.json").write_text(json.dumps(rec, indent=1))
 
@@ -318,7 +336,9 @@ async def attach_run(client: Any, name: str, out: ResultSink, *,
         if host is None:
             raise ConfigError(f"host {item['host']!r} of run {name!r} is no longer configured")
         spools.append(Spool(host=host, path=item["path"], tasks=int(item["tasks"]),
-                            job_ids=list(item.get("jobs") or [])))
+                            job_ids=list(item.get("jobs") or []),
+                            workers=[by_label[w] for w in item.get("workers") or []
+                                     if w in by_label]))
     stats = FarmStats(total=sum(sp.tasks for sp in spools))
     reported, _ = rd.replay()
     stats.done = sum(reported)

@@ -470,11 +470,14 @@ class Worker(Dispatcher):
     (renaming the claim away is atomic, so only one worker wins it).
     """
 
-    def __init__(self, spool_dir):
+    def __init__(self, spool_dir, label=None):
         self.dir = os.path.abspath(spool_dir)
         with open(os.path.join(self.dir, "header.json")) as fh:
             header = json.load(fh)
         header["nonce"] = ""
+        self.label = label or header.get("label")
+        if self.label:   # several hosts may share the spool: each says who it is
+            header["env"] = dict(header.get("env") or {}, SSHQ_FARM_HOST=self.label)
         Dispatcher.__init__(self, header)
         shutil.rmtree(self.spool, ignore_errors=True)
         self.wid = "%s-%d" % (socket.gethostname(), os.getpid())
@@ -601,7 +604,8 @@ class Worker(Dispatcher):
                 with open(base + ext, "wb") as fh:
                     fh.write(stream.buf)
         meta = {"seq": seq, "rc": rc, "sig": task.sig, "t0": task.t0, "t1": task.t1,
-                "to": task.timed_out, "attempt": attempt, "node": socket.gethostname()}
+                "to": task.timed_out, "attempt": attempt, "node": socket.gethostname(),
+                "host": self.label}
         with open(base + "." + self.wid + ".tmp", "w") as fh:
             json.dump(meta, fh)
         os.rename(base + "." + self.wid + ".tmp", base + ".json")
@@ -699,11 +703,11 @@ def prepare(header):
         json.dump(worker_header, fh)
     pid = None
     if header.get("detach"):
-        pid = daemon(spool)
+        pid = daemon(spool, header.get("label"))
     reply(header["nonce"], [frame({"t": "prepared", "spool": spool, "pid": pid})])
 
 
-def daemon(spool):
+def daemon(spool, label=None):
     """Start a worker on ``spool`` that outlives this SSH session; its pid."""
     r, w = os.pipe()
     first = os.fork()
@@ -731,7 +735,7 @@ def daemon(spool):
         os.dup2(null, 1)
         os.dup2(log, 2)
         try:
-            worker = Worker(spool)
+            worker = Worker(spool, label)
             worker.beat()     # alive before the client hears of it
             os.write(w, str(os.getpid()).encode("ascii"))
             os.close(w)
@@ -828,7 +832,7 @@ def collect(header):
             out.write(frame({"t": "d", "id": seq, "rc": meta["rc"], "sig": meta["sig"],
                              "t0": meta["t0"], "t1": meta["t1"], "to": meta["to"],
                              "k": False, "n1": 0, "attempt": meta.get("attempt", 1),
-                             "node": meta.get("node")}))
+                             "node": meta.get("node"), "host": meta.get("host")}))
         try:
             with open(os.path.join(spool, "tasks.jsonl")) as tf:
                 tasks = sum(1 for _ in tf)
