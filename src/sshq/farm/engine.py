@@ -277,13 +277,13 @@ class Farm:
         runners = [asyncio.create_task(self._host_main(h)) for h in self.hosts]
         ticker = asyncio.create_task(self._tick())
         all_gone = asyncio.create_task(self._all_hosts_gone(runners))
+        finished = asyncio.create_task(self._finished.wait())
         try:
-            await asyncio.wait([asyncio.create_task(self._finished.wait()), all_gone],
-                                         return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([finished, all_gone], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in [*runners, ticker, all_gone]:
+            for t in [*runners, ticker, all_gone, finished]:
                 t.cancel()
-            await asyncio.gather(*runners, ticker, all_gone, return_exceptions=True)
+            await asyncio.gather(*runners, ticker, all_gone, finished, return_exceptions=True)
             for h in self.hosts:
                 for c in list(h.copies.values()):
                     c.discard(self.opts.output_dir)
