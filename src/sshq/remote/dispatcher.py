@@ -61,6 +61,9 @@ CHUNK = 1 << 18        # bytes per "o" frame
 OUT_HIGH = 4 << 20     # stop pulling spilled output while this much is queued
 KILL_GRACE = 2.0       # seconds between SIGTERM and SIGKILL
 HEARTBEAT = 5.0        # seconds of silence after which {"t":"hb"} is sent
+SIGNAL_GRACE = 1.0     # seconds a task killed by someone else's signal waits to be
+                       # reported: if the host (or pilot job) is going down, the
+                       # dispatcher dies first and the task is re-run, not failed
 HEAD = struct.Struct(">II")
 
 
@@ -158,6 +161,7 @@ class Task(object):
         self.kill_at = None
         self.timed_out = False
         self.killed = False
+        self.defer = None
         self.out = Stream(spool, "%d.1" % self.id)
         self.err = Stream(spool, "%d.2" % self.id)
 
@@ -179,6 +183,7 @@ class Dispatcher(object):
         self.running = {}       # id -> Task
         self.by_fd = {}         # pipe fd -> (Task, Stream)
         self.by_pid = {}        # pid -> running Task
+        self.deferred = []      # tasks ended by a foreign signal, reported later
         self.free_slots = list(range(self.slots, 0, -1))
         self.closing = False
         self.paused = False
@@ -324,7 +329,11 @@ class Dispatcher(object):
             self.maybe_finish(task)
 
     def maybe_finish(self, task):
-        if task.open_pipes == 0 and task.rc is not None:
+        if task.open_pipes == 0 and task.rc is not None and task.defer is None:
+            if task.sig and not task.killed and not task.timed_out:
+                task.defer = time.monotonic() + SIGNAL_GRACE
+                self.deferred.append(task)
+                return
             self.finish(task)
 
     def finish(self, task):
@@ -350,6 +359,12 @@ class Dispatcher(object):
         """Handle deadlines; return seconds until the next one (None: none)."""
         now = time.monotonic()
         nxt = None
+        for task in list(self.deferred):
+            if now >= task.defer:
+                self.deferred.remove(task)
+                self.finish(task)
+            elif nxt is None or task.defer - now < nxt:
+                nxt = task.defer - now
         for task in list(self.running.values()):
             if task.pid not in self.by_pid:
                 continue
@@ -492,6 +507,7 @@ class Worker(Dispatcher):
         self.shared = bool(header.get("shared"))
         self.tasks_fh = open(os.path.join(self.dir, "tasks.jsonl"))
         self.exhausted = False
+        self.stopping = False
         self.last_beat = 0.0
         self.last_steal = 0.0
 
@@ -586,6 +602,10 @@ class Worker(Dispatcher):
     def finish(self, task):
         del self.running[task.id]
         self.free_slots.append(task.slot)
+        if self.stopping:   # its claim stays: another worker runs it again
+            for stream in (task.out, task.err):
+                stream.discard()
+            return
         seq = task.head["seq"]
         rc = None if task.sig else task.rc
         attempt = int(task.head.get("attempt", 1))
@@ -610,6 +630,9 @@ class Worker(Dispatcher):
             json.dump(meta, fh)
         os.rename(base + "." + self.wid + ".tmp", base + ".json")
 
+    def on_stop(self, signum, frame):
+        self.stopping = True
+
     def all_done(self):
         self.tasks_fh.seek(0)
         return all(self.has_result(json.loads(line)["seq"]) for line in self.tasks_fh)
@@ -623,11 +646,18 @@ class Worker(Dispatcher):
         signal.signal(signal.SIGCHLD, lambda *a: None)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        for name in ("SIGTERM", "SIGINT", "SIGXCPU", "SIGUSR1", "SIGUSR2"):
+            # a job runner ending a pilot job: stop, leave unfinished claims
+            signal.signal(getattr(signal, name), self.on_stop)
         self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
         paused_flag = os.path.join(self.dir, "paused")
         started = time.monotonic()
         try:
             while True:
+                if self.stopping:
+                    for task in list(self.running.values()):
+                        self.signal_task(task, signal.SIGKILL)
+                    break
                 self.beat()
                 if not os.path.exists(paused_flag):
                     while self.free_slots:
@@ -655,7 +685,7 @@ class Worker(Dispatcher):
             with open(os.path.join(self.workers, self.wid + ".done"), "w") as fh:
                 fh.write("%f\n" % time.time())
             shutil.rmtree(self.spool, ignore_errors=True)
-        if self.all_done():
+        if not self.stopping and self.all_done():
             with open(os.path.join(self.dir, "done"), "w") as fh:
                 fh.write("%f\n" % time.time())
 
