@@ -84,14 +84,33 @@ def gate() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture
+def pilots() -> Iterator[list[str]]:
+    """Run names whose pilot jobs are cancelled after the test, whatever happened
+    (a pilot left running would hold one of the test node's 2 CPUs)."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        for k in range(1, 6):
+            subprocess.run(["scancel", f"--name=farm-{name}-{k}"[:67]], capture_output=True)
+
+
 def test_via_slurm_pilot_jobs_share_one_queue(slurm_testbed: dict[str, str], sshq: Run,
-                                              tmp_path: Path, gate: Path) -> None:
-    # every task waits (at most 60 s) until both pilots have started one: proves
+                                              tmp_path: Path, gate: Path,
+                                              pilots: list[str]) -> None:
+    # the single test node has 2 CPUs: both pilots must be able to run at once,
+    # so wait for jobs of earlier tests to end first
+    deadline = time.monotonic() + 180
+    while subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True,
+                         text=True).stdout.strip() and time.monotonic() < deadline:
+        time.sleep(1)
+    # every task waits (at most 30 s) until both pilots have started one: proves
     # that the two pilot jobs take tasks from the same queue at the same time
     cmd = (f"touch {gate}/$SLURM_JOB_ID; n=0; while [ $(ls {gate} | wc -l) -lt 2 ]"
-           " && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done; echo $SLURM_JOB_ID $SSHQ_FARM_SEQ")
+           " && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done; echo $SLURM_JOB_ID $SSHQ_FARM_SEQ")
     batch = _batch(tmp_path, 30, cmd)
     name = f"via-{time.time_ns()}"
+    pilots.append(name)
     res = sshq("farm", str(batch), "--via", "slurm", "--nodes", "2", "--run", name,
                "--walltime", "00:05:00", timeout=240)
     assert res.returncode == 0, res.stderr
@@ -110,10 +129,11 @@ def test_via_slurm_pilot_jobs_share_one_queue(slurm_testbed: dict[str, str], ssh
 
 
 def test_via_a_killed_pilots_tasks_are_taken_over(slurm_testbed: dict[str, str], sshq: Run,
-                                                  cli_env: dict[str, str],
-                                                  tmp_path: Path) -> None:
+                                                  cli_env: dict[str, str], tmp_path: Path,
+                                                  pilots: list[str]) -> None:
     batch = _batch(tmp_path, 16, "sleep 1; echo done-$SSHQ_FARM_SEQ")
     name = f"via2-{time.time_ns()}"
+    pilots.append(name)
     proc = subprocess.Popen(
         [sys.executable, "-m", "sshq", "farm", str(batch), "--via", "slurm", "--nodes", "2",
          "--run", name], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
