@@ -501,8 +501,7 @@ class Worker(Dispatcher):
         self.claims = os.path.join(self.dir, "claims")
         self.workers = os.path.join(self.dir, "workers")
         for d in (self.spool, self.results, self.claims, self.workers):
-            if not os.path.isdir(d):
-                os.makedirs(d)
+            os.makedirs(d, exist_ok=True)   # pilots start at the same moment
         self.retries = int(header.get("retries") or 0)
         self.shared = bool(header.get("shared"))
         self.tasks_fh = open(os.path.join(self.dir, "tasks.jsonl"))
@@ -715,8 +714,7 @@ def reply(nonce, frames):
 
 def prepare(header):
     spool = resolve_spool(header["spool"])
-    if not os.path.isdir(spool):
-        os.makedirs(spool, 0o700)
+    os.makedirs(spool, 0o700, exist_ok=True)
     with open(os.path.join(spool, "tasks.jsonl"), "a") as tasks:
         for head, payload in read_frames(sys.stdin.buffer):
             kind = head.get("t")
