@@ -138,8 +138,7 @@ class FarmStats:
 
 
 class _Task:
-    __slots__ = ("attempts", "command", "copies", "failed_hosts", "failures", "last_failure",
-                 "lost", "seq")
+    __slots__ = ("attempts", "command", "copies", "failed_hosts", "failures", "lost", "seq")
 
     def __init__(self, seq: int, command: str) -> None:
         self.seq = seq
@@ -149,7 +148,6 @@ class _Task:
         self.failed_hosts: set[str] = set()
         self.lost = 0
         self.copies: dict[int, _Copy] = {}
-        self.last_failure: TaskResult | None = None
 
 
 class _Copy:
@@ -567,7 +565,6 @@ class Farm:
         t.failed_hosts.add(c.host.label)
         if t.copies:   # another copy may still succeed
             c.discard(self.opts.output_dir)
-            t.last_failure = r
             return
         if t.failures <= self.opts.retries:
             c.discard(self.opts.output_dir)

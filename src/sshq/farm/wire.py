@@ -20,6 +20,7 @@ from importlib import resources
 from typing import Any
 
 from ..exceptions import RemoteError
+from ..remote.protocol import skip_to_fence
 
 __all__ = ["Frame", "FrameReader", "encode", "dispatcher_stdin", "dispatcher_source"]
 
@@ -79,11 +80,8 @@ class FrameReader:
         """
         self._buf += data
         if not self.started:
-            i = self._buf.find(self._fence)
-            if i < 0:
-                del self._buf[: max(0, len(self._buf) - len(self._fence))]
+            if not skip_to_fence(self._buf, self._fence):
                 return
-            del self._buf[: i + len(self._fence)]
             self.started = True
         buf = self._buf
         pos = 0

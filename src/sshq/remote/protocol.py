@@ -26,7 +26,8 @@ from typing import Any
 
 from ..exceptions import RemoteError
 
-__all__ = ["BOOTSTRAP", "agent_source", "agent_argv", "encode_request", "FrameParser"]
+__all__ = ["BOOTSTRAP", "agent_source", "agent_argv", "encode_request", "FrameParser",
+           "skip_to_fence"]
 
 #: The remote command's program: one line, no ``!``, no newline, no single
 #: quote, so that any login shell (sh, bash, tcsh) passes it unchanged.
@@ -70,6 +71,21 @@ def encode_request(op: str, payload: dict[str, Any]) -> tuple[str, bytes]:
     return nonce, b"%d\n" % len(src) + src + json.dumps(req).encode("utf-8")
 
 
+def skip_to_fence(buf: bytearray, fence: bytes) -> bool:
+    """Drop what precedes ``fence`` in ``buf`` (banners), and the fence itself.
+
+    Returns:
+        True once the fence was found; False while it has not arrived (only a
+        tail that could hold a partial fence is kept).
+    """
+    i = buf.find(fence)
+    if i < 0:
+        del buf[: max(0, len(buf) - len(fence))]
+        return False
+    del buf[: i + len(fence)]
+    return True
+
+
 class FrameParser:
     """Incremental parser of the agent's fenced, length-prefixed frames.
 
@@ -92,12 +108,8 @@ class FrameParser:
         """
         self._buf += data
         if not self.started:
-            i = self._buf.find(self._begin)
-            if i < 0:
-                # keep a tail that could hold a partial fence
-                del self._buf[: max(0, len(self._buf) - len(self._begin))]
+            if not skip_to_fence(self._buf, self._begin):
                 return
-            del self._buf[: i + len(self._begin)]
             self.started = True
         while not self.finished:
             nl = self._buf.find(b"\n")
