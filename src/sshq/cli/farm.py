@@ -117,6 +117,21 @@ def _progress(farm_ref: list[Any]) -> Iterator[None]:
             t.cancel()
 
 
+def _with_progress(config_path: str | None, call: Any) -> Any:
+    """Run ``call(client, on_start)`` with a client and the progress bar; its result."""
+    farm_ref: list[Any] = []
+
+    async def body() -> Any:
+        client = _client(config_path)
+        try:
+            with _progress(farm_ref):
+                return await call(client, farm_ref.append)
+        finally:
+            await client.close()
+
+    return asyncio.run(body())
+
+
 @farm.command("run", epilog=RESULT_HELP)
 @click.argument("batch_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--hosts", "-H", "hosts", multiple=True, metavar="H1,H2,...",
@@ -201,19 +216,9 @@ def run_cmd(batch_file: Path | None, hosts: tuple[str, ...], slots: int | None, 
             click.echo(f"sshq: detached; collect the results with `sshq farm attach {name}`",
                        err=True)
 
-    farm_ref: list[Any] = []
-
-    async def body() -> Any:
-        client = _client(config_path)
-        try:
-            with _progress(farm_ref):
-                return await run_farm(client, req, sys.stdout.buffer, on_name=on_name,
-                                      warn=_warn, on_start=farm_ref.append)
-        finally:
-            await client.close()
-
     try:
-        _name, stats = asyncio.run(body())
+        _name, stats = _with_progress(config_path, lambda client, on_start: run_farm(
+            client, req, sys.stdout.buffer, on_name=on_name, warn=_warn, on_start=on_start))
     except SshqError as exc:
         if named:
             raise type(exc)(f"{exc}; resume with `sshq farm --resume {named[0]}`") from None
@@ -243,18 +248,8 @@ def attach_cmd(name: str, config_path: str | None) -> None:
     """
     from ..farm.run import attach_run
 
-    farm_ref: list[Any] = []
-
-    async def body() -> Any:
-        client = _client(config_path)
-        try:
-            with _progress(farm_ref):
-                return await attach_run(client, name, sys.stdout.buffer, warn=_warn,
-                                        on_start=farm_ref.append)
-        finally:
-            await client.close()
-
-    stats = asyncio.run(body())
+    stats = _with_progress(config_path, lambda client, on_start: attach_run(
+        client, name, sys.stdout.buffer, warn=_warn, on_start=on_start))
     if stats.failed:
         click.echo(f"sshq: {stats.failed} task(s) failed", err=True)
         sys.exit(1)
