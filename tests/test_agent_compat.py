@@ -11,11 +11,14 @@ from pathlib import Path
 
 import pytest
 
+import sshq.shipped
 from sshq.remote import protocol
 
-AGENT = Path(protocol.__file__).with_name("agent.py")
-#: Every file shipped to remote hosts: the agent and the farm's dispatcher.
-REMOTE_FILES = [AGENT, Path(protocol.__file__).with_name("dispatcher.py")]
+SHIPPED = Path(sshq.shipped.__file__).parent
+AGENT = SHIPPED / "agent.py"
+#: Every file shipped to remote hosts: the agent, the farm's dispatcher and the
+#: shared modules bundled with the agent.
+REMOTE_FILES = sorted(p for p in SHIPPED.glob("*.py") if p.name != "__init__.py")
 
 #: Standard library modules added after Python 3.6 (vermin knows most; this
 #: list keeps the import check meaningful on its own).

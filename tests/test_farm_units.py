@@ -2,7 +2,7 @@
 
 No SSH here: the frame reader, the batch reader, the journal, result
 formatting and host resolution are tested directly; the dispatcher
-(:mod:`sshq.remote.dispatcher`) is started on this machine exactly as on a
+(:mod:`sshq.shipped.dispatcher`) is started on this machine exactly as on a
 host (``python3 -c BOOTSTRAP``, the source and header on stdin) and spoken
 to in frames.
 """

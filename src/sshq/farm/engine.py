@@ -1,6 +1,6 @@
 """The farm's scheduler and its per-host dispatcher sessions.
 
-One SSH channel and one dispatcher (:mod:`sshq.remote.dispatcher`) per
+One SSH channel and one dispatcher (:mod:`sshq.shipped.dispatcher`) per
 host.  Each host takes at most ``slots + prefetch`` tasks at a time, so
 what is in flight is bounded on both sides.  Fault handling:
 

@@ -1,6 +1,6 @@
 """The wire protocol between the farm client and its dispatcher (I/O-free).
 
-The dispatcher (:mod:`sshq.remote.dispatcher`, whose header comment is the
+The dispatcher (:mod:`sshq.shipped.dispatcher`, whose header comment is the
 specification) starts like the agent: the remote command is the fixed
 :data:`~sshq.remote.protocol.BOOTSTRAP`, and stdin carries the source, then
 one JSON header line, then frames.  A frame is a 4-byte big-endian header
@@ -34,7 +34,7 @@ Frame = tuple[dict[str, Any], bytes]
 @cache
 def dispatcher_source() -> bytes:
     """The dispatcher's source, as shipped."""
-    return resources.files("sshq.remote").joinpath("dispatcher.py").read_bytes()
+    return resources.files("sshq.shipped").joinpath("dispatcher.py").read_bytes()
 
 
 def encode(head: dict[str, Any], payload: bytes = b"") -> bytes:

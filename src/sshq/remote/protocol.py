@@ -40,7 +40,7 @@ BOOTSTRAP = (
 @cache
 def agent_source() -> bytes:
     """The agent's source, as shipped."""
-    return resources.files("sshq.remote").joinpath("agent.py").read_bytes()
+    return resources.files("sshq.shipped").joinpath("agent.py").read_bytes()
 
 
 #: With ``login_shell``: a fixed bash program that runs its arguments, so the
