@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from sshq import AsyncClient, Job, JobState
-from sshq.remote import agent
+from sshq.shipped import agent
 
 
 async def wait_for_state(client: AsyncClient, sid: int, state: JobState,

@@ -26,7 +26,7 @@ from sshq.job_runners.base import IDS, RunnerJobState
 from sshq.job_runners.slurm import HANDLER as SLURM
 from sshq.model.job_spec import JobSpec
 from sshq.quoting import directive_word
-from sshq.remote import agent
+from sshq.shipped import agent
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LOG = "/home/u/sshq-run/log/job/my-job/01"

@@ -48,7 +48,7 @@ from sshq.job_runners import get_handler
 from sshq.job_runners.lsf import HANDLER as LSF
 from sshq.job_runners.lsf import format_run_limit, parse_bjobs_json
 from sshq.jobscript import render_job_script
-from sshq.remote import agent
+from sshq.shipped import agent
 from sshq.remote.status import parse_status
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lsf"
