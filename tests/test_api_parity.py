@@ -1,4 +1,4 @@
-"""The public API is whole: ``Client`` mirrors ``AsyncClient``.
+"""The public API is whole: ``Client`` mirrors ``AsyncClient``; every error is exported.
 
 The comparison tests need no host.  The others drive the sync ``Client``
 against a real ``localhost`` platform (local transport, background job
@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import sshq
+import sshq.exceptions
 from sshq import AsyncClient, Client, JobSpec, JobState
 from sshq.remote.staging import Installation
 from sshq.transport import CommandResult
@@ -64,6 +66,22 @@ def test_client_method_has_the_async_signature(name: str) -> None:
     if name != "__init__":
         assert str(inspect.signature(s).return_annotation) == _sync_return(a), (
             f"Client.{name} returns something else than AsyncClient.{name}")
+
+
+def test_every_exception_is_exported_from_sshq() -> None:
+    classes = {name for name, obj in inspect.getmembers(sshq.exceptions, inspect.isclass)
+               if issubclass(obj, sshq.SshqError) and obj.__module__ == "sshq.exceptions"}
+    assert "JobNotRunningError" in classes  # the walk sees them all
+    assert classes - set(sshq.__all__) == set(), (
+        f"not in sshq.__all__: {sorted(classes - set(sshq.__all__))}")
+    for name in classes:
+        assert getattr(sshq, name) is getattr(sshq.exceptions, name)
+    assert set(sshq.exceptions.__all__) == classes
+
+
+def test_every_name_in_all_exists() -> None:
+    missing = [name for name in sshq.__all__ if not hasattr(sshq, name)]
+    assert missing == []
 
 
 # ---------------------------------------------------------------- real calls
