@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,6 +83,27 @@ def test_every_exception_is_exported_from_sshq() -> None:
 def test_every_name_in_all_exists() -> None:
     missing = [name for name in sshq.__all__ if not hasattr(sshq, name)]
     assert missing == []
+
+
+# ---------------------------------------------------------------- one version source
+
+
+def test_the_version_is_written_once() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"], "pyproject.toml writes the version again"
+    assert "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "sshq.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+|(a|b|rc)\d+)?", sshq.__version__)
+
+
+@pytest.mark.filterwarnings("ignore:Support for .*tool.setuptools.* is still")
+def test_setuptools_reads_the_version_from_the_package() -> None:
+    """The version a build (installed or editable) records, as setuptools
+    itself computes it from pyproject.toml: statically, without running sshq."""
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    conf = read_configuration(ROOT / "pyproject.toml", expand=True)
+    assert conf["project"]["version"] == sshq.__version__
 
 
 # ---------------------------------------------------------------- real calls

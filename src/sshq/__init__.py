@@ -29,6 +29,7 @@ from .exceptions import (
 )
 from .model import Job, JobSpec, JobState
 
+#: The one version source (pyproject.toml reads it; ``sshq --version`` prints it).
 __version__ = "0.1.0"
 
 __all__ = [
