@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from ..exceptions import InvalidInputError
+from ..exceptions import InvalidInputError, RemoteError
 from ..model import JobState
 from ..quoting import check_directive_value
 from ..remote.staging import (
     CYLC_EXCLUDES,
     Installation,
-    is_shared_filesystem,
     rsync_pull,
     rsync_push,
     sftp_push,
+    shared_run_dir,
 )
 from ..transport import Transport
 from ..transport.local import LocalTransport
@@ -58,9 +61,11 @@ class StagingClient(ClientCore):
         """Install a source tree into the platform's run directory.
 
         rsync with Cylc's excludes (:data:`CYLC_EXCLUDES`) plus ``excludes``;
-        only changed files travel.  If remote-init finds a shared filesystem
-        the copy is local (and skipped when the source is the run directory);
-        if the remote side has no rsync, changed files go by SFTP.
+        only changed files travel.  If the run directory is on a file system
+        shared with this machine (remote-init's UUID file is here, and a
+        random token written here is read back there: one more agent call,
+        only then) the copy is local (and skipped when the source is the run
+        directory); if the remote side has no rsync, changed files go by SFTP.
 
         Args:
             src_dir: local directory.
@@ -72,7 +77,8 @@ class StagingClient(ClientCore):
 
         Raises:
             InvalidInputError: ``src_dir`` is not a directory.
-            TransportError, RemoteError: the copy failed.
+            TransportError, RemoteError: the copy failed, or a local platform's
+                agent reported a run directory that is not the one here.
         """
         src = Path(src_dir)
         if not src.is_dir():
@@ -84,15 +90,31 @@ class StagingClient(ClientCore):
 
         async def op(host: str, t: Transport) -> Installation:
             init = await self._agent(plat, t, "init", {"run_dir": plat.run_dir})
-            remote_dir = init["run_dir"]
-            shared = is_shared_filesystem(init)
-            done = {"platform": platform, "host": t.host, "source": str(src),
+            remote_dir = init.get("run_dir")
+            if not isinstance(remote_dir, str) or not remote_dir.startswith("/"):
+                raise RemoteError(f"{t.host}: remote-init reported no absolute run directory")
+
+            async def read(path: str) -> bytes | None:   # the probe, through the agent
+                try:
+                    reply = await self._agent(plat, t, "read", {"path": path, "max_bytes": 64})
+                    data = reply.get("data_b64") if reply.get("ok") is True else None
+                    return (base64.b64decode(data, validate=True)
+                            if isinstance(data, str) and len(data) <= 128 else None)
+                except (RemoteError, binascii.Error, ValueError):
+                    return None
+
+            shared = await shared_run_dir(init, read)
+            done: dict[str, Any] = {"platform": platform, "host": t.host, "source": str(src),
                     "remote_dir": remote_dir, "shared_filesystem": shared}
-            if shared or isinstance(t, LocalTransport):
+            if shared:
                 if src.resolve() == Path(remote_dir).resolve():
                     return Installation(method="skipped", files_transferred=0, **done)
                 n = await rsync_push(None, src, remote_dir, patterns)
                 return Installation(method="local", files_transferred=n, **done)
+            if isinstance(t, LocalTransport):   # this machine, yet not the same directory
+                raise RemoteError(f"{t.host}: the run directory the agent reported,"
+                                  f" {remote_dir!r}, is not the directory seen here (no token"
+                                  " read back); nothing copied")
             if init.get("rsync") and shutil.which("rsync"):
                 n = await rsync_push(t, src, remote_dir, patterns)
                 return Installation(method="rsync", files_transferred=n, **done)

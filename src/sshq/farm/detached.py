@@ -142,30 +142,32 @@ async def shares_run_dir(hosts: list[FarmHost], run: str) -> bool:
     shared file system, as on a cluster or a department's machines).
 
     A random token written through the first host must be read back through
-    every other one.
+    every other one (:func:`sshq.remote.staging.proves_shared`).
     """
-    import secrets
+    from ..remote.staging import proves_shared
 
     if len(hosts) < 2:
         return False
-    token = secrets.token_hex(16)
     first = hosts[0]
     d = first.argv_path("farm", run)
-    res = await first.transport.run(
-        ["sh", "-c", 'mkdir -p "$1" && printf %s "$2" >"$1/.shared-probe"', "sh", d, token],
-        timeout=60)
-    if res.exit_status != 0:
-        return False
 
-    async def sees(h: FarmHost) -> bool:
-        try:
-            r = await h.transport.run(["cat", f"{h.argv_path('farm', run)}/.shared-probe"],
-                                      timeout=60)
-        except SshqError:
-            return False
-        return r.exit_status == 0 and r.stdout == token.encode()
+    async def write(token: bytes) -> bool:
+        res = await first.transport.run(
+            ["sh", "-c", 'mkdir -p "$1" && printf %s "$2" >"$1/.shared-probe"', "sh", d,
+             token.decode("ascii")], timeout=60)
+        return res.exit_status == 0
 
-    return all(await asyncio.gather(*(sees(h) for h in hosts[1:])))
+    def reader(h: FarmHost) -> Callable[[], Awaitable[bytes | None]]:
+        async def read() -> bytes | None:
+            try:
+                r = await h.transport.run(["cat", f"{h.argv_path('farm', run)}/.shared-probe"],
+                                          timeout=60)
+            except SshqError:
+                return None
+            return r.stdout if r.exit_status == 0 else None
+        return read
+
+    return await proves_shared(write, [reader(h) for h in hosts[1:]])
 
 
 async def start_shared(sp: Spool, opts: FarmOptions) -> None:

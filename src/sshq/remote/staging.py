@@ -2,8 +2,9 @@
 
 After Cylc's remote job management (seed 001): run files travel by rsync
 (only changed files; Cylc's excludes), a shared filesystem is detected
-through the UUID file remote-init writes (``<run_dir>/.sshq/uuid``), and
-job logs come back by rsync.  Where the remote side has no rsync, files go by
+through the UUID file remote-init writes (``<run_dir>/.sshq/uuid``) and
+proved with a fresh random token written here and read back there, and job
+logs come back by rsync.  Where the remote side has no rsync, files go by
 SFTP (asyncssh transport), still only those whose size or time changed.
 """
 
@@ -11,11 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import fnmatch
+import hmac
 import os
 import re
+import secrets
 import shutil
-from collections.abc import Sequence
+import stat
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +33,10 @@ from ..transport.local import LocalTransport
 __all__ = [
     "CYLC_EXCLUDES",
     "Installation",
+    "SERVICE_DIR",
     "input_files",
-    "is_shared_filesystem",
+    "proves_shared",
+    "shared_run_dir",
     "rsync_pull",
     "rsync_push",
     "sftp_push",
@@ -38,6 +45,10 @@ __all__ = [
 #: What an install never copies, as Cylc's ``rose suite-run`` (seed 001):
 #: hidden files, and the run directory's own log, work and share trees.
 CYLC_EXCLUDES = (".*", "/log", "/work", "/share")
+
+#: sshq's own directory under a run directory (remote-init's UUID file); the
+#: agent's ``SERVICE_DIR`` (tests/test_install_token.py holds them equal).
+SERVICE_DIR = ".sshq"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,7 +64,8 @@ class Installation:
             platform: copied without SSH) or ``skipped`` (source is the
             destination).
         shared_filesystem: True when the run directory is the same directory
-            here and there (remote-init's UUID file is visible locally).
+            here and there, ours (a token written here was read back there:
+            :func:`shared_run_dir`).
         files_transferred: regular files copied (0: nothing had changed).
     """
 
@@ -70,25 +82,126 @@ class Installation:
         return {k: getattr(self, k) for k in self.__slots__}
 
 
-def is_shared_filesystem(init: dict[str, Any]) -> bool:
-    """Whether the run directory is ours here too (seed 001's UUID-file test).
+async def proves_shared(write: Callable[[bytes], Awaitable[bool]],
+                        reads: Sequence[Callable[[], Awaitable[bytes | None]]]) -> bool:
+    """Prove a shared file system: the one token probe of sshq.
 
-    True when remote-init's UUID file is visible here with the same content
-    *and* belongs to this user: a copy made here then lands as it would
-    remotely.  (The same file under another account is not shared for
-    installing: files copied here would belong to the wrong user.)
+    A fresh random token (32 ASCII bytes, never sent anywhere but into the
+    probe file) is written on one side and must be read back, byte for
+    byte, on every other.  A remote side that does not see the file cannot
+    produce the token, whatever else it answers.
+
+    Args:
+        write: writes the token into the probe file; False if it could not.
+        reads: each reads the probe file from one other side; its bytes, or
+            None if it could not.
+
+    Returns:
+        True when every read returned the token (False without reads).
     """
-    try:
-        uuid_file = Path(init["uuid_file"])
-        return (uuid_file.read_text().strip() == init["uuid"]
-                and uuid_file.stat().st_uid == os.getuid())
-    except (OSError, KeyError):
+    if not reads:
         return False
+    token = secrets.token_hex(16).encode("ascii")
+    if not await write(token):
+        return False
+    got = await asyncio.gather(*(read() for read in reads))
+    return all(g is not None and hmac.compare_digest(g, token) for g in got)
 
 
-def input_files(spec: JobSpec) -> dict[str, str]:
-    """A job's input files for the agent's submit request: {base name: base64}."""
-    return {Path(p).name: base64.b64encode(Path(p).read_bytes()).decode() for p in spec.inputs}
+def _own_service_dir(init: dict[str, Any]) -> str | None:
+    """The run directory's service directory, if remote-init's reply points
+    at one here that is ours and holds the same UUID; None otherwise."""
+    try:
+        run_dir, uuid_file, uuid = init["run_dir"], init["uuid_file"], init["uuid"]
+        if not all(isinstance(v, str) and v for v in (run_dir, uuid_file, uuid)):
+            return None
+        service = os.path.join(run_dir, SERVICE_DIR)
+        if not os.path.isabs(service) or os.path.dirname(uuid_file) != service:
+            return None
+        for path, kind in ((service, stat.S_ISDIR), (uuid_file, stat.S_ISREG)):
+            st = os.lstat(path)
+            if not kind(st.st_mode) or st.st_uid != os.getuid():
+                return None
+        with open(uuid_file, "rb") as fh:
+            return service if fh.read(1024).strip() == uuid.encode() else None
+    except (OSError, KeyError, TypeError, UnicodeError):
+        return None
+
+
+async def shared_run_dir(init: dict[str, Any],
+                         read: Callable[[str], Awaitable[bytes | None]]) -> bool:
+    """Whether the run directory remote-init reported is the same directory
+    here, ours (seed 001's UUID-file test, proved by :func:`proves_shared`).
+
+    Nothing here is written unless the reply names a service directory
+    (``<run_dir>/.sshq``) that exists here, is ours (not a symbolic link)
+    and holds a UUID file with the same UUID: a reply naming any other
+    directory or file costs no probe and no round trip.  Then a probe file
+    (mode 0600, a random name that is not the token) is created there, read
+    back through ``read`` and removed.  (The same directory under another
+    account is not shared for installing: files copied here would belong to
+    the wrong user.)
+
+    Args:
+        init: remote-init's reply (``run_dir``, ``uuid_file``, ``uuid``).
+        read: reads a remote file (absolute path); its first bytes, or None.
+
+    Returns:
+        True when the remote side read back the token written here.
+    """
+    service = _own_service_dir(init)
+    if service is None:
+        return False
+    name = f"probe-{secrets.token_hex(8)}"
+    try:
+        dir_fd = os.open(service, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    if os.fstat(dir_fd).st_uid != os.getuid():   # replaced since it was checked
+        os.close(dir_fd)
+        return False
+    created = False
+
+    async def write(token: bytes) -> bool:
+        nonlocal created
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                         dir_fd=dir_fd)
+        except OSError:
+            return False
+        created = True
+        try:
+            os.write(fd, token)
+        finally:
+            os.close(fd)
+        return True
+
+    async def read_back() -> bytes | None:
+        return await read(os.path.join(service, name))
+
+    try:
+        return await proves_shared(write, [read_back])
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=dir_fd)
+        os.close(dir_fd)
+
+
+def input_files(spec: JobSpec) -> dict[str, dict[str, Any]]:
+    """A job's input files for the agent's submit request.
+
+    Returns:
+        ``{base name: {"data_b64": str, "mode": int}}``; ``mode`` is the local
+        file's permission bits, which the agent gives the remote copy exactly.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for p in spec.inputs:
+        path = Path(p)
+        with path.open("rb") as fh:
+            mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+            out[path.name] = {"data_b64": base64.b64encode(fh.read()).decode(), "mode": mode}
+    return out
 
 
 async def _run_rsync(argv: list[str], host: str) -> str:
