@@ -9,7 +9,7 @@ also honours ``SSHQ_CONFIG`` and ``--config``)::
     user = "me"
     identity_file = "~/.ssh/id_ed25519"
     known_hosts = "~/.ssh/known_hosts"
-    job_runner = "slurm"          # slurm | background
+    job_runner = "slurm"          # slurm | pbs | sge | lsf | htcondor | background
     run_dir = "~/sshq-run"        # remote; absolute once resolved by remote-init
     transport = "asyncssh"        # asyncssh | openssh | local
     python = "python3"            # remote interpreter for the agent (3.6+)
@@ -64,7 +64,10 @@ class Platform:
             skipped for ``bad_host_seconds``.
         port, user, identity_file, known_hosts: SSH settings (None: from
             ~/.ssh/config or defaults).
-        job_runner: handler name (``slurm``, ``background``).
+        job_runner: job runner name, one of
+            :data:`sshq.job_runners.JOB_RUNNERS`: ``slurm``, ``pbs``,
+            ``sge``, ``lsf``, ``htcondor`` or ``background`` (the default:
+            detached processes on the login host).
         run_dir: the remote run directory (``~`` allowed).
         transport: ``asyncssh``, ``openssh`` or ``local``.
         python: the remote Python 3.6+ that runs the agent.

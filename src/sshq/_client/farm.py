@@ -27,33 +27,53 @@ class FarmClient(ClientCore):
     ) -> Any:
         """Run a batch of shell commands over hosts' cores (``sshq farm``).
 
+        Each task's result is reported exactly once, as soon as it is
+        final; the run's journal lives in the state directory, so a run cut
+        short can be resumed.
+
         Args:
             batch_file: one shell command per line (None with ``resume``).
-            hosts: platform names or ``[user@]host[:port]`` destinations.
-            out: a binary stream for results in ``fmt`` (``jsonl``, ``anet``),
-                or a callable given each :class:`sshq.farm.output.TaskResult`
-                as soon as it is final.
+            hosts: platform names or ``[user@]host[:port]`` destinations
+                (``~/.ssh/config`` aliases work); ignored with ``via``.
+            out: a binary stream for results in ``fmt``, or a callable given
+                each :class:`sshq.farm.output.TaskResult` as soon as it is
+                final.
             run: the run's name (default: generated).
-            resume: resume this run: only tasks without a reported result.
+            resume: resume this run: only tasks without a reported result
+                (its other options are the recorded ones unless given).
             slots: tasks at once per host (default: its cores).
             retries: re-runs of a failed task.
-            timeout: seconds before a task is killed.
-            speculate: start stragglers again on idle hosts.
+            timeout: seconds before a task is killed; None for no limit.
+            speculate: start stragglers again on idle hosts (the first copy
+                to finish wins, the others are killed).
             keep_order: report in input order.
-            output_dir: write outputs to files there.
-            deps: directory rsynced to every host first; tasks run in its copy.
-            detach: leave the tasks with detached workers (see :meth:`farm_attach`).
+            output_dir: local directory; each task's output goes to files
+                there instead of into the results.
+            deps: local directory rsynced to every host first; tasks run in
+                its copy (under the platform's ``run_dir``).
+            detach: leave the tasks with detached workers on the hosts and
+                return at once (collect with :meth:`farm_attach`).
             via: a platform whose job runner runs ``nodes`` pilot jobs
-                (walltime ``walltime``) instead of ``hosts``.
+                instead of ``hosts``.
+            nodes: with ``via``: the number of pilot jobs.
+            walltime: with ``via``: the pilot jobs' walltime, ``HH:MM:SS``.
+            fmt: the results' format on a stream ``out``: ``jsonl`` (one JSON
+                object a line) or ``anet`` (ANet's binary framing).
             on_name: called with the run's name before anything runs.
-            warn: called with warnings (a host dropped, ...).
+            warn: called with one-line warnings (a host dropped, ...).
 
         Returns:
-            ``(run name, sshq.farm.engine.FarmStats)``.
+            ``(run name, sshq.farm.engine.FarmStats)``; with ``detach``, the
+            stats count only the tasks handed to the workers.
 
         Raises:
-            ConfigError: bad options, unknown hosts or run.
-            SshqError: every host failed (resume later).
+            ConfigError: bad options, unknown hosts, no such run to resume,
+                a detached run to resume (use :meth:`farm_attach`), an
+                unreadable batch file or ``deps`` not a directory.
+            RemoteError: a host's dispatcher did not start, or (``via``) the
+                job runner refused the pilot jobs.
+            SshqError: every host failed; tasks without a result stay in the
+                journal (resume later).
         """
         from ..farm.engine import FarmOptions
         from ..farm.run import FarmRequest, run_farm

@@ -355,16 +355,31 @@ class JobsClient(ClientCore):
     async def kill(self, ids: Sequence[int], *, settle: float = 5.0) -> list[Job]:
         """Kill jobs with their job runner: one SSH command per host.
 
-        Jobs already final are left alone.  The call waits up to ``settle``
-        seconds for the killed jobs' status files to record how they ended.
+        The agent runs the job runner's kill command (``scancel``, ``qdel``,
+        ``kill -s TERM`` ...) once for all of a host's jobs, then waits up to
+        ``settle`` seconds for their job status files to record how they
+        ended.  Jobs already final, and jobs with no job id yet, are left
+        alone.  A kill command that fails does not raise: the jobs it was
+        for keep their state, their ``message`` says ``kill failed: ...``
+        and a warning is logged.
+
+        Args:
+            ids: sshq ids (duplicates count once); empty kills nothing.
+            settle: seconds to wait for the job wrappers to record the end
+                (0: return at once; a later poll sees the end).
 
         Returns:
-            The jobs with their states after the kill.
+            The jobs (:class:`~sshq.model.Job`), in the order of ``ids``
+            (duplicates removed), with their states after the kill: final
+            once the wrapper recorded the end (usually ``failed``, with
+            ``signal`` set), else their previous state.
 
         Raises:
-            UnknownJobError: an id is not known.
-            TransportError, RemoteError: a host could not be reached or its
-                agent failed.
+            UnknownJobError: an id is not in the local store (nothing is killed).
+            ConfigError: a job's platform is no longer in the platforms file.
+            TransportError: no host of a job's platform could be reached.
+            RemoteError: a host's agent failed or replied nonsense.  (With
+                jobs on several hosts, those on other hosts may be killed.)
         """
         jobs = self._select(ids, False)
         live = [j for j in jobs if not j.state.is_final and j.job_id]
@@ -404,21 +419,28 @@ class JobsClient(ClientCore):
     ) -> list[Job]:
         """Poll until every job is final.
 
+        Each round is one poll (one SSH command per host, only for the jobs
+        not yet final).  A host that cannot be reached, or a job runner
+        query that fails, changes no state and is logged; the wait goes on.
+
         Args:
-            ids: sshq ids.
+            ids: sshq ids (duplicates count once).
             timeout: seconds; None waits for ever.
-            interval: first poll interval in seconds (grows by half each poll
-                up to ``max_interval``).
+            interval: first pause between polls, in seconds; each pause is
+                1.5 times the previous one, up to ``max_interval``.
+            max_interval: longest pause between polls, in seconds.
             on_poll: optional ``callable(list[Job])`` called after each poll
-                (progress display).
+                with the jobs in the order of ``ids`` (progress display).
 
         Returns:
-            The final jobs.
+            The jobs (:class:`~sshq.model.Job`), all final, in the order of
+            ``ids`` (duplicates removed).
 
         Raises:
             WaitTimeoutError: ``timeout`` passed first (its ``jobs`` attribute
-                holds the latest states).
-            UnknownJobError: an id is not known.
+                holds the latest states, as the returned list would).
+            UnknownJobError: an id is not in the local store.
+            ConfigError: a job's platform is no longer in the platforms file.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         ids = list(dict.fromkeys(ids))

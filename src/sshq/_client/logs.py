@@ -70,9 +70,33 @@ class LogsClient(JobsClient):
     ) -> AsyncIterator[tuple[str, bytes]]:
         """Stream a job's log files as they grow, until the job is final.
 
-        Yields ``(file, bytes)`` pairs (``file`` is ``out`` or ``err``).  The
-        stream ends when the job status file records an exit, or when a poll
-        (every ``poll_every`` seconds) finds the job final otherwise.
+        One streaming agent call (``follow``) on the host the job was
+        submitted through sends the bytes appended to each file, from the
+        start of the file.  The stream ends when the job status file records
+        an exit (after the last bytes), or when a poll (every ``poll_every``
+        seconds) finds the job final otherwise (e.g. killed before it
+        started); the job is polled once more at the end, so the store holds
+        its final state.  Closing the iterator early (``aclose``, ``break``
+        in ``async for``) ends the remote stream and leaves the job alone.
+
+        Args:
+            job_id: sshq id.
+            files: short names of :data:`LOG_FILES` to follow, ``out``
+                (job.out) and ``err`` (job.err) by default.
+            poll_every: seconds between the polls that notice a job final
+                without a recorded exit.
+
+        Yields:
+            ``(file, data)``: the short name and the raw bytes appended since
+            the previous chunk of that file (decode with ``errors="replace"``
+            to display; a chunk may end inside a UTF-8 character).
+
+        Raises:
+            UnknownJobError: ``job_id`` is not in the local store.
+            ConfigError: the job's platform is no longer in the platforms file.
+            TransportError: the host could not be reached (also mid-stream).
+            CommandError: the agent could not start (no such ``python``).
+            RemoteError: the agent failed, or its stream was cut short.
         """
         (job,) = self.store.get([job_id])
         plat = self.config.platform(job.platform)

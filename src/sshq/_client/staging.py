@@ -34,13 +34,25 @@ class StagingClient(ClientCore):
     async def retrieve(self, ids: Sequence[int], *, dest: str | Path = ".") -> list[Path]:
         """Copy job log directories back with rsync (Cylc's log retrieval).
 
-        Each job's directory lands in ``DEST/<name>/<NN>/``.
+        Each job's log directory lands in ``DEST/<name>/<NN>/`` (NN the
+        submit number, two digits); for a job that succeeded, the spec's
+        ``outputs`` (paths relative to its work directory) land under
+        ``DEST/<name>/<NN>/outputs/``.  One rsync per job, from the host the
+        job was submitted through; files already there are overwritten.
+
+        Args:
+            ids: sshq ids.
+            dest: local directory (created if missing).
 
         Returns:
-            The local directories, in the order of ``ids``.
+            The local directories (:class:`~pathlib.Path`), in the order of
+            ``ids``.
 
         Raises:
-            RemoteError: rsync failed (its stderr in the message).
+            UnknownJobError: an id is not in the local store (nothing is copied).
+            ConfigError: a job's platform is no longer in the platforms file.
+            RemoteError: rsync failed (its stderr in the message); the jobs
+                before it were copied.
         """
         jobs = self.store.get(list(ids))
         out: list[Path] = []
@@ -130,8 +142,19 @@ class StagingClient(ClientCore):
         (``<run_dir>/.sshq``: remote-init's UUID file) and links an interrupted
         submission left.  Job logs, work directories and installed files stay.
 
+        Runs on the first host of the platform that can be reached.
+
+        Args:
+            platform: platform name.
+
         Returns:
-            The remote paths removed.
+            The absolute remote paths removed (empty when there was nothing
+            to remove).
+
+        Raises:
+            ConfigError: unknown platform.
+            TransportError: no host of the platform could be reached.
+            RemoteError: the agent failed or replied nonsense.
         """
         plat = self.config.platform(platform)
 

@@ -1,8 +1,20 @@
 """Operations on a platform host through the remote agent.
 
-Each function is one SSH command (one agent call), whatever the number of
-jobs: remote-init, submit, poll, kill, read, follow.  Inputs and outputs
-are plain data; deciding states is :mod:`sshq.remote.status`'s job.
+Each call is one SSH command (one agent call), whatever the number of jobs.
+The agent's operations (``OPS`` in :mod:`sshq.shipped.agent`):
+
+- ``init``: remote-init: resolve the run directory, write its UUID file;
+- ``submit``: write job files and run the job runner's submit command;
+- ``poll``: read job status files, query the job runner for the others;
+- ``kill``: run the job runner's kill command, wait for the status files;
+- ``read``: bytes of one file from an offset (``cat_log``);
+- ``follow``: stream appended bytes until the job records an exit
+  (:func:`stream_agent`; every other operation is :func:`call_agent`);
+- ``listing``: sizes and times of the files under a directory (SFTP install);
+- ``tidy``: remove sshq's service files from the run directory.
+
+Inputs and outputs are plain data; deciding states is
+:mod:`sshq.remote.status`'s job.
 """
 
 from __future__ import annotations
@@ -50,7 +62,8 @@ async def call_agent(
     Args:
         transport: the host's transport.
         python: remote interpreter.
-        op: ``init``, ``submit``, ``poll``, ``kill`` or ``read``.
+        op: an operation of the agent but ``follow`` (see the module
+            docstring).
         payload: the request's fields.
         timeout: seconds for the whole call.
         login_shell: start the agent from ``bash -l``.
