@@ -72,9 +72,12 @@ def test_exit_nonzero_failed(rc: int, known: dict[str, RunnerJobState]) -> None:
 
 
 def test_unparseable_exit_status_is_failure() -> None:
+    # an exit is recorded, but its value is no exit status: failed, with no
+    # invented number, and the message names the bad value
     d = run_decide(exited("garbage"))
     assert d.state is JobState.FAILED
-    assert d.fields["exit_status"] not in (0, None)
+    assert d.fields["exit_status"] is None
+    assert "SSHQ_JOB_EXIT_STATUS 'garbage'" in d.fields["message"]
 
 
 @pytest.mark.parametrize("sig", ["TERM", "XCPU", "INT", "HUP"])

@@ -15,6 +15,7 @@ from typing import Any
 from ..config import Platform
 from ..exceptions import (
     JobRunnerError,
+    RemoteError,
     SshqError,
     TransportError,
     WaitTimeoutError,
@@ -26,7 +27,8 @@ from ..remote.operations import runner_templates
 from ..remote.staging import (
     input_files,
 )
-from ..remote.status import decide, parse_status
+from ..remote.status import JobStatus, decide
+from ..shipped import sshq_jobstatus as js
 from ..store import RemoteInit
 from ..transport import Transport
 from .core import ClientCore
@@ -34,10 +36,9 @@ from .core import ClientCore
 log = logging.getLogger("sshq.client")
 
 
-def _utc(s: str | None) -> datetime | None:
-    if not s:
-        return None
-    return datetime.fromisoformat(s.replace("Z", "+00:00")).astimezone(UTC)
+def _utc(s: object) -> datetime | None:
+    t: datetime | None = js.parse_time(s)
+    return t
 
 
 class JobsClient(ClientCore):
@@ -111,8 +112,8 @@ class JobsClient(ClientCore):
                 jobs_req = []
                 for job_id, spec in todo:
                     nn = nums[job_id]
-                    log_dir = f"{info.run_dir}/log/job/{spec.job_name}/{nn:02d}"
-                    work_dir = spec.work_dir or f"{info.run_dir}/work/{spec.job_name}"
+                    log_dir = js.job_log_dir(info.run_dir, spec.job_name, nn)
+                    work_dir = spec.work_dir or js.default_work_dir(info.run_dir, spec.job_name)
                     extra = {"SSHQ_PLATFORM": plat.name, "SSHQ_SUBMIT_NUM": str(nn)}
                     if spec.array is None:
                         extra["SSHQ_ID"] = str(job_id)
@@ -125,7 +126,7 @@ class JobsClient(ClientCore):
                         "log_dir": log_dir,
                         "work_dir": work_dir,
                         "job_b64": base64.b64encode(script).decode(),
-                        "submit_argv": handler.submit_argv(f"{log_dir}/job", log_dir),
+                        "submit_argv": handler.submit_argv(f"{log_dir}/{js.JOB_FILE}", log_dir),
                         "id_regex": handler.job_id_regex,
                         "stdin_job_file": handler.submit_stdin,
                         "inputs": input_files(spec),
@@ -136,7 +137,8 @@ class JobsClient(ClientCore):
                     })
                     indices = spec.array_indices or (None,)
                     self.store.update_jobs(
-                        (row, {"job_log_dir": log_dir if i is None else f"{log_dir}/{i}",
+                        (row, {"job_log_dir": (log_dir if i is None
+                                               else js.element_log_dir(log_dir, i)),
                                "work_dir": work_dir, "submit_num": nn})
                         for row, i in zip(elements[job_id], indices, strict=True))
                 sent_any = True
@@ -184,13 +186,16 @@ class JobsClient(ClientCore):
         updates: list[tuple[int, dict[str, Any]]] = []
         for r in results:
             job_id = int(r["key"])
+            if r.get("ok") and not js.valid_job_id(r.get("job_id")):
+                r = {"ok": False, "code": "reply",
+                     "error": f"the agent reported an invalid job id {r.get('job_id')!r:.60}"}
             if r.get("ok"):
                 indices = specs[job_id].array_indices
                 groups = dict(r.get("groups") or {"id": r["job_id"]})
                 for row, index in zip(elements[job_id], indices or (None,), strict=True):
                     if index is not None:
-                        groups["id"] = (handler.array_element_id.replace("{id}", r["job_id"])
-                                        .replace("{index}", str(index)))
+                        groups["id"] = js.array_element_id(handler.array_element_id,
+                                                           r["job_id"], index)
                     element_id = handler.job_id_from_submit(groups)
                     updates.append((row, {
                         "state": JobState.SUBMITTED, "job_id": element_id,
@@ -230,7 +235,20 @@ class JobsClient(ClientCore):
     def _apply(
         self, jobs: list[Job], reply: dict[str, Any], queried: set[str]
     ) -> dict[int, str]:
-        """Decide states from a poll/kill reply; returns per-job runner errors."""
+        """Decide states from a poll/kill reply; returns per-job runner errors.
+
+        Raises:
+            RemoteError: the reply is malformed (no state changed).
+        """
+        try:
+            return self._apply_reply(jobs, reply, queried)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise RemoteError(f"malformed agent reply ({type(exc).__name__}: {exc})"[:300]
+                              ) from None
+
+    def _apply_reply(
+        self, jobs: list[Job], reply: dict[str, Any], queried: set[str]
+    ) -> dict[int, str]:
         known_by_runner: dict[str, dict[str, RunnerJobState]] = {}
         failed_runners: dict[str, str] = {}
         for runner, results in reply.get("runners", {}).items():
@@ -249,13 +267,16 @@ class JobsClient(ClientCore):
         updates: list[tuple[int, dict[str, Any]]] = []
         errors: dict[int, str] = {}
         missing = set(reply.get("missing", []))
+        statuses = reply["status"]
+        if not isinstance(statuses, dict):
+            raise TypeError("status is not an object")
         for j in jobs:
-            text = reply["status"].get(str(j.id), "")
+            status = JobStatus.from_wire(statuses.get(str(j.id)))
             job_id = j.job_id
             if not job_id and j.state.is_final:
                 continue  # refused at submission: nothing to poll
             if not job_id:  # an intent: sshq stopped between sending and recording
-                adopted = self._adopt(j, text, str(j.id) in missing)
+                adopted = self._adopt(j, status, str(j.id) in missing)
                 if adopted is None:
                     continue
                 updates.append((j.id, adopted))
@@ -263,7 +284,7 @@ class JobsClient(ClientCore):
                 if not job_id:
                     continue
             d = decide(
-                text,
+                status,
                 job_id=job_id,
                 queried=str(j.id) in queried,
                 runner_ok=j.job_runner not in failed_runners,
@@ -284,21 +305,18 @@ class JobsClient(ClientCore):
         return errors
 
     @staticmethod
-    def _adopt(job: Job, status_text: str, log_dir_missing: bool) -> dict[str, Any] | None:
+    def _adopt(job: Job, st: JobStatus, log_dir_missing: bool) -> dict[str, Any] | None:
         """Resolve a submission intent from its job status file.
 
         Returns the fields to record, or None while the outcome is still open.
         """
-        st = parse_status(status_text)
-        if st.get("SSHQ_JOB_ID"):
-            groups = {k[len("SSHQ_JOB_ID_"):].lower(): v for k, v in st.items()
-                      if k.startswith("SSHQ_JOB_ID_")}
-            groups["id"] = st["SSHQ_JOB_ID"]
+        if st.job_id:
+            groups = dict(st.job_id_groups, id=st.job_id)
             job_id = HANDLERS[job.job_runner].job_id_from_submit(groups)
             return {"job_id": job_id, "state": JobState.SUBMITTED,
-                    "submit_time": _utc(st.get("SSHQ_JOB_RUNNER_SUBMIT_TIME")),
+                    "submit_time": st.submit_time,
                     "message": "adopted: submitted before sshq could record it"}
-        if "SSHQ_JOB_RUNNER_SUBMIT_FAILED" in st:
+        if st.submit_failed:
             return {"state": JobState.SUBMIT_FAILED,
                     "message": "the job runner refused the job (its error was not recorded"
                                " because sshq stopped during the submission)"}

@@ -21,7 +21,8 @@ from ..model import Job, JobState
 from ..remote.attach import HOP_MARK, NO_ENV_MARK, hop_argv, launch_argv
 from ..remote.operations import stream_agent
 from ..remote.protocol import LOGIN_SHELL
-from ..remote.status import parse_status
+from ..remote.status import JobStatus
+from ..shipped import sshq_jobstatus as js
 from ..transport import CommandResult, Transport, check_host
 from .jobs import JobsClient
 
@@ -29,7 +30,7 @@ log = logging.getLogger("sshq.client")
 
 
 #: ``cat_log`` file names: short name -> file in the job log directory.
-LOG_FILES = {"out": "job.out", "err": "job.err", "status": "job.status", "job": "job"}
+LOG_FILES = js.LOG_FILES
 
 LogFile = Literal["out", "err", "status", "job"]
 
@@ -56,14 +57,24 @@ class LogsClient(JobsClient):
         if file not in LOG_FILES:
             raise InvalidInputError(f"unknown log file {file!r}; use {', '.join(LOG_FILES)}")
         (job,) = self.store.get([job_id])
-        reply = await self._agent_on_group(
-            job.platform, job.host, "read",
-            {"path": f"{job.job_log_dir}/{LOG_FILES[file]}", "offset": offset},
-            runners=[job.job_runner],
-        )
-        if not reply.get("ok"):
-            raise RemoteError(f"job {job_id}: {reply.get('error')}")
-        return base64.b64decode(reply["data_b64"])
+        path = f"{job.job_log_dir}/{LOG_FILES[file]}"
+        data = bytearray()
+        while True:  # the agent reads at most 16 MiB per call
+            reply = await self._agent_on_group(
+                job.platform, job.host, "read", {"path": path, "offset": offset + len(data)},
+                runners=[job.job_runner],
+            )
+            if not reply.get("ok"):
+                raise RemoteError(f"job {job_id}: {reply.get('error')}")
+            try:
+                chunk = base64.b64decode(reply["data_b64"], validate=True)
+                size = int(reply["size"])
+            except (KeyError, TypeError, ValueError):
+                raise RemoteError(f"job {job_id}: malformed agent reply to a log read"
+                                  ) from None
+            data += chunk
+            if not chunk or offset + len(data) >= size:
+                return bytes(data)
 
     async def follow_log(
         self, job_id: int, files: Sequence[LogFile] = ("out", "err"), *, poll_every: float = 10.0
@@ -154,12 +165,11 @@ class LogsClient(JobsClient):
 
     async def _attach_remote_argv(self, job: Job, command: str | None, *,
                                   tty: bool) -> list[str]:
-        inner = launch_argv(f"{job.job_log_dir}/job.env", job.work_dir, command)
+        inner = launch_argv(f"{job.job_log_dir}/{js.ENV_FILE}", job.work_dir, command)
         handler = HANDLERS[job.job_runner]
         if handler.attach_via_exec_host:
-            status = parse_status((await self.cat_log(job.id, "status")).decode(
-                "utf-8", "replace"))
-            exec_host = status.get("SSHQ_JOB_HOST", "")
+            status = JobStatus.parse(await self.cat_log(job.id, "status"))
+            exec_host = status.host or ""
             if not exec_host:
                 raise JobNotRunningError(
                     f"job {job.id} is running for {job.job_runner} but its script has not"

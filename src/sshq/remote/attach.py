@@ -18,6 +18,7 @@ inside its text.
 from __future__ import annotations
 
 from ..quoting import join
+from ..shipped import sshq_jobstatus as js
 
 __all__ = ["HOP", "HOP_MARK", "LAUNCH", "NO_ENV_MARK", "hop_argv", "launch_argv"]
 
@@ -36,8 +37,8 @@ LAUNCH = (
     f'[ -r "$1" ] || {{ echo "{NO_ENV_MARK} ($1): the job has not started its script yet"'
     ' >&2; exit 125; }; '
     'set -a; . "$1" 2>/dev/null; set +a; cd "$2" || exit 1; '
-    's="${1%/*}/job.status"; '
-    'k() { sed -n "s/^SSHQ_JOB_CONTAINER_$1=//p" "$s" 2>/dev/null | tail -n 1; }; '
+    f's="${{1%/*}}/{js.STATUS_FILE}"; '
+    f'k() {{ sed -n "s/^{js.CONTAINER_PREFIX}$1=//p" "$s" 2>/dev/null | tail -n 1; }}; '
     'rt=$(k RUNTIME); '
     'if [ -n "$rt" ]; then '
     '  if [ "$3" = shell ]; then '

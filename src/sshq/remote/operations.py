@@ -26,7 +26,7 @@ from typing import Any
 from ..exceptions import CommandError, RemoteError
 from ..job_runners import JobRunnerHandler
 from ..transport import Transport
-from .protocol import FrameParser, agent_argv, encode_request
+from .protocol import MAX_REPLY, FrameParser, agent_argv, encode_request
 
 __all__ = ["call_agent", "stream_agent", "runner_templates"]
 
@@ -71,13 +71,16 @@ async def call_agent(
     Raises:
         TransportError: the host could not be reached.
         CommandError: the agent could not start (no Python).
-        RemoteError: the agent failed or replied nonsense.
+        RemoteError: the agent failed or replied nonsense, or its reply passed
+            :data:`~sshq.remote.protocol.MAX_REPLY` bytes (the error names the
+            host and the cap).
     """
     nonce, stdin = encode_request(op, payload)
     result = await transport.run(
-        agent_argv(python, login_shell=login_shell), stdin=stdin, timeout=timeout
+        agent_argv(python, login_shell=login_shell), stdin=stdin, timeout=timeout,
+        max_output=MAX_REPLY,
     )
-    parser = FrameParser(nonce)
+    parser = FrameParser(nonce, host=transport.host)
     frames = list(parser.feed(result.stdout))
     if not parser.finished or not frames:
         if not parser.started:
@@ -97,7 +100,7 @@ async def stream_agent(
         the same errors as :func:`call_agent`.
     """
     nonce, stdin = encode_request(op, payload)
-    parser = FrameParser(nonce)
+    parser = FrameParser(nonce, host=transport.host)
     async for chunk in transport.stream(
         agent_argv(python, login_shell=login_shell), stdin=stdin
     ):

@@ -2,7 +2,10 @@
 
 Request (stdin of the remote command)::
 
-    <len(agent.py)>\\n<agent.py bytes><JSON request>
+    <len(program)>\\n<program bytes><JSON request>
+
+where the program is :func:`agent_source`: the shipped modules the agent
+imports, then ``agent.py``.
 
 The remote command is fixed (:data:`BOOTSTRAP`): it reads the agent source
 from stdin and runs it; nothing user-supplied is ever on the command line.
@@ -26,8 +29,8 @@ from typing import Any
 
 from ..exceptions import RemoteError
 
-__all__ = ["BOOTSTRAP", "agent_source", "agent_argv", "encode_request", "FrameParser",
-           "skip_to_fence"]
+__all__ = ["BOOTSTRAP", "BUNDLED_MODULES", "MAX_REPLY", "agent_source", "agent_argv",
+           "encode_request", "FrameParser", "shipped_file", "skip_to_fence"]
 
 #: The remote command's program: one line, no ``!``, no newline, no single
 #: quote, so that any login shell (sh, bash, tcsh) passes it unchanged.
@@ -37,10 +40,39 @@ BOOTSTRAP = (
 )
 
 
+#: The shipped modules the agent imports (``src/sshq/shipped/<name>.py``),
+#: bundled ahead of it.
+BUNDLED_MODULES = ("sshq_jobstatus",)
+
+_BUNDLE_PRELUDE = b"""\
+import sys as _sshq_sys, types as _sshq_types
+def _sshq_module(name, source):
+    m = _sshq_types.ModuleType(name)
+    m.__file__ = "<sshq-bundle>/%s.py" % name
+    _sshq_sys.modules[name] = m
+    exec(compile(source, m.__file__, "exec"), m.__dict__)
+"""
+
+
+def shipped_file(name: str) -> bytes:
+    """The bytes of one shipped file (``agent.py``, ``sshq_jobstatus.py``, ...)."""
+    return resources.files("sshq.shipped").joinpath(name).read_bytes()
+
+
 @cache
 def agent_source() -> bytes:
-    """The agent's source, as shipped."""
-    return resources.files("sshq.shipped").joinpath("agent.py").read_bytes()
+    """The program sent to the remote Python: the bundled modules, then ``agent.py``.
+
+    Each module of :data:`BUNDLED_MODULES` is registered in ``sys.modules``
+    under its plain name before the agent runs, so ``import sshq_jobstatus``
+    works there exactly as beside an installed agent.
+    """
+    parts = [_BUNDLE_PRELUDE]
+    for name in BUNDLED_MODULES:
+        src = shipped_file(name + ".py")
+        parts.append(b"_sshq_module(%s, %s)\n" % (repr(name).encode(), repr(src).encode()))
+    parts.append(shipped_file("agent.py"))
+    return b"".join(parts)
 
 
 #: With ``login_shell``: a fixed bash program that runs its arguments, so the
@@ -86,17 +118,29 @@ def skip_to_fence(buf: bytearray, fence: bytes) -> bool:
     return True
 
 
+#: Caps on an agent's reply (bytes): what may precede the BEGIN fence (login
+#: banners), and one frame.  The agent's own frames stay far below them (a
+#: log read is at most 16 MiB, base64-encoded).
+MAX_PREAMBLE = 4 * 1024 * 1024
+MAX_FRAME = 48 * 1024 * 1024
+#: The most a whole reply may be (bytes), for :meth:`Transport.run`.
+MAX_REPLY = 64 * 1024 * 1024
+
+
 class FrameParser:
     """Incremental parser of the agent's fenced, length-prefixed frames.
 
     Feed it stdout bytes as they arrive; it yields each JSON frame once
-    complete.  Bytes before the BEGIN fence (banners) are ignored.
+    complete.  Bytes before the BEGIN fence (banners) are ignored, up to
+    :data:`MAX_PREAMBLE`; a frame may be at most :data:`MAX_FRAME` bytes.
     """
 
-    def __init__(self, nonce: str) -> None:
+    def __init__(self, nonce: str, *, host: str = "remote host") -> None:
         self._begin = f"SSHQ-BEGIN-{nonce}\n".encode()
         self._end = f"SSHQ-END-{nonce}\n".encode()
         self._buf = bytearray()
+        self._host = host
+        self._preamble = 0
         self.started = False
         self.finished = False
 
@@ -108,7 +152,12 @@ class FrameParser:
         """
         self._buf += data
         if not self.started:
+            self._preamble += len(data)
             if not skip_to_fence(self._buf, self._begin):
+                if self._preamble > MAX_PREAMBLE:
+                    raise RemoteError(
+                        f"{self._host}: more than {MAX_PREAMBLE} bytes arrived before the"
+                        " agent's reply (the cap); is the remote python an sshq agent?")
                 return
             self.started = True
         while not self.finished:
@@ -121,6 +170,9 @@ class FrameParser:
             if not head.isdigit():
                 raise RemoteError(f"malformed agent reply (frame header {head[:40]!r})")
             n = int(head)
+            if n > MAX_FRAME:
+                raise RemoteError(f"{self._host}: an agent reply frame of {n} bytes is over"
+                                  f" the cap of {MAX_FRAME} bytes")
             if n == 0:
                 if len(self._buf) < nl + 1 + len(self._end):
                     return

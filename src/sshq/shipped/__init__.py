@@ -13,3 +13,11 @@ Each shipped module is bundled ahead of the agent (see
 :func:`sshq.remote.protocol.agent_source`), so the agent imports it by its
 plain name, exactly as when the files are installed side by side.
 """
+
+import sys
+
+from . import sshq_jobstatus
+
+# In this process (sshq's own tests import ``sshq.shipped.agent``), the agent's
+# ``import sshq_jobstatus`` finds the same module the client uses.
+sys.modules.setdefault("sshq_jobstatus", sshq_jobstatus)

@@ -16,8 +16,10 @@
 # Operations (the "op" field): init, submit, poll, kill, read, follow,
 # listing, tidy.
 # Nothing here builds shell text: every command is an argument vector run
-# without a shell.  The layout of the job log directory is Cylc's (seed 001):
-# <run_dir>/log/job/<name>/<NN>/{job,job.out,job.err,job.status}, NN -> latest.
+# without a shell.  The job status file, its keys, the job log layout (Cylc's,
+# seed 001: <run_dir>/log/job/<name>/<NN>/{job,job.out,...}, NN -> latest) and
+# the array-element id are sshq_jobstatus's, shipped ahead of this file: poll,
+# kill and follow reply with its JobStatus fields, never with raw file text.
 
 import base64
 import json
@@ -33,10 +35,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List  # noqa: F401  (type comments)
 
-STATUS = "job.status"
-EXIT_KEYS = ("SSHQ_JOB_EXIT_STATUS", "SSHQ_JOB_EXIT_SIGNAL")
+import sshq_jobstatus as js
+
 IDS = "{ids}"
 MAX_ARGS_BYTES = 65536  # far below any ARG_MAX; id lists are chunked to fit
+#: Caps on what this agent reads (bytes): a job runner command's stdout and
+#: stderr, and one `read` of a log file.
+MAX_COMMAND_OUTPUT = 16 * 1024 * 1024
+MAX_READ_BYTES = 16 * 1024 * 1024
 
 
 def now_iso():
@@ -67,8 +73,14 @@ class Writer(object):
         self.out.flush()
 
 
+def _bounded(data, what):
+    if len(data) > MAX_COMMAND_OUTPUT:
+        return data[:MAX_COMMAND_OUTPUT], "\n(%s cut at %d bytes)" % (what, MAX_COMMAND_OUTPUT)
+    return data, ""
+
+
 def run(argv, cwd=None, stdin_path=None, timeout=None):
-    """Run an argv (no shell); return a JSON-ready result dict."""
+    """Run an argv (no shell); return a JSON-ready result dict (output bounded)."""
     stdin = subprocess.DEVNULL  # type: Any
     fh = None
     try:
@@ -83,8 +95,12 @@ def run(argv, cwd=None, stdin_path=None, timeout=None):
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-            return {"exit": 124, "stdout": text(out), "stderr": text(err) + "\n(timed out)"}
-        return {"exit": proc.returncode, "stdout": text(out), "stderr": text(err)}
+            err = err[:MAX_COMMAND_OUTPUT]
+            return {"exit": 124, "stdout": text(out[:MAX_COMMAND_OUTPUT]),
+                    "stderr": text(err) + "\n(timed out)"}
+        out, cut = _bounded(out, "stdout")
+        err, cut_err = _bounded(err, "stderr")
+        return {"exit": proc.returncode, "stdout": text(out), "stderr": text(err) + cut + cut_err}
     except OSError as exc:
         return {"exit": 127, "stdout": "", "stderr": "%s: %s" % (argv[0], exc.strerror)}
     finally:
@@ -92,25 +108,10 @@ def run(argv, cwd=None, stdin_path=None, timeout=None):
             fh.close()
 
 
-def read_status(log_dir):
-    """The job status file's text ('' when missing)."""
-    try:
-        with open(os.path.join(log_dir, STATUS), "rb") as fh:
-            return text(fh.read())
-    except (IOError, OSError):
-        return ""
-
-
-def has_exit(status_text):
-    for line in status_text.splitlines():
-        if line.split("=", 1)[0] in EXIT_KEYS:
-            return True
-    return False
-
-
 def append_status(log_dir, pairs):
     data = "".join("%s=%s\n" % (k, v) for k, v in pairs).encode("utf-8")
-    fd = os.open(os.path.join(log_dir, STATUS), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(os.path.join(log_dir, js.STATUS_FILE),
+                 os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, data)
     finally:
@@ -149,13 +150,47 @@ def expand(template, ids, sep):
 
 
 SERVICE_DIR = ".sshq"  # under the run dir: sshq's own files, removed by tidy
+#: Modes of the directories sshq creates: never group/other-writable, and
+#: private where they hold job inputs, job.env or sshq's own files.  (mkdir's
+#: mode is narrowed by the umask, never widened.)
+SHARED_DIR_MODE = 0o755
+PRIVATE_DIR_MODE = 0o700
+
+
+def make_dirs(path, mode=SHARED_DIR_MODE):
+    """mkdir -p, each directory it creates with ``mode`` (os.makedirs gives
+    only the last one its mode, the others the umask's default)."""
+    path = os.path.abspath(path)
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            pass
+
+
+def write_input(path, data, mode):
+    """Write a staged input file with exactly the local file's permission bits."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, mode & 0o777)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def op_init(req, w):
     """remote-init (seed 001): resolve the run dir, write its UUID file."""
     run_dir = os.path.abspath(os.path.expanduser(req["run_dir"]))
     service = os.path.join(run_dir, SERVICE_DIR)
-    os.makedirs(service, exist_ok=True)
+    make_dirs(run_dir)
+    make_dirs(service, PRIVATE_DIR_MODE)
     uuid_file = os.path.join(service, "uuid")
     try:
         with open(uuid_file) as fh:
@@ -203,10 +238,10 @@ def op_tidy(req, w):
     if os.path.isdir(service):
         shutil.rmtree(service)
         removed.append(service)
-    job_logs = os.path.join(run_dir, "log", "job")
+    job_logs = os.path.join(run_dir, js.LOG_JOB_DIR)
     for root, dirs, files in os.walk(job_logs):
         for name in files + dirs:
-            if name.startswith("NN.tmp"):  # a link an interrupted submit left
+            if name.startswith(js.NN_LINK + ".tmp"):  # a link an interrupted submit left
                 p = os.path.join(root, name)
                 os.remove(p)
                 removed.append(p)
@@ -226,7 +261,7 @@ def highest_submit_num(parent):
 def link_latest(log_dir):
     """Point the NN link at this submit, unless a later one exists already."""
     parent, nn = os.path.split(log_dir)
-    link = os.path.join(parent, "NN")
+    link = os.path.join(parent, js.NN_LINK)
     try:
         current = os.readlink(link)
         if current.isdigit() and int(current) > int(nn):
@@ -245,14 +280,14 @@ def link_latest(log_dir):
 def submit_one(job):
     log_dir = job["log_dir"]
     try:
-        os.makedirs(os.path.dirname(log_dir), exist_ok=True)
+        make_dirs(os.path.dirname(log_dir))
         try:
-            os.mkdir(log_dir, 0o755)
+            os.mkdir(log_dir, PRIVATE_DIR_MODE)
         except FileExistsError:
             return {"key": job["key"], "ok": False, "code": "exists",
                     "max_submit_num": highest_submit_num(os.path.dirname(log_dir)),
                     "error": "job log directory %s exists already" % log_dir}
-        job_file = os.path.join(log_dir, "job")
+        job_file = os.path.join(log_dir, js.JOB_FILE)
         fd = os.open(job_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
         try:
             os.write(fd, base64.b64decode(job["job_b64"]))
@@ -260,11 +295,12 @@ def submit_one(job):
             os.close(fd)
         link_latest(log_dir)
         for index in job.get("array") or ():  # each element logs in <NN>/<index>/
-            os.mkdir(os.path.join(log_dir, str(index)), 0o755)
-        os.makedirs(job["work_dir"], exist_ok=True)
-        for name, data in (job.get("inputs") or {}).items():  # staged input files
-            with open(os.path.join(job["work_dir"], name), "wb") as fh:
-                fh.write(base64.b64decode(data))
+            os.mkdir(js.element_log_dir(log_dir, index), PRIVATE_DIR_MODE)
+        inputs = job.get("inputs") or {}
+        make_dirs(job["work_dir"], PRIVATE_DIR_MODE if inputs else SHARED_DIR_MODE)
+        for name, item in inputs.items():  # staged input files, with their modes
+            write_input(os.path.join(job["work_dir"], name),
+                        base64.b64decode(item["data_b64"]), int(item["mode"]))
     except OSError as exc:
         return {"key": job["key"], "ok": False, "code": "io",
                 "error": "%s: %s" % (exc.filename or log_dir, exc.strerror)}
@@ -277,25 +313,24 @@ def submit_one(job):
     if res["exit"] != 0 or not m:
         res["ok"] = False
         res["code"] = "runner"
-        append_status(log_dir, [("SSHQ_JOB_RUNNER_NAME", job["runner"]),
-                                ("SSHQ_JOB_RUNNER_SUBMIT_FAILED", submit_time)])
+        append_status(log_dir, [(js.RUNNER_NAME, job["runner"]),
+                                (js.RUNNER_SUBMIT_FAILED, submit_time)])
         return res
     res["ok"] = True
     res["job_id"] = m.group("id")
     res["groups"] = dict((k, v) for k, v in m.groupdict().items() if v is not None)
     res["submit_time"] = submit_time
     # more of the job's identity than its number (e.g. Slurm's cluster)
-    extra = [("SSHQ_JOB_ID_" + k.upper(), v) for k, v in sorted(res["groups"].items())
+    extra = [(js.JOB_ID_PREFIX + k.upper(), v) for k, v in sorted(res["groups"].items())
              if k != "id"]
-    append_status(log_dir, [("SSHQ_JOB_RUNNER_NAME", job["runner"]),
-                            ("SSHQ_JOB_ID", res["job_id"])] + extra
-                  + [("SSHQ_JOB_RUNNER_SUBMIT_TIME", submit_time)])
+    append_status(log_dir, [(js.RUNNER_NAME, job["runner"]),
+                            (js.JOB_ID, res["job_id"])] + extra
+                  + [(js.RUNNER_SUBMIT_TIME, submit_time)])
     for index in job.get("array") or ():
-        element_id = job["array_element_id"].replace("{id}", res["job_id"]).replace(
-            "{index}", str(index))
-        append_status(os.path.join(log_dir, str(index)), [
-            ("SSHQ_JOB_RUNNER_NAME", job["runner"]), ("SSHQ_JOB_ID", element_id)] + extra
-            + [("SSHQ_JOB_RUNNER_SUBMIT_TIME", submit_time)])
+        element_id = js.array_element_id(job["array_element_id"], res["job_id"], index)
+        append_status(js.element_log_dir(log_dir, index), [
+            (js.RUNNER_NAME, job["runner"]), (js.JOB_ID, element_id)] + extra
+            + [(js.RUNNER_SUBMIT_TIME, submit_time)])
     return res
 
 
@@ -343,33 +378,30 @@ def query_runners(req, pending, kind):
     return out
 
 
-def status_value(status_text, key):
-    value = ""
-    for line in status_text.splitlines():
-        k, sep, v = line.partition("=")
-        if sep and k == key:
-            value = v.strip()
-    return value
+def read_statuses(jobs):
+    return dict((j["key"], js.read_status_file(j["log_dir"])) for j in jobs)
+
+
+def wire(statuses):
+    return dict((k, st.to_wire()) for k, st in statuses.items())
 
 
 def op_poll(req, w):
     jobs = req["jobs"]
-    first = dict((j["key"], read_status(j["log_dir"])) for j in jobs)
+    status = read_statuses(jobs)
     for j in jobs:  # intents whose submission sshq did not see through: adopt
         if not j.get("job_id"):
-            j["job_id"] = status_value(first[j["key"]], "SSHQ_JOB_ID")
+            j["job_id"] = status[j["key"]].job_id or ""
     missing = [j["key"] for j in jobs if not os.path.isdir(j["log_dir"])]
-    pending = [j for j in jobs if not has_exit(first[j["key"]])]
+    pending = [j for j in jobs if not status[j["key"]].exited]
     if req.get("skip_runner"):  # rate-limited: status files only
         pending = []
     runners = query_runners(req, pending, "poll")
     # Re-read after the runner query: a job that ended meanwhile must be seen
     # with its exit, not as "vanished".
-    status = dict(first)
-    for j in pending:
-        status[j["key"]] = read_status(j["log_dir"])
+    status.update(read_statuses(pending))
     w.frame({
-        "status": status,
+        "status": wire(status),
         "queried": [j["key"] for j in pending if j.get("job_id")],
         "runners": runners,
         "missing": missing,
@@ -378,17 +410,16 @@ def op_poll(req, w):
 
 def op_kill(req, w):
     jobs = req["jobs"]
-    status = dict((j["key"], read_status(j["log_dir"])) for j in jobs)
-    pending = [j for j in jobs if not has_exit(status[j["key"]])]
+    status = read_statuses(jobs)
+    pending = [j for j in jobs if not status[j["key"]].exited]
     runners = query_runners(req, pending, "kill")
     deadline = time.time() + float(req.get("settle", 0))
     while True:
-        for j in pending:
-            status[j["key"]] = read_status(j["log_dir"])
-        if all(has_exit(status[j["key"]]) for j in pending) or time.time() >= deadline:
+        status.update(read_statuses(pending))
+        if all(status[j["key"]].exited for j in pending) or time.time() >= deadline:
             break
         time.sleep(0.1)
-    w.frame({"status": status, "runners": runners,
+    w.frame({"status": wire(status), "runners": runners,
              "killed": [j["key"] for j in pending if j.get("job_id")]})
 
 
@@ -397,7 +428,7 @@ def op_read(req, w):
     try:
         with open(path, "rb") as fh:
             fh.seek(int(req.get("offset", 0)))
-            data = fh.read(int(req.get("max_bytes", 64 * 1024 * 1024)))
+            data = fh.read(min(int(req.get("max_bytes", MAX_READ_BYTES)), MAX_READ_BYTES))
             size = os.fstat(fh.fileno()).st_size
         w.frame({"ok": True, "data_b64": b64(data), "size": size})
     except (IOError, OSError) as exc:
@@ -412,7 +443,7 @@ def op_follow(req, w):
     status_dir = req.get("log_dir")
     last_beat = time.time()
     while True:
-        done = bool(status_dir) and has_exit(read_status(status_dir))
+        done = bool(status_dir) and js.read_status_file(status_dir).exited
         sent = False
         for name, path in files.items():
             try:
@@ -426,7 +457,7 @@ def op_follow(req, w):
                 w.frame({"file": name, "data_b64": b64(data)})
                 sent = True
         if done and not sent:
-            w.frame({"done": True, "status": read_status(status_dir)})
+            w.frame({"done": True, "status": js.read_status_file(status_dir).to_wire()})
             return
         if not sent:
             if time.time() - last_beat > 5:

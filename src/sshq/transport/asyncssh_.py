@@ -22,6 +22,7 @@ import asyncssh
 from ..exceptions import AuthenticationError, ConfigError, HostUnreachableError
 from ..quoting import join
 from .base import CommandResult, HostParams, Session, Transport, ssh_options
+from .bounded import MAX_OUTPUT, read_bounded
 from .hostkeys import default_known_hosts, host_key_error
 
 __all__ = ["AsyncSSHTransport"]
@@ -196,13 +197,20 @@ class AsyncSSHTransport(Transport):
             pass  # asyncssh: ProtocolError("Channel not open for sending")
 
     async def run(
-        self, argv: Sequence[str], *, stdin: bytes = b"", timeout: float | None = None
+        self, argv: Sequence[str], *, stdin: bytes = b"", timeout: float | None = None,
+        max_output: int | None = MAX_OUTPUT,
     ) -> CommandResult:
+        async def communicate() -> tuple[bytes, bytes]:
+            out, err = await read_bounded(proc.stdout, proc.stderr,
+                                          max_output=max_output, host=self.host)
+            await proc.wait_closed()
+            return out, err
+
         async with self._channels:
             proc = await self._open(argv)
             try:
                 await self._feed(proc, stdin)
-                out, err = await asyncio.wait_for(proc.communicate(), timeout)
+                out, err = await asyncio.wait_for(communicate(), timeout)
             except TimeoutError:
                 proc.close()
                 raise HostUnreachableError(

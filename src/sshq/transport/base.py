@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ..exceptions import ConfigError
 from ..quoting import join
+from .bounded import MAX_OUTPUT
 
 __all__ = ["CommandResult", "HostParams", "Session", "Transport", "check_host", "ssh_options"]
 
@@ -147,7 +148,8 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def run(
-        self, argv: Sequence[str], *, stdin: bytes = b"", timeout: float | None = None
+        self, argv: Sequence[str], *, stdin: bytes = b"", timeout: float | None = None,
+        max_output: int | None = MAX_OUTPUT,
     ) -> CommandResult:
         """Run ``argv`` to completion.
 
@@ -155,6 +157,8 @@ class Transport(abc.ABC):
             argv: the program and its arguments, each reaching it byte-exact.
             stdin: bytes fed to the command's standard input, then EOF.
             timeout: seconds before the command is abandoned; None for no limit.
+            max_output: cap on stdout in bytes (None: no cap); stderr keeps
+                its first :data:`~sshq.transport.bounded.STDERR_KEEP` bytes.
 
         Returns:
             The exit status and output.
@@ -164,6 +168,7 @@ class Transport(abc.ABC):
                 was lost (transient).
             AuthenticationError: the server refused our credentials.
             HostKeyError: the host key is unknown or changed.
+            RemoteError: stdout passed ``max_output`` (the command is closed).
         """
 
     @abc.abstractmethod

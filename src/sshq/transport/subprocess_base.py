@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from ..exceptions import CommandError, HostUnreachableError
 from .base import CommandResult, Session, Transport
+from .bounded import MAX_OUTPUT, read_bounded
 
 __all__ = ["SubprocessTransport"]
 
@@ -38,11 +39,33 @@ class SubprocessTransport(Transport):
             raise CommandError(f"cannot run {local[0]!r}: {exc.strerror}", host=self.host) from None
 
     async def run(
-        self, argv: Sequence[str], *, stdin: bytes = b"", timeout: float | None = None
+        self, argv: Sequence[str], *, stdin: bytes = b"", timeout: float | None = None,
+        max_output: int | None = MAX_OUTPUT,
     ) -> CommandResult:
         proc = await self._spawn(argv)
+        assert proc.stdin and proc.stdout and proc.stderr
+
+        async def feed() -> None:
+            assert proc.stdin
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                proc.stdin.write(stdin)
+                await proc.stdin.drain()
+            proc.stdin.close()
+
+        async def communicate() -> tuple[bytes, bytes]:
+            assert proc.stdout and proc.stderr
+            writer = asyncio.ensure_future(feed())
+            try:
+                out, err = await read_bounded(proc.stdout, proc.stderr,
+                                              max_output=max_output, host=self.host)
+            finally:
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+            await proc.wait()
+            return out, err
+
         try:
-            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+            out, err = await asyncio.wait_for(communicate(), timeout)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
