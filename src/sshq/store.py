@@ -1,5 +1,10 @@
 """Local state: an SQLite database (WAL mode, file mode 0600).
 
+The schema is versioned (SQLite's ``PRAGMA user_version``): :data:`MIGRATIONS`
+lists the steps from an empty database to the current version, and opening a
+database runs the steps it has not had yet, in one transaction.  A database
+written by a newer sshq (a version beyond ours) is refused, not guessed at.
+
 Tables: ``jobs`` (every submitted job and its latest state), ``remote_init``
 (per platform: the absolute run directory and home found by remote-init),
 ``bad_hosts`` (hosts skipped until a time, after a connection failure),
@@ -14,16 +19,21 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .exceptions import UnknownJobError
+from .exceptions import ConfigError, UnknownJobError
 from .model import Job, JobState
+from .shipped import sshq_jobstatus as js
 
 __all__ = ["Store", "RemoteInit"]
 
-_SCHEMA = """
+#: The schema, as migration steps: step N (1-based) brings a database from
+#: version N-1 to N.  Append new steps; never edit one that has shipped.
+#: (Databases from before versioning have version 0 and step 1's tables, which
+#: step 1 creates only if missing.)
+MIGRATIONS: tuple[str, ...] = ("""
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     platform TEXT NOT NULL,
@@ -66,12 +76,15 @@ CREATE TABLE IF NOT EXISTS bad_hosts (
     reason TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (platform, host)
 );
-"""
+""",)
+SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLS = (
     "id, platform, host, name, job_runner, job_id, submit_num, state, exit_status, signal,"
     " job_log_dir, work_dir, submit_time, start_time, exit_time, message"
 )
+#: The columns :meth:`Store.update_job` may set.
+UPDATABLE_COLUMNS = frozenset(_COLS.replace(" ", "").split(",")) - {"id"}
 
 
 def _ts(t: datetime | None) -> str | None:
@@ -79,10 +92,8 @@ def _ts(t: datetime | None) -> str | None:
 
 
 def _dt(s: str | None) -> datetime | None:
-    if not s:
-        return None
-    t = datetime.fromisoformat(s)
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+    t: datetime | None = js.parse_time(s)
+    return t
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -134,11 +145,43 @@ class Store:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._migrate()
         for suffix in ("-wal", "-shm"):
             side = Path(str(self.path) + suffix)
             if side.exists():
                 os.chmod(side, 0o600)
+
+    def _migrate(self) -> None:
+        """Bring the schema to :data:`SCHEMA_VERSION` (see :data:`MIGRATIONS`).
+
+        Raises:
+            ConfigError: the database was written by a newer sshq.
+        """
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"{self.path}: state database schema version {version} is newer than this"
+                f" sshq's ({SCHEMA_VERSION}); upgrade sshq or use another --state-dir")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            # another process may have migrated while we waited for the lock
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            for step in MIGRATIONS[version:]:
+                for statement in step.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    @property
+    def schema_version(self) -> int:
+        """The database's schema version (``PRAGMA user_version``)."""
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     def close(self) -> None:
         """Close the database."""
@@ -203,9 +246,16 @@ class Store:
         return out
 
     def update_job(self, sshq_id: int, /, **fields: Any) -> None:
-        """Set columns of one job (datetimes and JobStates converted)."""
+        """Set columns of one job (datetimes and JobStates converted).
+
+        Raises:
+            ValueError: a field is not a column of :data:`UPDATABLE_COLUMNS`.
+        """
         if not fields:
             return
+        unknown = set(fields) - UPDATABLE_COLUMNS
+        if unknown:
+            raise ValueError(f"not job columns: {', '.join(sorted(unknown))}")
         conv: dict[str, Any] = {}
         for k, v in fields.items():
             if isinstance(v, datetime):
