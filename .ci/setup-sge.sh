@@ -22,29 +22,43 @@ export DEBIAN_FRONTEND=noninteractive
 export LC_ALL=C
 export SGE_ROOT=/var/lib/gridengine
 export SGE_CELL=default
-PKGS=(gridengine-master gridengine-exec gridengine-client gridengine-common tcsh)
+PKGS=(gridengine-master gridengine-exec gridengine-client gridengine-common tcsh iproute2)
 COMMON=$SGE_ROOT/$SGE_CELL/common
 SPOOLDB=/var/spool/gridengine/spooldb
 QSPOOL=/var/spool/gridengine/qmaster
 ESPOOL=/var/spool/gridengine/execd
 SLOTS=$(nproc)
 
-log() { echo "[setup-sge $(date +%T)] $*"; }
-die() { echo "[setup-sge] ERROR: $*" >&2; exit 1; }
+U=/usr/lib/gridengine
+# sge_alias_line HOST: the host_aliases line SGE needs for HOST ("HOST NAME..."),
+# nothing if none. Names as SGE's own resolver (gethostbyname/gethostbyaddr,
+# no AI_ADDRCONFIG) gives them.
+sge_alias_line() {
+    local host=$1 addrs a b src rev names=" "
+    addrs=$("$U/gethostbyname" -all "$host" 2>/dev/null | sed -n 's/^Host Address(es): *//p')
+    for a in $addrs; do
+        src=$(ip -4 -o route get "$a" 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p')
+        for b in "$a" $src; do
+            rev=$("$U/gethostbyaddr" -name "$b" 2>/dev/null || true)
+            [ -n "$rev" ] && [ "$rev" != "$host" ] || continue
+            [[ "$names" == *" $rev "* ]] || names+="$rev "
+        done
+    done
+    [ "$names" = " " ] || echo "$host${names% }"
+}
+# `setup-sge.sh --host-aliases`: print that line for this host, change nothing.
+if [ "${1:-}" = --host-aliases ]; then
+    sge_alias_line "$(hostname)"
+    exit 0
+fi
+
+LOG_TAG=setup-sge
+# shellcheck source=.ci/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 [ "$(id -u)" = 0 ] || die "must run as root"
 
 W=$(mktemp -d /tmp/setup-sge.XXXXXX)
 trap 'rm -rf "$W"' EXIT
-
-# wait_for SECONDS CMD...: poll CMD every 0.5 s until it succeeds.
-wait_for() {
-    local n=$(( $1 * 2 )) i; shift
-    for ((i = 0; i < n; i++)); do
-        "$@" >/dev/null 2>&1 && return 0
-        sleep 0.5
-    done
-    return 1
-}
 
 # ------------------------------------------------------------------ hostname
 # SGE needs the host name to resolve (setup-testbed.sh checks this too).
@@ -56,30 +70,15 @@ if ! getent hosts "$HOST" >/dev/null; then
 fi
 
 # ------------------------------------------------------------------ packages
-pkg_installed() {
-    dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q '^install ok installed$'
-}
-missing=()
-for p in "${PKGS[@]}"; do pkg_installed "$p" || missing+=("$p"); done
-if [ "${#missing[@]}" -gt 0 ]; then
-    log "installing packages (missing: ${missing[*]})"
+if ! pkgs_installed "${PKGS[@]}"; then
     # Without these answers the packages ask (or skip creating the cell).
     for owner in gridengine-common gridengine-master gridengine-exec gridengine-client; do
         echo "$owner shared/gridengineconfig boolean true"
         echo "$owner shared/gridenginecell string $SGE_CELL"
         echo "$owner shared/gridenginemaster string $HOST"
     done | debconf-set-selections
-    if ! apt-cache show gridengine-master >/dev/null 2>&1; then
-        apt-get update -o DPkg::Lock::Timeout=600
-    fi
-    # The maintainer scripts may fail to start the daemons (no init system);
-    # that is harmless: they are started below.
-    apt-get install -y -o DPkg::Lock::Timeout=600 \
-        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-        --no-install-recommends "${PKGS[@]}"
-else
-    log "packages already installed"
 fi
+NO_RECOMMENDS=1 ensure_packages "${PKGS[@]}" || die "cannot install ${PKGS[*]}"
 for b in /usr/sbin/sge_qmaster /usr/sbin/sge_execd /usr/bin/qsub /usr/bin/qstat \
          /usr/bin/qdel /usr/bin/qacct /usr/bin/qconf /usr/bin/tcsh; do
     [ -x "$b" ] || die "$b missing after package install"
@@ -103,18 +102,21 @@ if [ ! -s "$COMMON/act_qmaster" ]; then
 fi
 
 # ------------------------------------------------------------------ host_aliases
-# SGE's commlib refuses a client whose IP reverse-resolves to another name
-# than its own host name ("client IP resolved to host name localhost. This is
-# not identical to clients host name vm"); here `hostname` -> 127.0.0.1 ->
-# localhost. SGE's own alias file maps that name back, without touching
-# /etc/hosts. The daemons read it at start only: restart them if it changes.
+# SGE's commlib refuses a connection whose source address reverse-resolves to
+# another name than the one the peer gives for itself ("client IP resolved
+# to host name localhost. This is not identical to clients host name vm").
+# Local clients and daemons connect to the address of $HOST (127.0.1.1 with
+# Debian's default /etc/hosts, 127.0.0.1 on some machines) from the source
+# address the kernel picks for it (127.0.0.1, the loopback's own, in both
+# cases), which reverse-resolves to "localhost". SGE's own alias file maps
+# every such name back to $HOST (sge_alias_line, above), without touching
+# /etc/hosts. The daemons read it at start only: they are restarted if it
+# changes.
 aliases_changed=0
-IP=$(getent ahostsv4 "$HOST" | awk 'NR == 1 {print $1}')
-REV=$(/usr/lib/gridengine/gethostbyaddr -name "$IP" 2>/dev/null || true)
-if [ -n "$REV" ] && [ "$REV" != "$HOST" ]; then
-    want="$HOST $REV"
+want=$(sge_alias_line "$HOST")
+if [ -n "$want" ]; then
     if ! grep -qxF "$want" "$COMMON/host_aliases" 2>/dev/null; then
-        log "host_aliases: '$want' ($HOST -> $IP -> $REV)"
+        log "host_aliases: '$want' (names of the addresses of $HOST and of their source addresses)"
         echo "$want" > "$COMMON/host_aliases"
         aliases_changed=1
     fi
@@ -123,15 +125,6 @@ if [ -n "$REV" ] && [ "$REV" != "$HOST" ]; then
 fi
 
 # ------------------------------------------------------------------ daemons
-# pid_alive PIDFILE COMM: the pid in PIDFILE is a live (not zombie) COMM.
-pid_alive() {
-    local pid st
-    pid=$(cat "$1" 2>/dev/null) || return 1
-    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] || return 1
-    st=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
-    [ "$st" != Z ]
-}
 # execd names its spool directory after the local name it resolves (it may
 # be the unaliased one, e.g. localhost): look in every one.
 execd_pidfile() {
@@ -141,9 +134,7 @@ execd_pidfile() {
     done
     return 1
 }
-# stop_daemon PIDFILE COMM: TERM, then KILL after 30 s. (A daemon that
-# exited may stay a zombie here, where nothing reaps orphans: pid_alive
-# counts a zombie as gone, `kill -0` would not.)
+# stop_daemon PIDFILE COMM: TERM, then KILL after 30 s.
 stop_daemon() {
     local pid i
     pid_alive "$1" "$2" || return 0
