@@ -27,7 +27,7 @@ from ..exceptions import InvalidInputError, SshqError, WaitTimeoutError
 from ..model import Job, JobSpec, JobState
 from ..model.job_spec import default_name
 from ..model.resources import parse_memory, parse_walltime
-from .render import Renderer
+from .render import CleanFormatter, Renderer, clean
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -534,10 +534,11 @@ def tidy(ctx: click.Context, platform: str, as_json: bool, config_path: str | No
     if as_json:
         click.echo(json.dumps(removed, indent=2))
     else:
+        r = Renderer(as_json)
         for path in removed:
-            click.echo(f"removed {path}")
+            r.line(f"removed {path}")
         if not removed:
-            click.echo("nothing to remove")
+            r.line("nothing to remove")
 
 
 # ---------------------------------------------------------------- hosts
@@ -641,7 +642,7 @@ cli.add_command(farm)
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the CLI; errors become one line on stderr and an exit status."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("sshq: %(levelname)s: %(message)s"))
+    handler.setFormatter(CleanFormatter("sshq: %(levelname)s: %(message)s"))
     logging.getLogger("sshq").addHandler(handler)
     logging.getLogger("sshq").setLevel(logging.WARNING)
     try:
@@ -661,14 +662,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     except SshqError as exc:
         if _state["debug"]:
             raise
-        msg = str(exc).replace("\n", " ")
-        click.echo(f"sshq: error: {msg}", err=True)
+        click.echo(f"sshq: error: {clean(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:  # an unexpected bug: one line unless --debug
         if _state["debug"]:
             raise
-        click.echo(f"sshq: internal error: {type(exc).__name__}: {exc} (run with --debug)",
-                   err=True)
+        click.echo(f"sshq: internal error: {type(exc).__name__}: {clean(str(exc))} (run with"
+                   " --debug)", err=True)
         sys.exit(70)
     sys.exit(rc if isinstance(rc, int) else 0)
 

@@ -2,6 +2,15 @@
 
 Progress is drawn on stderr only when stderr is a terminal; stdout carries
 results only.
+
+Every text built from data (a job's fields, remote paths, error messages:
+anything a remote host or a job could have written) goes through
+:func:`clean` on its way to a table cell or a line, and rich is given
+:class:`rich.text.Text` objects, never markup strings: ``[/bold]`` in a
+job's signal is shown as written, and no escape sequence or control
+character from the remote side reaches the terminal.  JSON output needs
+neither (``json.dumps`` escapes every control character).  ``cat-log`` and
+``ssh-to-job --command`` pass the job's own output through, as ``cat`` would.
 """
 
 from __future__ import annotations
@@ -9,6 +18,8 @@ from __future__ import annotations
 import codecs
 import contextlib
 import json
+import logging
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +29,59 @@ import click
 
 from ..model import Job
 
-__all__ = ["Renderer"]
+__all__ = ["CleanFormatter", "Renderer", "clean"]
+
+#: Terminal escape sequences: CSI (7- and 8-bit), the string sequences (OSC,
+#: DCS, SOS, PM, APC: up to their terminator, or the end), and the other
+#: ESC sequences (an ESC, intermediates, a final byte).
+_SEQUENCE = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d-\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
+    r"|\x1b[ -/]*[0-~]"
+)
+#: C0 controls, DEL and C1 controls.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def clean(text: str, *, keep: str = "") -> str:
+    """Text from data, made safe to show on a terminal.
+
+    Escape sequences are removed whole (a colour, a window title, a cursor
+    move); what remains of C0 controls, DEL and C1 controls becomes U+FFFD,
+    except tab, newline and carriage return, which become a space, and the
+    characters in ``keep``, which stay.  Rich markup is not touched here:
+    give rich the result as :class:`rich.text.Text`.
+
+    Args:
+        text: any text.
+        keep: control characters to keep as they are (e.g. ``"\\t"`` in a
+            tab-separated line, ``"\\n"`` in a traceback).
+
+    Returns:
+        The text without escape sequences or other control characters.
+    """
+    def one(m: re.Match[str]) -> str:
+        c = m.group()
+        if c in keep:
+            return c
+        return " " if c in "\t\n\r" else "\ufffd"
+
+    return _CONTROL.sub(one, _SEQUENCE.sub("", text))
+
+
+class CleanFormatter(logging.Formatter):
+    """A log formatter whose lines are :func:`clean` (newlines and tabs kept:
+    tracebacks)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return clean(super().format(record), keep="\n\t")
+
+
+def _text(value: str, style: str | None = None) -> Any:
+    """A rich Text of data: shown as written, never parsed as markup."""
+    from rich.text import Text
+
+    return Text(clean(value), style=style or "")
 
 _COLUMNS = ("id", "platform", "name", "job_runner", "job_id", "submit_num", "state",
             "exit_status", "signal")
@@ -59,33 +122,29 @@ class Renderer:
             from rich.console import Console
             from rich.table import Table
 
-            table = Table(title=title, title_justify="left")
+            table = Table(title=_text(title) if title else None, title_justify="left")
             for c in _COLUMNS:
                 table.add_column(c.replace("_", " "))
             for j in jobs:
-                d = j.to_dict()
-                cells = ["" if d[c] is None else str(d[c]) for c in _COLUMNS]
-                style = _STYLE.get(d["state"])
-                cells[_COLUMNS.index("state")] = f"[{style}]{d['state']}[/]" if style else d[
-                    "state"]
-                table.add_row(*cells)
+                state = j.state.value
+                table.add_row(*(_text(cell, _STYLE.get(state) if c == "state" else None)
+                                for c, cell in zip(_COLUMNS, _cells(j), strict=True)))
             Console().print(table)
             return
         click.echo("\t".join(_COLUMNS))
         for j in jobs:
-            d = j.to_dict()
-            click.echo("\t".join("" if d[c] is None else str(d[c]) for c in _COLUMNS))
+            click.echo("\t".join(_cells(j)))
 
     def host_result(self, result: dict[str, Any], text: str) -> None:
-        """Print the outcome of a host operation."""
+        """Print the outcome of a host operation (``text``: :func:`clean`)."""
         if self.as_json:
             click.echo(json.dumps([result], indent=2))
         else:
-            click.echo(text)
+            self.line(text)
 
     def line(self, text: str) -> None:
-        """Print one line on stdout."""
-        click.echo(text)
+        """Print one line on stdout (:func:`clean`, tabs kept)."""
+        click.echo(clean(text, keep="\t"))
 
     def raw(self, data: bytes) -> None:
         """Write log bytes: raw when piped, decoded with replacement on a terminal."""
@@ -109,9 +168,9 @@ class Renderer:
             target.buffer.flush()
 
     def error(self, text: str) -> None:
-        """One line on stderr (embedded newlines become " | ")."""
+        """One line on stderr (embedded newlines become " | "; :func:`clean`)."""
         one = " | ".join(part.strip() for part in text.splitlines() if part.strip())
-        click.echo(f"sshq: {one}", err=True)
+        click.echo(f"sshq: {clean(one)}", err=True)
 
     @contextlib.contextmanager
     def progress(self, text: str) -> Iterator[None]:
@@ -119,7 +178,7 @@ class Renderer:
         if self.err is None:
             yield
             return
-        with self.err.status(text):
+        with self.err.status(_text(text)):
             yield
 
     @contextlib.contextmanager
@@ -128,12 +187,18 @@ class Renderer:
         if self.err is None:
             yield None
             return
-        with self.err.status("waiting") as status:
+        with self.err.status(_text("waiting")) as status:
 
             def on_poll(jobs: list[Job]) -> None:
                 counts = Counter(j.state.value for j in jobs)
                 done = sum(1 for j in jobs if j.state.is_final)
                 parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-                status.update(f"waiting: {done}/{len(jobs)} final ({parts})")
+                status.update(_text(f"waiting: {done}/{len(jobs)} final ({parts})"))
 
             yield on_poll
+
+
+def _cells(job: Job) -> list[str]:
+    """A job's table cells, :func:`clean` (tabs and newlines become spaces)."""
+    d = job.to_dict()
+    return ["" if d[c] is None else clean(str(d[c])) for c in _COLUMNS]
