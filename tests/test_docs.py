@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import re
+import tomllib
 from pathlib import Path
+
+import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -17,3 +21,54 @@ def test_job_runner_table_matches_the_handlers() -> None:
     assert mod.table() in (DOCS / "job-runners.md").read_text(), (
         "docs/job-runners.md is stale: regenerate the table with"
         " `python docs/job_runner_table.py`")
+
+
+# ---------------------------------------------------------------- the newcomer's docs
+
+ROOT = DOCS.parent
+_PATH = re.compile(r"(?<![\w/.<-])((?:src|tests|docs|bench|\.ci)/[\w./-]*[\w/])")
+
+
+@pytest.mark.parametrize("doc", ["docs/architecture.md", "CONTRIBUTING.md"])
+def test_every_path_a_doc_names_exists(doc: str) -> None:
+    text = (ROOT / doc).read_text()
+    named = {m for m in _PATH.findall(text) if "NAME" not in m}  # NAME: a placeholder
+    assert len(named) > 5, "the path pattern finds nothing: fix it"
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert missing == [], f"{doc} names paths that do not exist: {missing}"
+
+
+def test_architecture_walks_the_data_path_of_one_job() -> None:
+    text = (DOCS / "architecture.md").read_text()
+    walk = text.split("## One job, file by file", 1)[-1].split("\n## ", 1)[0]
+    steps = ["src/sshq/cli/main.py", "src/sshq/client.py", "src/sshq/_client/jobs.py",
+             "src/sshq/remote/protocol.py", "src/sshq/shipped/agent.py",
+             "src/sshq/job_runners/slurm.py", "src/sshq/jobscript/render.py",
+             "src/sshq/shipped/sshq_jobstatus.py", "src/sshq/remote/status.py",
+             "src/sshq/store.py"]
+    missing = [p for p in steps if f"`{p}`" not in walk]
+    assert walk != text and missing == [], f"the walk through one job omits {missing}"
+
+
+def test_agent_operations_are_all_documented() -> None:
+    from sshq.remote import operations
+    from sshq.shipped import agent
+
+    doc = operations.__doc__ or ""
+    missing = [op for op in agent.OPS if f"``{op}``" not in doc]
+    assert missing == [], f"src/sshq/remote/operations.py's docstring omits {missing}"
+
+
+def test_changelog_has_unreleased_and_the_current_version() -> None:
+    import sshq
+
+    heads = re.findall(r"^## (\S+)", (ROOT / "CHANGELOG.md").read_text(), re.MULTILINE)
+    assert heads[0] == "Unreleased"
+    assert sshq.__version__ in heads, f"CHANGELOG.md has no section for {sshq.__version__}"
+
+
+def test_license_file_is_the_license_pyproject_declares() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == {"text": "MIT"}
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License\n") and "the sshq developers" in text
