@@ -30,7 +30,10 @@ CRASH = textwrap.dedent("""
     async def call_agent(t, python, op, payload, **kw):
         if op == "submit" and point == "before-send":
             os._exit(9)
-        return await real_call_agent(t, python, op, payload, **kw)
+        reply = await real_call_agent(t, python, op, payload, **kw)
+        if op == "submit" and point == "reply-lost":
+            os._exit(9)  # the agent submitted; sshq dies before reading its reply
+        return reply
 
     def record(self, *args):
         os._exit(9)  # the runner accepted the jobs; sshq dies before recording their ids
@@ -95,3 +98,24 @@ def test_cli_poll_all_adopts(slurm_testbed: dict[str, str], config_file: Path,
     assert r.returncode == 0, r.stderr
     jobs = json.loads(r.stdout)
     assert len(jobs) == 2 and all(j["job_id"] for j in jobs), jobs
+
+
+@pytest.mark.parametrize("platform", ["slurm", "bg"])
+async def test_killed_before_reading_the_reply_of_a_first_submission(
+        slurm_testbed: dict[str, str], config_file: Path, state_dir: Path,
+        platform: str) -> None:
+    # A fresh state dir: remote-init travelled inside the submit call, so the
+    # intents name the run dir by a placeholder; the next poll resolves it
+    # (remote-init) and adopts both jobs from their job status files.
+    crash(config_file, state_dir, "reply-lost", platform)
+    async with AsyncClient(config_file, state_dir=state_dir) as c:
+        intents = await c.jobs()
+        assert len(intents) == 2
+        assert all(j.job_log_dir.startswith("/SSHQ-RUN-DIR-") for j in intents), intents
+        polled = await c.poll(all=True)
+        assert all(j.job_id for j in polled), polled
+        assert all(not j.job_log_dir.startswith("/SSHQ-RUN-DIR-") for j in polled)
+        done = await c.wait([j.id for j in polled], timeout=120, interval=0.5)
+        assert [j.state for j in done] == [JobState.SUCCEEDED] * 2
+        out = [(await c.cat_log(j.id)).decode() for j in done]
+        assert sorted(out) == ["adopted-a\n", "adopted-b\n"]

@@ -266,15 +266,16 @@ async def test_batches_cost_one_agent_call_per_host(
 
     monkeypatch.setattr(sshq_client, "call_agent", counting)
 
-    # First contact: remote-init (once per platform, cached), then ONE submit call.
+    # First contact: remote-init travels inside the ONE submit call (then cached).
     three = await client.submit(
         [JobSpec(command="sleep 60", name=n) for n in ("a", "b", "c")], platform="slurm")
     scancel_at_end.extend(j.job_id for j in three)
     assert [j.state for j in three] == [JobState.SUBMITTED] * 3, [j.message for j in three]
-    submit_calls = [p for op, p in calls if op == "submit"]
-    assert len(submit_calls) == 1
-    assert len(submit_calls[0]["jobs"]) == 3
-    assert [op for op, _ in calls if op != "init"] == ["submit"]
+    assert [op for op, _ in calls] == ["submit"]
+    assert len(calls[0][1]["jobs"]) == 3
+    assert calls[0][1]["init"]["run_dir"]
+    assert all(j.job_log_dir.startswith("/") and "SSHQ-RUN-DIR" not in j.job_log_dir
+               for j in three)
     assert [j.name for j in three] == ["a", "b", "c"]
     assert len({j.job_id for j in three}) == 3
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from ..config import Config, Platform, default_state_dir, load_config
-from ..exceptions import TransportError
+from ..exceptions import RemoteError, TransportError
 from ..job_runners import HANDLERS
 from ..remote.operations import call_agent
 from ..store import RemoteInit, Store
@@ -103,9 +103,23 @@ class ClientCore:
             return cached
         async with self._init_lock:
             reply = await self._agent(platform, t, "init", {"run_dir": platform.run_dir})
-            info = RemoteInit(reply["run_dir"], reply["home"])
-            self.store.set_remote_init(platform.name, platform.run_dir, info)
-            return info
+            return self._record_remote_init(platform, t, reply)
+
+    def _record_remote_init(self, platform: Platform, t: Transport,
+                            reply: object) -> RemoteInit:
+        """Check and cache what remote-init replied.
+
+        Raises:
+            RemoteError: the reply names no absolute run dir and home.
+        """
+        run_dir = reply.get("run_dir") if isinstance(reply, dict) else None
+        home = reply.get("home") if isinstance(reply, dict) else None
+        if not (isinstance(run_dir, str) and run_dir.startswith("/")
+                and isinstance(home, str) and "\n" not in run_dir + home):
+            raise RemoteError(f"{t.host}: remote-init replied no absolute run directory")
+        info = RemoteInit(run_dir, home)
+        self.store.set_remote_init(platform.name, platform.run_dir, info)
+        return info
 
     def _host_of(self, plat: Platform, job_host: str) -> str:
         # job.host is a transport label ([user@]host[:port]); map back to the platform host.

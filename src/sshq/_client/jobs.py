@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -29,7 +30,6 @@ from ..remote.staging import (
 )
 from ..remote.status import JobStatus, decide
 from ..shipped import sshq_jobstatus as js
-from ..store import RemoteInit
 from ..transport import Transport
 from .core import ClientCore
 
@@ -77,8 +77,7 @@ class JobsClient(ClientCore):
             return []
 
         async def op(host: str, t: Transport) -> list[Job]:
-            info = await self._remote_init(plat, host, t)
-            return await self._submit_on(plat, handler, host, t, info, normalized)
+            return await self._submit_on(plat, handler, host, t, normalized)
 
         result: list[Job] = await self._with_failover(plat, op)
         return result
@@ -89,9 +88,14 @@ class JobsClient(ClientCore):
         handler: JobRunnerHandler,
         host: str,
         t: Transport,
-        info: RemoteInit,
         specs: list[JobSpec],
     ) -> list[Job]:
+        # Without remote-init's facts cached, remote-init travels in the submit
+        # call itself: the scripts name the run dir by a random placeholder that
+        # the agent replaces (or, for a run dir it cannot put there verbatim,
+        # asks for the scripts again).  One SSH command either way.
+        info = self.store.remote_init(plat.name, plat.run_dir)
+        run_dir = info.run_dir if info is not None else _run_dir_token()
         summaries = [_spec_summary(s) for s in specs]
         counts = [len(s.array_indices) or 1 for s in specs]
         reserved = self.store.reserve_jobs(
@@ -108,12 +112,13 @@ class JobsClient(ClientCore):
         todo = list(zip(elements, specs, strict=True))
         sent_any = False
         try:
-            for _round in range(5):
+            rounds = 0
+            while True:
                 jobs_req = []
                 for job_id, spec in todo:
                     nn = nums[job_id]
-                    log_dir = js.job_log_dir(info.run_dir, spec.job_name, nn)
-                    work_dir = spec.work_dir or js.default_work_dir(info.run_dir, spec.job_name)
+                    log_dir = js.job_log_dir(run_dir, spec.job_name, nn)
+                    work_dir = spec.work_dir or js.default_work_dir(run_dir, spec.job_name)
                     extra = {"SSHQ_PLATFORM": plat.name, "SSHQ_SUBMIT_NUM": str(nn)}
                     if spec.array is None:
                         extra["SSHQ_ID"] = str(job_id)
@@ -142,14 +147,28 @@ class JobsClient(ClientCore):
                                "work_dir": work_dir, "submit_num": nn})
                         for row, i in zip(elements[job_id], indices, strict=True))
                 sent_any = True
-                reply = await self._agent(
-                    plat, t, "submit",
-                    {"jobs": jobs_req, "concurrency": plat.submit_concurrency},
-                    timeout=max(300.0, 2.0 * len(jobs_req)),
-                )
+                payload: dict[str, Any] = {"jobs": jobs_req,
+                                           "concurrency": plat.submit_concurrency}
+                if info is None:
+                    payload["init"] = {"run_dir": plat.run_dir, "token": run_dir}
+                reply = await self._agent(plat, t, "submit", payload,
+                                          timeout=max(300.0, 2.0 * len(jobs_req)))
+                if info is None:
+                    info = self._record_remote_init(plat, t, reply.get("init"))
+                    self._resolve_run_dir(ids, run_dir, info.run_dir)
+                    run_dir = info.run_dir
+                    if reply.get("render_again"):  # nothing was sent to the runner
+                        continue
+                rounds += 1
                 retry = self._record_submissions(reply["results"], plat, handler, elements,
                                                  {k: sp for k, sp in todo})
                 if not retry:
+                    break
+                if rounds == 5:
+                    self.store.update_jobs(
+                        (row, {"state": JobState.SUBMIT_FAILED,
+                               "message": "job log directories exist already"})
+                        for i in retry for row in elements[i])
                     break
                 # Another client (or a lost local state) used these submit
                 # numbers: continue after the highest one on the remote side.
@@ -160,11 +179,6 @@ class JobsClient(ClientCore):
                     for row in elements[i]:
                         nums[row] = base + 1
                     taken[s.job_name] = nums[i]
-            else:
-                self.store.update_jobs(
-                    (row, {"state": JobState.SUBMIT_FAILED,
-                           "message": "job log directories exist already"})
-                    for i, _s in todo for row in elements[i])
         except BaseException as exc:
             if not sent_any or (isinstance(exc, TransportError) and not exc.command_sent):
                 self.store.delete_jobs(ids)  # provably nothing was submitted
@@ -176,6 +190,28 @@ class JobsClient(ClientCore):
                     for i in pending)
             raise
         return self.store.get(ids)
+
+    async def _resolve_tokens(self, plat: Platform, host_label: str,
+                              group: list[Job]) -> list[Job]:
+        """Give intents whose submission sshq did not see through (it stopped
+        between sending and the reply) their real paths, from remote-init."""
+        tokens = {j.job_log_dir.split("/", 2)[1] for j in group
+                  if j.job_log_dir.startswith(RUN_DIR_TOKEN_PREFIX)}
+        if not tokens:
+            return group
+        host = self._host_of(plat, host_label)
+        info = await self._remote_init(plat, host, self.transport(plat, host))
+        ids = [j.id for j in group]
+        for token in tokens:
+            self._resolve_run_dir(ids, "/" + token, info.run_dir)
+        return self.store.get(ids)
+
+    def _resolve_run_dir(self, ids: Sequence[int], token: str, run_dir: str) -> None:
+        """Replace a run-dir placeholder in the stored paths of jobs."""
+        self.store.update_jobs(
+            (j.id, {"job_log_dir": j.job_log_dir.replace(token, run_dir, 1),
+                    "work_dir": j.work_dir.replace(token, run_dir, 1)})
+            for j in self.store.get(list(ids)) if token in j.job_log_dir + j.work_dir)
 
     def _record_submissions(
         self, results: list[dict[str, Any]], plat: Platform, handler: JobRunnerHandler,
@@ -349,6 +385,12 @@ class JobsClient(ClientCore):
 
         async def one(key: tuple[str, str], group: list[Job]) -> None:
             plat = self.config.platform(key[0])
+            try:
+                group = await self._resolve_tokens(plat, key[1], group)
+            except SshqError as exc:
+                log.warning("poll of %s on %s failed (no state changed): %s", key[0], key[1], exc)
+                errors.append(str(exc))
+                return
             payload = _jobs_payload(group)
             # Job status files are cheap; the job runner's status command is
             # rate-limited per host, across processes sharing this state.
@@ -503,6 +545,15 @@ class JobsClient(ClientCore):
             return self.store.get(list(ids))
         states = [JobState(state)] if state else None
         return self.store.query(platform=platform, states=states, limit=limit)
+
+
+#: Stands for the run dir in scripts sent before remote-init's facts are known
+#: (a path, so that every job runner's path checks apply to it).
+RUN_DIR_TOKEN_PREFIX = "/SSHQ-RUN-DIR-"
+
+
+def _run_dir_token() -> str:
+    return RUN_DIR_TOKEN_PREFIX + secrets.token_hex(8)
 
 
 def _jobs_payload(group: Sequence[Job]) -> dict[str, Any]:

@@ -14,7 +14,7 @@
 #     SSHQ-BEGIN-<nonce>\n  (<length>\n<json>)*  0\n  SSHQ-END-<nonce>\n
 #
 # Operations (the "op" field): init, submit, poll, kill, read, follow,
-# listing, tidy.
+# listing, tidy, procs.
 # Nothing here builds shell text: every command is an argument vector run
 # without a shell.  The job status file, its keys, the job log layout (Cylc's,
 # seed 001: <run_dir>/log/job/<name>/<NN>/{job,job.out,...}, NN -> latest) and
@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List  # noqa: F401  (type comments)
 
 import sshq_jobstatus as js
+import sshq_procs
 
 IDS = "{ids}"
 MAX_ARGS_BYTES = 65536  # far below any ARG_MAX; id lists are chunked to fit
@@ -185,9 +186,9 @@ def write_input(path, data, mode):
         os.close(fd)
 
 
-def op_init(req, w):
-    """remote-init (seed 001): resolve the run dir, write its UUID file."""
-    run_dir = os.path.abspath(os.path.expanduser(req["run_dir"]))
+def remote_init(run_dir_spec):
+    """remote-init (seed 001): resolve the run dir, write its UUID file; the facts."""
+    run_dir = os.path.abspath(os.path.expanduser(run_dir_spec))
     service = os.path.join(run_dir, SERVICE_DIR)
     make_dirs(run_dir)
     make_dirs(service, PRIVATE_DIR_MODE)
@@ -203,7 +204,7 @@ def op_init(req, w):
         with open(tmp, "w") as fh:
             fh.write(uuid + "\n")
         os.rename(tmp, uuid_file)
-    w.frame({
+    return {
         "home": os.path.expanduser("~"),
         "run_dir": run_dir,
         "uuid_file": uuid_file,
@@ -212,7 +213,11 @@ def op_init(req, w):
         "hostname": socket.gethostname(),
         "python": sys.version.split()[0],
         "user": os.environ.get("USER") or os.environ.get("LOGNAME") or "",
-    })
+    }
+
+
+def op_init(req, w):
+    w.frame(remote_init(req["run_dir"]))
 
 
 def op_listing(req, w):
@@ -334,18 +339,48 @@ def submit_one(job):
     return res
 
 
+#: A run dir that may replace the client's placeholder inside job scripts and
+#: directives: nothing any shell, directive parser (PBS ':', LSF '%') or
+#: quoting could read differently.
+SAFE_RUN_DIR = re.compile(r"/[A-Za-z0-9+=,._/-]*\Z")
+
+
+def resolve_run_dir(jobs, token, run_dir):
+    """Replace the placeholder ``token`` (the client did not know the run dir
+    yet) by ``run_dir`` in each job's paths, argv and job script."""
+    raw, real = token.encode("ascii"), run_dir.encode("utf-8")
+    for job in jobs:
+        for key in ("log_dir", "work_dir"):
+            job[key] = job[key].replace(token, run_dir)
+        job["submit_argv"] = [a.replace(token, run_dir) for a in job["submit_argv"]]
+        job["job_b64"] = b64(base64.b64decode(job["job_b64"]).replace(raw, real))
+
+
 def op_submit(req, w):
     # Once a job runner has accepted a job, its id must reach job.status even if
     # the client (and its connection) dies now: the next poll adopts it from there.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     jobs = req["jobs"]
+    init = req.get("init")
+    if init:  # remote-init in the same call: the scripts name the run dir by a token
+        info = remote_init(init["run_dir"])
+        if not SAFE_RUN_DIR.match(info["run_dir"]):
+            w.frame({"init": info, "results": [], "render_again": True})
+            return
+        resolve_run_dir(jobs, init["token"], info["run_dir"])
+        w.frame({"init": info, "results": submit_all(req, jobs)})
+        return
+    w.frame({"results": submit_all(req, jobs)})
+
+
+def submit_all(req, jobs):
     workers = max(1, min(int(req.get("concurrency", 4)), len(jobs) or 1))
     if workers == 1:
         results = [submit_one(j) for j in jobs]
     else:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(submit_one, jobs))
-    w.frame({"results": results})
+    return results
 
 
 GROUP = "{group}"
@@ -466,8 +501,15 @@ def op_follow(req, w):
             time.sleep(interval)
 
 
+def op_procs(req, w):
+    """farm find/killall: the login user's processes whose command line holds
+    the pattern (hex), signalled when "signal" is a name; see sshq_procs."""
+    w.frame(sshq_procs.reply(req["pattern"], req.get("signal")))
+
+
 OPS = {"init": op_init, "submit": op_submit, "poll": op_poll, "kill": op_kill,
-       "read": op_read, "follow": op_follow, "listing": op_listing, "tidy": op_tidy}
+       "read": op_read, "follow": op_follow, "listing": op_listing, "tidy": op_tidy,
+       "procs": op_procs}
 
 
 def main():
