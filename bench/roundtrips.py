@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import Bed, cancel_jobs, load_testbed, new_tag  # noqa: E402
+from benchlib import Bed, cancel_jobs, load_testbed, new_tag
 
 
 class Relay:

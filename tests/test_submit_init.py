@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import platform_toml
 
 import sshq._client.core as sshq_client
-from conftest import platform_toml
 from sshq import AsyncClient, JobSpec, JobState
 
 
