@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, Self
 
 from ..config import Config, Platform, default_state_dir, load_config
 from ..exceptions import RemoteError, TransportError
 from ..job_runners import HANDLERS
-from ..remote.operations import call_agent
+from ..remote.operations import call_agent, stream_agent
 from ..store import RemoteInit, Store
 from ..transport import Transport
 from ..transport.local import LocalTransport
@@ -151,10 +151,21 @@ class ClientCore:
         return result
 
     @staticmethod
-    async def _agent(platform: Platform, t: Transport, op: str, payload: dict[str, Any],
-                     timeout: float = 120.0) -> dict[str, Any]:
-        """One agent call with the platform's interpreter, login shell and PATH."""
+    def _with_platform(platform: Platform, payload: dict[str, Any]) -> dict[str, Any]:
         if platform.path_prepend:
             payload = dict(payload, path_prepend=list(platform.path_prepend))
-        return await call_agent(t, platform.python, op, payload, timeout=timeout,
-                                login_shell=platform.login_shell)
+        return payload
+
+    @classmethod
+    async def _agent(cls, platform: Platform, t: Transport, op: str, payload: dict[str, Any],
+                     timeout: float = 120.0) -> dict[str, Any]:
+        """One agent call with the platform's interpreter, login shell and PATH."""
+        return await call_agent(t, platform.python, op, cls._with_platform(platform, payload),
+                                timeout=timeout, login_shell=platform.login_shell)
+
+    @classmethod
+    def _agent_stream(cls, platform: Platform, t: Transport, op: str,
+                      payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """A streaming agent call (``follow``), with the platform's settings as :meth:`_agent`."""
+        return stream_agent(t, platform.python, op, cls._with_platform(platform, payload),
+                            login_shell=platform.login_shell)

@@ -19,7 +19,6 @@ from ..exceptions import (
 from ..job_runners import HANDLERS
 from ..model import Job, JobState
 from ..remote.attach import HOP_MARK, NO_ENV_MARK, hop_argv, launch_argv
-from ..remote.operations import stream_agent
 from ..remote.protocol import LOGIN_SHELL
 from ..remote.status import JobStatus
 from ..shipped import sshq_jobstatus as js
@@ -109,6 +108,9 @@ class LogsClient(JobsClient):
             CommandError: the agent could not start (no such ``python``).
             RemoteError: the agent failed, or its stream was cut short.
         """
+        bad = [f for f in files if f not in LOG_FILES]
+        if bad:
+            raise InvalidInputError(f"unknown log file {bad[0]!r}; use {', '.join(LOG_FILES)}")
         (job,) = self.store.get([job_id])
         plat = self.config.platform(job.platform)
         t = self.transport(plat, self._host_of(plat, job.host))
@@ -121,8 +123,7 @@ class LogsClient(JobsClient):
 
         async def pump() -> None:
             try:
-                async for frame in stream_agent(t, plat.python, "follow", payload,
-                                                login_shell=plat.login_shell):
+                async for frame in self._agent_stream(plat, t, "follow", payload):
                     if "file" in frame:
                         await queue.put((frame["file"], base64.b64decode(frame["data_b64"])))
                     elif frame.get("done"):
