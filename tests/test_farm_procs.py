@@ -1,14 +1,14 @@
 """sshq.farm.procs: find and kill the login user's own processes by pattern.
 
-Pure parts (pattern and signal checks, the remote program's parsers, the
-reply parser) are tested directly; the rest over the real test bed's sshd,
+Pure parts (pattern and signal checks, the shipped module sshq_procs's
+parsers, the validation of the agent's reply) are tested directly; the rest
+(through the agent's ``procs`` operation) over the real test bed's sshd,
 which runs on this machine: the tests (root) start a process with the same
 marker locally and check that the test user's find/kill never touches it.
 """
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import os
 import shutil
@@ -27,19 +27,14 @@ import pytest
 from sshq.exceptions import CommandError, ConfigError, RemoteError
 from sshq.farm import procs
 from sshq.farm.procs import RemoteProcess, find_processes, kill_processes
+from sshq.remote import protocol
+from sshq.shipped import sshq_procs
 from sshq.transport import CommandResult, HostParams, Transport
 from sshq.transport.asyncssh_ import AsyncSSHTransport
 from sshq.transport.local import LocalTransport
 
 #: A process that sleeps argv[1] seconds; its later arguments are markers.
 SLEEPER = "import sys,time; time.sleep(float(sys.argv[1]))"
-
-
-def program() -> dict[str, Any]:
-    """The remote program's functions, loaded here (it does not run main)."""
-    ns: dict[str, Any] = {"__name__": "sshq_procs_remote"}
-    exec(compile(procs.REMOTE_PROGRAM, "<remote program>", "exec"), ns)
-    return ns
 
 
 class NoTransport(Transport):
@@ -81,22 +76,22 @@ def test_check_signal_normalises(given: str, name: str) -> None:
     assert procs.check_signal(given) == name
 
 
-def test_remote_program_is_python36_stdlib() -> None:
-    ast.parse(procs.REMOTE_PROGRAM, feature_version=(3, 6))
-    tree = ast.parse(procs.REMOTE_PROGRAM)
-    mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert mods <= {"json", "os", "signal", "subprocess", "sys", "pwd"}
-    assert not any(isinstance(n, ast.ImportFrom) for n in ast.walk(tree))
+def test_procs_module_is_bundled_with_the_agent() -> None:
+    # (tests/test_agent_compat.py checks every shipped file for 3.6 and stdlib)
+    assert "sshq_procs" in protocol.BUNDLED_MODULES
+    src = protocol.agent_source()
+    assert repr(Path(sshq_procs.__file__).read_bytes()).encode() in src
+    assert b'"procs": op_procs' in src
 
 
-# ------------------------------------------------- the remote program's parts
+# ------------------------------------------------- the remote half's parts
 
 @pytest.mark.parametrize(("text", "secs"), [
     ("00:07", 7.0), ("  12:34", 754.0), ("02:38:16", 9496.0), ("3-04:05:06", 273906.0),
     ("", None), ("1:2:3:4", None), ("x-01:00", None), ("-", None), ("01:0a", None),
 ])
 def test_parse_etime(text: str, secs: float | None) -> None:
-    assert program()["parse_etime"](text) == secs
+    assert sshq_procs.parse_etime(text) == secs
 
 
 def test_parse_ps_on_captured_output() -> None:
@@ -110,7 +105,7 @@ def test_parse_ps_on_captured_output() -> None:
         b"garbage line here\n"
         b"  12     1  1001    bad args\n"
     )
-    table = program()["parse_ps"](out)
+    table = sshq_procs.parse_ps(out)
     assert sorted(table) == [1, 2, 777, 4242]
     assert table[4242] == {"ppid": 1, "uid": 1001, "elapsed": 273906.0,
                            "args": b"python3 -c import sys  two  spaces \xff", "start": None}
@@ -121,7 +116,7 @@ def test_parse_ps_on_captured_output() -> None:
 def test_parse_stat_comm_with_parenthesis() -> None:
     stat = (b"4242 (we) ird) (x) S 17 4242 4242 0 -1 4194560 102 0 0 0 0 0 0 0 20 0 1 0 "
             b"987654 2400256 400 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 3 0 0\n")
-    assert program()["parse_stat"](stat) == (b"we) ird) (x", b"S", 17, 987654)
+    assert sshq_procs.parse_stat(stat) == (b"we) ird) (x", b"S", 17, 987654)
 
 
 def test_select_excludes_self_ancestors_children_others_and_twins() -> None:
@@ -140,18 +135,17 @@ def test_select_excludes_self_ancestors_children_others_and_twins() -> None:
         32: rec(1, 1001, b"sleep other"),             # no match
         33: rec(30, 1001, b"xmarkerx"),               # wanted: substring
     }
-    found = program()["select"](table, b"marker", 1001, 12, (13,))
+    found = sshq_procs.select(table, b"marker", 1001, 12, (13,))
     assert [r["pid"] for r in found] == [30, 33]
-    assert program()["select"](table, b"BOOT", 1001, 12, ()) == []
+    assert sshq_procs.select(table, b"BOOT", 1001, 12, ()) == []
 
 
 def test_send_skips_a_vanished_pid() -> None:
     child = subprocess.Popen(["true"])
     child.wait()  # reaped: its pid names no process now
-    ns = program()
     errors: list[str] = []
     rec = {"pid": child.pid, "start": None, "args": b"true", "uid": os.getuid()}
-    assert ns["send"]([rec], signal.SIGTERM, errors) == []
+    assert sshq_procs.send([rec], signal.SIGTERM, errors) == []
     assert errors == []
 
 
@@ -159,14 +153,13 @@ def test_send_skips_a_pid_whose_start_time_changed() -> None:
     # the pid now names another process than the one listed (pid reuse)
     child = subprocess.Popen(["sleep", "30"])
     try:
-        ns = program()
-        start = ns["start_ticks"](child.pid)
+        start = sshq_procs.start_ticks(child.pid)
         assert isinstance(start, int)
         rec = {"pid": child.pid, "start": start + 1, "args": b"sleep 30", "uid": os.getuid()}
-        assert ns["send"]([rec], signal.SIGTERM, []) == []
+        assert sshq_procs.send([rec], signal.SIGTERM, []) == []
         assert child.poll() is None
         rec["start"] = start
-        assert ns["send"]([rec], signal.SIGTERM, []) == [rec]
+        assert sshq_procs.send([rec], signal.SIGTERM, []) == [rec]
         assert child.wait(timeout=5) == -signal.SIGTERM
     finally:
         child.kill()
@@ -176,7 +169,7 @@ def test_send_skips_a_pid_whose_start_time_changed() -> None:
 def test_ps_fallback_lists_this_process() -> None:
     if shutil.which("ps") is None:
         pytest.skip("no ps here")
-    table, ps_pid = program()["ps_table"]()
+    table, ps_pid = sshq_procs.ps_table()
     me = table[os.getpid()]
     assert me["uid"] == os.getuid()
     assert me["ppid"] == os.getppid()
@@ -184,14 +177,56 @@ def test_ps_fallback_lists_this_process() -> None:
     assert table[ps_pid]["args"].startswith(b"ps -A -ww -o pid=")
 
 
-def test_parse_reply_ignores_banners() -> None:
-    out = (b"Welcome to the cluster!\n==SSHQ-PROCS-BEGIN abc==\n"
-           b"\n==SSHQ-PROCS-BEGIN n1==\n{\"procs\": []}\n==SSHQ-PROCS-END n1==\nbye\n")
-    assert procs.parse_reply("h", "n1", out) == {"procs": []}
-    assert procs.parse_reply("h", "n2", out) is None
-    assert procs.parse_reply("h", "n1", out[:-12]) is None
-    with pytest.raises(RemoteError):
-        procs.parse_reply("h", "n", b"\n==SSHQ-PROCS-BEGIN n==\n[1\n==SSHQ-PROCS-END n==\n")
+def test_reply_lists_this_users_matching_processes_and_reports_bad_requests() -> None:
+    child = subprocess.Popen([sys.executable, "-c", SLEEPER, "30", "sshq-reply-marker"])
+    try:
+        marker = f"{SLEEPER} 30 sshq-reply-marker".encode()
+        r = sshq_procs.reply(marker.hex())
+        assert r["uid"] == os.getuid() and r["errors"] == []
+        assert [p["pid"] for p in r["procs"]] == [child.pid]
+        assert bytes.fromhex(r["procs"][0]["args"]).endswith(marker)
+        assert sshq_procs.reply("zz")["fatal"] == "the pattern is not hex"
+        assert sshq_procs.reply("")["fatal"] == "the pattern is empty"
+        bad = sshq_procs.reply(marker.hex(), "NOSUCHSIGNAL")
+        assert bad["bad_signal"] is True and "unknown signal" in bad["fatal"]
+        assert child.poll() is None
+        r = sshq_procs.reply(marker.hex(), "KILL")
+        assert [p["pid"] for p in r["procs"]] == [child.pid]
+        assert child.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.wait()
+
+
+def good_reply(**procs_fields: Any) -> dict[str, Any]:
+    proc = {"pid": 42, "elapsed": 1.5, "args": b"sleep 9 \xff".hex(), **procs_fields}
+    return {"uid": 1001, "user": "me", "procs": [proc], "errors": []}
+
+
+def test_reply_is_validated_into_remote_processes() -> None:
+    (p,) = procs.processes_from_reply("h", good_reply())
+    assert p == RemoteProcess(host="h", pid=42, user="me", elapsed=1.5,
+                              args="sleep 9 \ufffd")
+
+
+@pytest.mark.parametrize("reply", [
+    good_reply(pid="42"), good_reply(pid=True), good_reply(pid=0), good_reply(pid=2**40),
+    good_reply(pid=None), good_reply(elapsed=float("nan")), good_reply(elapsed=-1),
+    good_reply(elapsed=float("inf")), good_reply(elapsed="1"), good_reply(args="zz"),
+    good_reply(args=7), {"user": "me", "procs": "no"}, {"user": 7, "procs": []},
+    {"procs": []}, {"user": "me", "procs": [[42]]},
+    {"user": "me", "procs": [], "errors": "x"},
+], ids=repr)
+def test_malformed_replies_are_remote_errors(reply: dict[str, Any]) -> None:
+    with pytest.raises(RemoteError, match="^h: unreadable process list"):
+        procs.processes_from_reply("h", reply)
+
+
+def test_fatal_replies() -> None:
+    with pytest.raises(ConfigError, match="^h: unknown signal"):
+        procs.processes_from_reply("h", {"fatal": "unknown signal 'X'", "bad_signal": True})
+    with pytest.raises(RemoteError, match="^h: ps failed"):
+        procs.processes_from_reply("h", {"fatal": "ps failed", "bad_signal": "yes"})
 
 
 # ------------------------------------------------------------ real test bed
@@ -332,12 +367,18 @@ async def test_kill_with_named_signal_and_several_processes(
 @pytest.mark.sshd
 @pytest.mark.timeout(60)
 async def test_never_lists_itself_nor_a_concurrent_twin(remote: Transport) -> None:
-    # the bootstrap's own command line holds these; concurrent calls see each other
-    # (the agent's bootstrap starts alike: only text unique to this one is used)
-    for pattern in ("<sshq-farm-procs>", procs._BOOTSTRAP):
+    # the agent's own command line holds these; concurrent calls see each other.
+    # Every agent call started with "python3" has this very command line (the
+    # test user's agents of other tests too): none may be listed.  (An agent
+    # started by another test with another interpreter path may be: that one
+    # is no twin.)
+    own = " ".join(protocol.agent_argv("python3"))
+    for pattern in ("sshq-agent", protocol.BOOTSTRAP):
         results = await asyncio.gather(*(find_processes(remote, pattern) for _ in range(3)))
-        assert results == [[], [], []], pattern
-    assert await kill_processes(remote, "'<sshq-farm-procs>'", signal="KILL") == []
+        assert [p for ps in results for p in ps if p.args == own] == [], pattern
+    # SIGCONT: harmless to whatever else it might reach
+    signalled = await kill_processes(remote, protocol.BOOTSTRAP, signal="CONT")
+    assert [p for p in signalled if p.args == own] == []
 
 
 async def test_never_lists_its_ancestors() -> None:

@@ -310,10 +310,14 @@ def _procs_cmd(kill: bool) -> Any:
                 fh = resolve_hosts(client, list(hosts))
                 if kill:
                     lists = await asyncio.gather(*(procs.kill_processes(
-                        h.transport, pattern, signal=sig) for h in fh))
+                        h.transport, pattern, signal=sig, python=h.python,
+                        login_shell=h.login_shell, path_prepend=h.path_prepend)
+                        for h in fh))
                 else:
                     lists = await asyncio.gather(*(procs.find_processes(
-                        h.transport, pattern) for h in fh))
+                        h.transport, pattern, python=h.python,
+                        login_shell=h.login_shell, path_prepend=h.path_prepend)
+                        for h in fh))
                 return [(h.label, p) for h, ps in zip(fh, lists, strict=True) for p in ps]
             finally:
                 await client.close()

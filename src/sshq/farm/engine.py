@@ -61,6 +61,8 @@ class FarmHost:
         login_shell: start the dispatcher from ``bash -l``.
         run_dir: the host's remote run directory (``~`` allowed): spools
             and ``--deps`` copies live under it.
+        path_prepend: absolute remote directories put before PATH (the
+            platform's ``path_prepend``; honoured by ``farm find``/``killall``).
     """
 
     label: str
@@ -68,6 +70,7 @@ class FarmHost:
     python: str = "python3"
     login_shell: bool = False
     run_dir: str = "~/sshq-run"
+    path_prepend: tuple[str, ...] = ()
 
     def path(self, *parts: str) -> str:
         """A path under the host's run directory, as the dispatcher reads it

@@ -96,7 +96,8 @@ def resolve_hosts(client: Any, specs: list[str]) -> list[FarmHost]:
                 label = spec if len(plat.hosts) == 1 else f"{spec}/{host}"
                 hosts.append(FarmHost(label=label, transport=client.transport(plat, host),
                                       python=plat.python, login_shell=plat.login_shell,
-                                      run_dir=plat.run_dir))
+                                      run_dir=plat.run_dir,
+                                      path_prepend=plat.path_prepend))
             continue
         m = _DEST_RE.match(spec)
         if m is None:

@@ -12,6 +12,8 @@ The agent's operations (``OPS`` in :mod:`sshq.shipped.agent`):
   (:func:`stream_agent`; every other operation is :func:`call_agent`);
 - ``listing``: sizes and times of the files under a directory (SFTP install);
 - ``tidy``: remove sshq's service files from the run directory.
+- ``procs``: the login user's processes whose command line holds a pattern,
+  signalled on request (``sshq farm find``/``killall``, :mod:`sshq.farm.procs`).
 
 Inputs and outputs are plain data; deciding states is
 :mod:`sshq.remote.status`'s job.

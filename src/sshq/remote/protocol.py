@@ -42,7 +42,7 @@ BOOTSTRAP = (
 
 #: The shipped modules the agent imports (``src/sshq/shipped/<name>.py``),
 #: bundled ahead of it.
-BUNDLED_MODULES = ("sshq_jobstatus",)
+BUNDLED_MODULES = ("sshq_jobstatus", "sshq_procs")
 
 _BUNDLE_PRELUDE = b"""\
 import sys as _sshq_sys, types as _sshq_types

@@ -16,8 +16,9 @@ plain name, exactly as when the files are installed side by side.
 
 import sys
 
-from . import sshq_jobstatus
+from . import sshq_jobstatus, sshq_procs
 
 # In this process (sshq's own tests import ``sshq.shipped.agent``), the agent's
-# ``import sshq_jobstatus`` finds the same module the client uses.
+# ``import sshq_jobstatus`` (``sshq_procs``) finds the same module the client uses.
 sys.modules.setdefault("sshq_jobstatus", sshq_jobstatus)
+sys.modules.setdefault("sshq_procs", sshq_procs)
