@@ -43,7 +43,8 @@ class NoTransport(Transport):
     name = "none"
 
     async def run(self, argv: Sequence[str], *, stdin: bytes = b"",
-                  timeout: float | None = None) -> CommandResult:
+                  timeout: float | None = None,
+                  max_output: int | None = None) -> CommandResult:
         raise AssertionError(f"nothing should be sent: {argv!r}")
 
     async def stream(self, argv: Sequence[str], *, stdin: bytes = b"") -> AsyncIterator[bytes]:

@@ -245,7 +245,8 @@ async def test_library_find_and_kill_use_python_login_shell_and_path_prepend(
     (h,) = resolve_hosts(client, ["wrapped"])
     assert (h.python, h.login_shell, h.path_prepend) == (str(bed.wrapper), True,
                                                         (bed.bindir,))
-    how = {"python": h.python, "login_shell": h.login_shell, "path_prepend": h.path_prepend}
+    how: dict[str, Any] = {"python": h.python, "login_shell": h.login_shell,
+                           "path_prepend": h.path_prepend}
     marker = f"sshq-marker-{uuid.uuid4().hex}"
     pid = await start_sleeper(h.transport, marker)
     started.append(pid)
