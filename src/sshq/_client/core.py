@@ -151,21 +151,16 @@ class ClientCore:
         return result
 
     @staticmethod
-    def _with_platform(platform: Platform, payload: dict[str, Any]) -> dict[str, Any]:
-        if platform.path_prepend:
-            payload = dict(payload, path_prepend=list(platform.path_prepend))
-        return payload
-
-    @classmethod
-    async def _agent(cls, platform: Platform, t: Transport, op: str, payload: dict[str, Any],
+    async def _agent(platform: Platform, t: Transport, op: str, payload: dict[str, Any],
                      timeout: float = 120.0) -> dict[str, Any]:
         """One agent call with the platform's interpreter, login shell and PATH."""
-        return await call_agent(t, platform.python, op, cls._with_platform(platform, payload),
-                                timeout=timeout, login_shell=platform.login_shell)
+        return await call_agent(t, platform.python, op, payload, timeout=timeout,
+                                login_shell=platform.login_shell,
+                                path_prepend=platform.path_prepend)
 
-    @classmethod
-    def _agent_stream(cls, platform: Platform, t: Transport, op: str,
+    @staticmethod
+    def _agent_stream(platform: Platform, t: Transport, op: str,
                       payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """A streaming agent call (``follow``), with the platform's settings as :meth:`_agent`."""
-        return stream_agent(t, platform.python, op, cls._with_platform(platform, payload),
-                            login_shell=platform.login_shell)
+        return stream_agent(t, platform.python, op, payload, login_shell=platform.login_shell,
+                            path_prepend=platform.path_prepend)

@@ -182,11 +182,9 @@ async def _run(
 ) -> list[RemoteProcess]:
     pat = check_pattern(pattern)
     sig = check_signal(signal) if signal is not None else None
-    payload: dict[str, Any] = {"pattern": pat.hex(), "signal": sig}
-    if path_prepend:  # as every agent call of a platform (AsyncClient._agent)
-        payload["path_prepend"] = list(path_prepend)
-    reply = await call_agent(transport, python, "procs", payload, timeout=timeout,
-                             login_shell=login_shell)
+    reply = await call_agent(transport, python, "procs", {"pattern": pat.hex(), "signal": sig},
+                             timeout=timeout, login_shell=login_shell,
+                             path_prepend=path_prepend)
     procs = processes_from_reply(transport.host, reply)
     log.debug("%s: %d process(es) match %r%s", transport.host, len(procs), pattern,
               f", sent SIG{sig}" if sig else "")

@@ -58,6 +58,7 @@ async def call_agent(
     *,
     timeout: float | None = 300.0,
     login_shell: bool = False,
+    path_prepend: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run one agent operation and return its single reply frame.
 
@@ -69,6 +70,8 @@ async def call_agent(
         payload: the request's fields.
         timeout: seconds for the whole call.
         login_shell: start the agent from ``bash -l``.
+        path_prepend: absolute remote directories the agent puts before its PATH
+            (the platform's ``path_prepend``).
 
     Raises:
         TransportError: the host could not be reached.
@@ -77,7 +80,7 @@ async def call_agent(
             :data:`~sshq.remote.protocol.MAX_REPLY` bytes (the error names the
             host and the cap).
     """
-    nonce, stdin = encode_request(op, payload)
+    nonce, stdin = encode_request(op, payload, path_prepend=path_prepend)
     result = await transport.run(
         agent_argv(python, login_shell=login_shell), stdin=stdin, timeout=timeout,
         max_output=MAX_REPLY,
@@ -94,14 +97,16 @@ async def call_agent(
 
 async def stream_agent(
     transport: Transport, python: str, op: str, payload: dict[str, Any],
-    *, login_shell: bool = False,
+    *, login_shell: bool = False, path_prepend: Sequence[str] = (),
 ) -> AsyncIterator[dict[str, Any]]:
     """Run a streaming agent operation (``follow``), yielding frames as they come.
+
+    Arguments as for :func:`call_agent`.
 
     Raises:
         the same errors as :func:`call_agent`.
     """
-    nonce, stdin = encode_request(op, payload)
+    nonce, stdin = encode_request(op, payload, path_prepend=path_prepend)
     parser = FrameParser(nonce, host=transport.host)
     async for chunk in transport.stream(
         agent_argv(python, login_shell=login_shell), stdin=stdin

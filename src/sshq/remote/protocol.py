@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -91,8 +91,13 @@ def agent_argv(python: str = "python3", *, login_shell: bool = False) -> list[st
     return [*LOGIN_SHELL, *argv] if login_shell else argv
 
 
-def encode_request(op: str, payload: dict[str, Any]) -> tuple[str, bytes]:
+def encode_request(op: str, payload: dict[str, Any], *,
+                   path_prepend: Sequence[str] = ()) -> tuple[str, bytes]:
     """Build the stdin for one agent call.
+
+    Args:
+        op: the agent operation; payload: its fields.
+        path_prepend: directories the agent puts before its PATH.
 
     Returns:
         ``(nonce, stdin_bytes)``.
@@ -100,6 +105,8 @@ def encode_request(op: str, payload: dict[str, Any]) -> tuple[str, bytes]:
     nonce = secrets.token_hex(12)
     src = agent_source()
     req = dict(payload, op=op, nonce=nonce)
+    if path_prepend:
+        req["path_prepend"] = list(path_prepend)
     return nonce, b"%d\n" % len(src) + src + json.dumps(req).encode("utf-8")
 
 
