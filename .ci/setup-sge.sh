@@ -2,8 +2,9 @@
 # setup-sge.sh - a real single-node Grid Engine (Son of Grid Engine 8.1.9,
 # Debian 12 packages gridengine-master/-exec/-client) for sshq's test bed.
 # Called by .ci/setup-testbed.sh; may also be run on its own. Root only,
-# non-interactive, no systemd: the daemons are started directly (the
-# packages' maintainer scripts never start them here).
+# non-interactive. The daemons are started directly by this script; under
+# systemd, the ones the packages start on install are stopped and disabled
+# first (a second sge_execd cannot bind the first one's port).
 #
 # Result: sge_qmaster + sge_execd on this host, the host an admin, submit and
 # execution host, queue all.q (every core, load_thresholds NONE, /bin/sh in
@@ -83,6 +84,9 @@ for b in /usr/sbin/sge_qmaster /usr/sbin/sge_execd /usr/bin/qsub /usr/bin/qstat 
          /usr/bin/qdel /usr/bin/qacct /usr/bin/qconf /usr/bin/tcsh; do
     [ -x "$b" ] || die "$b missing after package install"
 done
+# Under systemd, the packages started their own qmaster and execd (pid files
+# in /run/gridengine, which the checks below do not look at).
+stop_packaged_services gridengine-exec.service gridengine-master.service
 
 # ------------------------------------------------------------------ cell
 # An earlier install with gridengineconfig=false never created the cell.
@@ -136,16 +140,23 @@ execd_pidfile() {
 }
 # stop_daemon PIDFILE COMM: TERM, then KILL after 30 s.
 stop_daemon() {
-    local pid i
     pid_alive "$1" "$2" || return 0
-    pid=$(cat "$1")
-    log "stopping $2 (pid $pid)"
-    kill "$pid" 2>/dev/null || true
-    for ((i = 0; i < 60; i++)); do
-        pid_alive "$1" "$2" || return 0
-        sleep 0.5
+    log "stopping $2 (pid $(cat "$1"))"
+    stop_pid "$(cat "$1")" "$2"
+}
+# stop_strays COMM PIDFILE...: stop every COMM that none of PIDFILE names: the
+# packages' own daemons (the execd they start keeps retrying a qmaster that
+# refuses it, holding its port, before it writes any pid file), or one whose
+# pid file is gone. Ours could not bind its port next to it.
+stop_strays() {
+    local comm=$1 f pid known=" "
+    shift
+    for f in "$@"; do pid_alive "$f" "$comm" && known+="$(cat "$f") "; done
+    for pid in $(pgrep -x "$comm" || true); do
+        [[ "$known" == *" $pid "* ]] && continue
+        log "$comm pid $pid is not this set-up's (no pid file of ours names it): stopping it"
+        stop_pid "$pid" "$comm"
     done
-    kill -9 "$pid" 2>/dev/null || true
 }
 
 mkdir -p /var/run/gridengine
@@ -156,6 +167,8 @@ start_daemon() {
     ( cd / && env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
           LANG=C.UTF-8 "$@" ) </dev/null
 }
+stop_strays sge_execd "$ESPOOL"/*/execd.pid
+stop_strays sge_qmaster "$QSPOOL/qmaster.pid"
 if [ "$aliases_changed" = 1 ]; then
     if f=$(execd_pidfile); then stop_daemon "$f" sge_execd; fi
     stop_daemon "$QSPOOL/qmaster.pid" sge_qmaster

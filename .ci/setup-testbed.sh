@@ -9,7 +9,11 @@
 #   * rootless podman for `sshqtest` and a tiny local image built offline
 #     (localhost/sshq-test:latest); optional: SSHQ_TEST_PODMAN=0 if it fails.
 # Recipes: shared/TESTBED.md. Must run as root. No systemd needed: daemons are
-# started directly.
+# started directly; under systemd, those that packages start on install and
+# that would clash with ours (munge, slurmctld, slurmd; gridengine in
+# setup-sge.sh) are stopped and disabled first. The packaged sshd on port 22
+# is left alone (ours listens on 2222; stopping ssh.service would remove
+# /run/sshd, which every sshd needs).
 #
 # Idempotent: re-running on a live test bed changes nothing and leaves the
 # daemons running; daemons that died (or were killed) are started again.
@@ -23,25 +27,14 @@ TUSER=sshqtest
 SGEUSER=sshqsge
 SLURM_CONF=/etc/slurm/slurm.conf
 PKGS=(openssh-server openssh-client rsync slurm-wlm munge iproute2 parallel tmux procps)
-apt_updated=0
 
 export DEBIAN_FRONTEND=noninteractive
 export LC_ALL=C
 
-log() { echo "[setup-testbed $(date +%T)] $*"; }
-die() { echo "[setup-testbed] ERROR: $*" >&2; exit 1; }
+LOG_TAG=setup-testbed
+# shellcheck source=.ci/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 [ "$(id -u)" = 0 ] || die "must run as root"
-
-# wait_for SECONDS CMD...: poll CMD every 0.2 s until it succeeds.
-wait_for() {
-    local n=$(( $1 * 5 )); shift
-    local i
-    for ((i = 0; i < n; i++)); do
-        "$@" >/dev/null 2>&1 && return 0
-        sleep 0.2
-    done
-    return 1
-}
 
 # write_if_changed FILE MODE: replace FILE with stdin if the content differs.
 # Returns 0 if the file was (re)written, 1 if it was already up to date.
@@ -60,27 +53,15 @@ write_if_changed() {
 }
 
 # ------------------------------------------------------------------ packages
-pkg_installed() {
-    dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q '^install ok installed$'
-}
-missing=()
-for p in "${PKGS[@]}"; do pkg_installed "$p" || missing+=("$p"); done
-if [ "${#missing[@]}" -gt 0 ]; then
-    log "installing packages (missing: ${missing[*]})"
-    apt-get update -o DPkg::Lock::Timeout=600
-    apt_updated=1
-    # The packages' maintainer scripts may try to start system daemons; that
-    # is harmless (they fail or run on other ports); we start our own below.
-    apt-get install -y -o DPkg::Lock::Timeout=600 \
-        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-        "${PKGS[@]}"
-else
-    log "packages already installed"
-fi
+ensure_packages "${PKGS[@]}" || die "cannot install ${PKGS[*]}"
 for b in /usr/sbin/sshd /usr/bin/ssh /usr/bin/ssh-keygen /usr/sbin/munged \
          /usr/sbin/slurmctld /usr/sbin/slurmd /usr/bin/sbatch /usr/bin/sinfo; do
     [ -x "$b" ] || die "$b missing after package install"
 done
+# Under systemd, munge's package starts munged (and removes /run/munge when
+# it is stopped: done before ours is set up), and slurmctld/slurmd start as
+# soon as a slurm.conf exists: ours are started below, from this script.
+stop_packaged_services slurmd.service slurmctld.service munge.service
 
 # ------------------------------------------------------------------ hostname
 # slurmd finds its NodeName from the short host name; it must resolve.
@@ -165,15 +146,6 @@ mkdir -p /run/sshd
 chmod 0755 /run/sshd
 /usr/sbin/sshd -t -f "$SSHD_CONF" || die "sshd rejects $SSHD_CONF"
 
-# pid_alive PIDFILE COMM: the pid in PIDFILE is a live process named COMM.
-pid_alive() {
-    local pid st
-    pid=$(cat "$1" 2>/dev/null) || return 1
-    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] || return 1
-    st=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
-    [ "$st" != Z ]
-}
 sshd_gone() { ! pid_alive "$SSHD_PID" sshd; }
 port_open() { (exec 3<>"/dev/tcp/$ADDR/$PORT") 2>/dev/null; }
 sshd_fail() {
@@ -502,18 +474,8 @@ podman_image_and_run() {
 }
 
 setup_podman() {
-    local missing=() p changed=0
-    for p in "${PODMAN_PKGS[@]}"; do pkg_installed "$p" || missing+=("$p"); done
-    if [ "${#missing[@]}" -gt 0 ]; then
-        log "installing podman packages (missing: ${missing[*]})"
-        if [ "$apt_updated" = 0 ]; then
-            apt-get update -o DPkg::Lock::Timeout=600 || return 1
-            apt_updated=1
-        fi
-        apt-get install -y -o DPkg::Lock::Timeout=600 \
-            -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-            "${PODMAN_PKGS[@]}" || return 1
-    fi
+    local p changed=0
+    ensure_packages "${PODMAN_PKGS[@]}" || return 1
     for p in /usr/bin/podman /usr/sbin/runc /bin/busybox /usr/bin/newuidmap; do
         [ -x "$p" ] || { log "podman: $p missing"; return 1; }
     done
