@@ -18,6 +18,7 @@ from sshq.remote.protocol import (
     BOOTSTRAP,
     FrameParser,
     agent_argv,
+    agent_program,
     agent_source,
     encode_request,
 )
@@ -70,7 +71,7 @@ def test_bootstrap_is_safe_for_any_login_shell() -> None:
 
 def test_encode_request_layout() -> None:
     nonce, data = encode_request("read", {"path": "/x"})
-    src = agent_source()
+    src = agent_program()
     head, _, rest = data.partition(b"\n")
     assert int(head) == len(src)
     assert rest[: len(src)] == src
@@ -297,3 +298,19 @@ def test_real_agent_unknown_op_is_remote_error() -> None:
     p = FrameParser(nonce)
     with pytest.raises(RemoteError, match="no-such-op"):
         list(p.feed(res.stdout))
+
+
+def test_program_sent_is_the_compressed_agent_source() -> None:
+    # what the remote Python runs is agent_source(), byte for byte, as "sshq-agent"
+    ns: dict[str, object] = {}
+    real_compile = compile
+    seen: list[tuple[bytes, str]] = []
+
+    def spy(source: bytes, filename: str, mode: str) -> object:
+        seen.append((source, filename))
+        return real_compile(b"pass", filename, mode)
+
+    ns["compile"] = spy
+    exec(real_compile(agent_program(), "stub", "exec"), ns)
+    assert seen == [(agent_source(), "sshq-agent")]
+    assert len(agent_program()) < len(agent_source()) / 2

@@ -4,8 +4,8 @@ Request (stdin of the remote command)::
 
     <len(program)>\\n<program bytes><JSON request>
 
-where the program is :func:`agent_source`: the shipped modules the agent
-imports, then ``agent.py``.
+where the program is :func:`agent_program`: :func:`agent_source` (the
+shipped modules the agent imports, then ``agent.py``), compressed.
 
 The remote command is fixed (:data:`BOOTSTRAP`): it reads the agent source
 from stdin and runs it; nothing user-supplied is ever on the command line.
@@ -20,8 +20,10 @@ a reply.
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
+import zlib
 from collections.abc import Iterator, Sequence
 from functools import cache
 from importlib import resources
@@ -75,6 +77,18 @@ def agent_source() -> bytes:
     return b"".join(parts)
 
 
+@cache
+def agent_program() -> bytes:
+    """What is sent: :func:`agent_source`, zlib-compressed inside a two-line
+    stub (about a third of the bytes: fewer round trips of TCP slow start on a
+    new connection).  Runs the source with the stub's globals, under the name
+    ``sshq-agent``, exactly as if it had been sent plain."""
+    packed = base64.b64encode(zlib.compress(agent_source(), 9))
+    return (b"import base64 as _b, zlib as _z\n"
+            b'exec(compile(_z.decompress(_b.b64decode(b"' + packed + b'")), "sshq-agent",'
+            b' "exec"))\n')
+
+
 #: With ``login_shell``: a fixed bash program that runs its arguments, so the
 #: agent sees the environment of a login shell (modules, PATH to sbatch).
 LOGIN_SHELL = ["bash", "-l", "-c", 'exec "$0" "$@"']
@@ -103,7 +117,7 @@ def encode_request(op: str, payload: dict[str, Any], *,
         ``(nonce, stdin_bytes)``.
     """
     nonce = secrets.token_hex(12)
-    src = agent_source()
+    src = agent_program()
     req = dict(payload, op=op, nonce=nonce)
     if path_prepend:
         req["path_prepend"] = list(path_prepend)
