@@ -4,13 +4,20 @@ Everything that ends up in a shell command line or a shell script goes
 through :func:`quote` or :func:`join`.  No other module builds shell text
 from data.  The validators here refuse what no quoting can make safe (NUL
 bytes) and what the batch systems' directive parsers cannot carry (newlines).
+
+Directive lines (``#SBATCH --partition=VALUE``) are read by the job runner's
+own parser, not by a shell: every value on such a line goes through
+:func:`directive_word`, with the :class:`DirectiveSyntax` its job runner
+handler declares, so that it reaches the runner byte-exact or is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Literal
 
 from .exceptions import InvalidInputError
 
@@ -24,6 +31,8 @@ __all__ = [
     "check_job_name",
     "check_directive_value",
     "directive_word",
+    "DirectiveSyntax",
+    "UNVERIFIED_SYNTAX",
 ]
 
 #: POSIX environment variable names (IEEE Std 1003.1, 8.1): portable set.
@@ -68,24 +77,96 @@ def join(argv: Iterable[str]) -> str:
     return " ".join(quote(w) for w in argv)
 
 
-def directive_word(value: str) -> str:
-    """A value for a batch system directive line (``#SBATCH --output=VALUE``).
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DirectiveSyntax:
+    """How one job runner's directive parser reads a value.
 
-    Directive lines are parsed by the batch system, not by a shell: a value
-    with blanks or ``#`` (which would start a comment) is wrapped in double
-    quotes, which sbatch and bsub strip; a value holding a double quote or a
-    backslash (sbatch drops it, even quoted), a newline or a NUL is refused.
-    (SGE's qsub ends a value at ``#`` even inside quotes: its handler
-    refuses such values itself.)
+    Each job runner handler declares its parser's rules (its module docstring
+    says where they come from: the runner's source, or what its real parser
+    was seen to do); :func:`directive_word` applies them.
+
+    Attributes:
+        escape: characters the parser takes literally after a backslash
+            (sbatch: ``\\ ' " #``); empty when it has no escape character.
+        blanks: ``"quote"``: a value with blanks is wrapped in double quotes,
+            which the parser groups into one word and strips; ``"keep"``: the
+            parser reads the value to the end of the line, blanks and all.
+        strips_edges: the parser strips blanks at either end of a value
+            (such a value is refused).
+        doubled: characters written twice (Slurm's filename patterns read
+            ``%%`` as ``%``).
+        refuse: character -> why the runner cannot carry it (a phrase that
+            names the character).
+        refuse_last: character -> why it cannot end a value.
+    """
+
+    escape: str = ""
+    blanks: Literal["quote", "keep"] = "quote"
+    strips_edges: bool = False
+    doubled: str = ""
+    refuse: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    refuse_last: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+#: For a directive parser sshq cannot observe (no test system): blanks are
+#: double-quoted (the documented way to group them) and every character such
+#: a parser may read as syntax is refused.
+UNVERIFIED_SYNTAX = DirectiveSyntax(refuse={
+    c: f"its directive parser may read {c!r} as syntax, and sshq passes only values"
+       " it knows the runner reads back byte-exact" for c in ("'", '"', "\\", "#")
+})
+
+
+def directive_word(
+    value: str,
+    *,
+    field: str = "directive",
+    runner: str = "",
+    syntax: DirectiveSyntax = UNVERIFIED_SYNTAX,
+    tail: str = "",
+) -> str:
+    """A value as one word of a directive line, which the runner reads back byte-exact.
+
+    The one validator of every value that reaches a directive line: control
+    characters (a newline would end the line and start a directive of the
+    value's choosing) are refused, then what the runner's parser could not
+    carry (``syntax.refuse``), and the rest is escaped for that parser.
+
+    Args:
+        value: the value (a queue, an account, a path...).
+        field: the job spec field, for messages (``queue``, ``run-dir``).
+        runner: the job runner's name, for messages.
+        syntax: how the runner's directive parser reads a value.
+        tail: text in the runner's own syntax appended to the value inside
+            the same word (Slurm's ``/%a/job.out`` pattern); never escaped.
+
+    Returns:
+        The word to write after the option (``--partition=WORD``).
 
     Raises:
-        InvalidInputError: the value cannot be carried in a directive.
+        InvalidInputError: the value is empty, holds a control character, or
+            holds something the runner cannot carry; naming the field, the
+            runner and the value.
     """
-    check_directive_value("directive", value)
-    for bad in ('"', "\\"):
-        if bad in value:
-            raise InvalidInputError(f"directive value {value!r} contains {bad!r}")
-    return f'"{value}"' if "#" in value or any(c.isspace() for c in value) else value
+    check_directive_value(field, value)
+    where = f"job runner {runner!r} cannot express {field} {value!r}" if runner else \
+        f"{field}: value {value!r} cannot be carried in a directive"
+    if not value:
+        raise InvalidInputError(f"{field}: empty value")
+    for c, why in syntax.refuse.items():
+        if c in value:
+            raise InvalidInputError(f"{where}: {why}")
+    for c, why in syntax.refuse_last.items():
+        if value.endswith(c):
+            raise InvalidInputError(f"{where}: {why}")
+    if syntax.strips_edges and value != value.strip():
+        raise InvalidInputError(f"{where}: it starts or ends with blanks, which the"
+                                " runner strips")
+    word = "".join(c * 2 if c in syntax.doubled else "\\" + c if c in syntax.escape else c
+                   for c in value) + tail
+    if syntax.blanks == "quote" and any(c.isspace() for c in word):
+        word = f'"{word}"'
+    return word
 
 
 def check_env_key(key: str) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ..exceptions import InvalidInputError
 from ..model.job_spec import JobSpec
+from ..quoting import UNVERIFIED_SYNTAX, DirectiveSyntax, check_directive_value, directive_word
 
 __all__ = ["JobRunnerHandler", "RunnerJobState", "IDS", "GROUP"]
 
@@ -73,6 +74,9 @@ class JobRunnerHandler:
             login node to its execution host (the ``SSHQ_JOB_HOST`` its
             wrapper recorded), as for batch systems with no step-into-job
             command.
+        directive_syntax: how the runner's directive parser reads a value
+            (:class:`~sshq.quoting.DirectiveSyntax`); every value a handler
+            writes on a directive line goes through :meth:`word` with it.
     """
 
     name: str = ""
@@ -87,6 +91,7 @@ class JobRunnerHandler:
     array_index_var: str | None = None
     array_element_id: str = "{id}_{index}"
     attach_via_exec_host: bool = False
+    directive_syntax: DirectiveSyntax = UNVERIFIED_SYNTAX
 
     def directives(self, spec: JobSpec, job_log_dir: str) -> list[str]:
         """Directive lines (with prefix) for a normalized job spec.
@@ -100,6 +105,33 @@ class JobRunnerHandler:
                 express (never silently dropped).
         """
         raise NotImplementedError
+
+    def word(self, field: str, value: str, syntax: DirectiveSyntax | None = None,
+             *, tail: str = "") -> str:
+        """``value`` as one word of a directive line, read back byte-exact by the runner.
+
+        Args:
+            field: the job spec field, for messages (``queue``, ``run-dir``).
+            value: the value.
+            syntax: the parser's rules for this field, if not
+                :attr:`directive_syntax` (paths often have more).
+            tail: runner syntax appended inside the word (see
+                :func:`~sshq.quoting.directive_word`).
+
+        Raises:
+            InvalidInputError: the runner cannot carry the value (naming the
+                field, the runner and the value).
+        """
+        return directive_word(value, field=field, runner=self.name,
+                              syntax=syntax or self.directive_syntax, tail=tail)
+
+    def raw(self, directive: str) -> str:
+        """A raw directive of the spec, as written (runner syntax), on one line.
+
+        Raises:
+            InvalidInputError: it holds a newline or another control character.
+        """
+        return check_directive_value("directive", directive)
 
     def submit_argv(self, job_file: str, job_log_dir: str) -> list[str]:
         """The argv that submits ``job_file`` (absolute path) to the runner."""

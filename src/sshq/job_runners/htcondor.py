@@ -110,6 +110,7 @@ import re
 from ..exceptions import InvalidInputError, JobRunnerError
 from ..model.job_spec import JobSpec
 from ..model.resources import format_memory_mib
+from ..quoting import DirectiveSyntax, directive_word
 from .base import IDS, JobRunnerHandler, RunnerJobState
 
 __all__ = ["HTCondorHandler", "HANDLER", "SUBMIT_FILE", "JOB_STATUS"]
@@ -162,6 +163,16 @@ _COMMAND = re.compile(r"\s*(\+?[A-Za-z_][A-Za-z0-9_.]*)\s*=")
 _RESERVED = {"executable", "output", "error", "log", "queue"}
 
 
+# condor_submit reads a value to the end of its line (manual, condor_submit):
+# blanks at either end are stripped, $ starts a macro, a trailing backslash
+# continues the line; nothing is a quote or escape character.
+_VALUE = DirectiveSyntax(
+    blanks="keep", strips_edges=True,
+    refuse={"$": "condor_submit expands '$' as a macro ($(Cluster), $ENV(...))"},
+    refuse_last={"\\": "a backslash at the end continues the line for condor_submit"},
+)
+
+
 def submit_value(field: str, value: str) -> str:
     """A value as condor_submit's parser will read it back unchanged.
 
@@ -175,26 +186,9 @@ def submit_value(field: str, value: str) -> str:
     Raises:
         InvalidInputError: the value holds a ``$`` (a submit macro), a
             control character, blanks at either end, or ends in a backslash
-            (line continuation).
+            (line continuation); or it is empty.
     """
-    if re.search(r"[\x00-\x1f\x7f]", value):
-        raise InvalidInputError(f"{field}: value {value!r} contains a control character")
-    if "$" in value:
-        raise InvalidInputError(
-            f"{field}: value {value!r} contains '$', which condor_submit expands as a macro"
-        )
-    if value != value.strip():
-        raise InvalidInputError(
-            f"{field}: value {value!r} starts or ends with blanks, which condor_submit strips"
-        )
-    if value.endswith("\\"):
-        raise InvalidInputError(
-            f"{field}: value {value!r} ends with a backslash, which continues the line"
-            " for condor_submit"
-        )
-    if not value:
-        raise InvalidInputError(f"{field}: empty value")
-    return value
+    return directive_word(value, field=field, runner="htcondor", syntax=_VALUE)
 
 
 class HTCondorHandler(JobRunnerHandler):
@@ -207,6 +201,7 @@ class HTCondorHandler(JobRunnerHandler):
     poll_command = ("condor_q", IDS, "-af:jr", "JobStatus", "ExitCode")
     kill_command = ("condor_rm", IDS)
     ids_sep = None
+    directive_syntax = _VALUE
 
     def directives(self, spec: JobSpec, job_log_dir: str) -> list[str]:
         self.refuse(spec, "nodes", "tasks", "queue")
@@ -214,7 +209,7 @@ class HTCondorHandler(JobRunnerHandler):
         p = self.directive_prefix
         lines = [
             f"{p} universe = vanilla",
-            f"{p} batch_name = {spec.job_name}",
+            f"{p} batch_name = {self.word('name', spec.job_name)}",
             f"{p} output = {log}/job.out",
             f"{p} error = {log}/job.err",
             f"{p} log = {log}/job.condor.log",
@@ -237,7 +232,7 @@ class HTCondorHandler(JobRunnerHandler):
         if spec.mail_events:
             lines.append(f"{p} notification = {self._notification(spec.mail_events)}")
         for d in spec.directives:
-            lines.append(f"{p} {self._raw_directive(d)}")
+            lines.append(f"{p} {self._raw_directive(self.raw(d))}")
         return lines
 
     @staticmethod

@@ -69,6 +69,10 @@ Directives (``#BSUB``, before any command of the script):
   exits in EXIT state), implied by ``-N`` when both are asked for;
   ``all`` -> ``-B -N``.
 - Raw directives: ``#BSUB <text>`` as written.
+- Values: blanks are double-quoted (LSF's documented way); sshq has no LSF
+  to observe how bsub treats quote characters, backslashes or ``#`` in a
+  directive line, so a value holding one of them is refused
+  (:data:`~sshq.quoting.UNVERIFIED_SYNTAX`) rather than possibly changed.
 
 Because the documentation does not say that bsub stops reading ``#BSUB``
 lines at the first command, a job whose environment values, arguments or
@@ -88,7 +92,6 @@ from typing import Any
 from ..exceptions import InvalidInputError, JobRunnerError
 from ..model.job_spec import JobSpec
 from ..model.resources import format_memory_mib
-from ..quoting import directive_word
 from .base import IDS, JobRunnerHandler, RunnerJobState
 
 __all__ = ["LsfHandler", "LsfRecord", "HANDLER", "parse_bjobs_json", "format_run_limit"]
@@ -205,9 +208,9 @@ class LsfHandler(JobRunnerHandler):
         self._refuse_bsub_lines(spec)
         p = self.directive_prefix
         lines = [
-            f"{p} -J {spec.job_name}",
-            f"{p} -o {directive_word(job_log_dir + '/job.out')}",
-            f"{p} -e {directive_word(job_log_dir + '/job.err')}",
+            f"{p} -J {self.word('name', spec.job_name)}",
+            f"{p} -o {self.word('run-dir', job_log_dir + '/job.out')}",
+            f"{p} -e {self.word('run-dir', job_log_dir + '/job.err')}",
         ]
         if spec.walltime is not None:
             lines.append(f"{p} -W {format_run_limit(spec.walltime.total_seconds())}")
@@ -215,11 +218,11 @@ class LsfHandler(JobRunnerHandler):
         if spec.memory is not None:
             lines.append(f"{p} -M {format_memory_mib(spec.memory)}MB")
         if spec.queue:
-            lines.append(f"{p} -q {directive_word(spec.queue)}")
+            lines.append(f"{p} -q {self.word('queue', spec.queue)}")
         if spec.account:
-            lines.append(f"{p} -P {directive_word(spec.account)}")
+            lines.append(f"{p} -P {self.word('account', spec.account)}")
         if spec.mail_user:
-            lines.append(f"{p} -u {directive_word(spec.mail_user)}")
+            lines.append(f"{p} -u {self.word('mail-user', spec.mail_user)}")
         events = set(spec.mail_events)
         if events & {"begin", "all"}:
             lines.append(f"{p} -B")
@@ -227,7 +230,7 @@ class LsfHandler(JobRunnerHandler):
             lines.append(f"{p} -N")
         elif "fail" in events:
             lines.append(f"{p} -Ne")
-        lines.extend(f"{p} {d}" for d in spec.directives)
+        lines.extend(f"{p} {self.raw(d)}" for d in spec.directives)
         return lines
 
     def _slots(self, spec: JobSpec) -> list[str]:

@@ -64,6 +64,12 @@ mail                ``-M user``, ``-m`` with b (begin), e (end), a (fail: PBS
 raw directives      ``#PBS <directive>`` as written
 ==================  ==========================================================
 
+Values on directive lines: qsub(1B) says an argument with blanks is enclosed
+in double quotes, but sshq has no PBS to observe how its directive parser
+treats quote characters, backslashes or ``#``; a value holding one of them is
+refused (:data:`~sshq.quoting.UNVERIFIED_SYNTAX`), so that no value is ever
+silently changed.
+
 PBS copies ``job.out``/``job.err`` to their paths when the job ends, unless
 the site writes them directly: on PBS Pro/OpenPBS add the raw directive
 ``-k oed`` (direct write) to see output while the job runs.
@@ -80,7 +86,6 @@ import re
 from ..exceptions import InvalidInputError, JobRunnerError
 from ..model.job_spec import JobSpec
 from ..model.resources import format_hms, format_memory_mib
-from ..quoting import directive_word
 from .base import IDS, JobRunnerHandler, RunnerJobState
 
 __all__ = ["PbsHandler", "HANDLER", "POLL_PROGRAM", "POLL_MARK"]
@@ -202,10 +207,10 @@ class PbsHandler(JobRunnerHandler):
                 " (change the platform's run_dir)"
             )
         lines = [
-            f"{p} -N {spec.job_name}",
+            f"{p} -N {self.word('name', spec.job_name)}",
             f"{p} -S /bin/bash",
-            f"{p} -o {directive_word(out)}",
-            f"{p} -e {directive_word(err)}",
+            f"{p} -o {self.word('run-dir', out)}",
+            f"{p} -e {self.word('run-dir', err)}",
             f"{p} -j n",
         ]
         if spec.walltime is not None:
@@ -216,15 +221,15 @@ class PbsHandler(JobRunnerHandler):
         if spec.nodes is not None:
             lines.append(f"{p} -l place=scatter")
         if spec.queue:
-            lines.append(f"{p} -q {directive_word(spec.queue)}")
+            lines.append(f"{p} -q {self.word('queue', spec.queue)}")
         if spec.account:
-            lines.append(f"{p} -A {directive_word(spec.account)}")
+            lines.append(f"{p} -A {self.word('account', spec.account)}")
         if spec.mail_user:
-            lines.append(f"{p} -M {directive_word(spec.mail_user)}")
+            lines.append(f"{p} -M {self.word('mail-user', spec.mail_user)}")
         if spec.mail_events:
             letters = set("".join(_MAIL[e] for e in spec.mail_events))
             lines.append(f"{p} -m {''.join(c for c in 'abe' if c in letters)}")
-        lines.extend(f"{p} {d}" for d in spec.directives)
+        lines.extend(f"{p} {self.raw(d)}" for d in spec.directives)
         return lines
 
     @staticmethod

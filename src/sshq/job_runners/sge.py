@@ -54,16 +54,21 @@ it: the job status file shows a start and no exit, and the first poll after
 qstat has forgotten the job says ``failed`` ("no longer knows the job ...").
 The same holds for the ``h_rt`` walltime (SIGKILL too).
 
-Directives (``#$``), from a normalized :class:`~sshq.model.JobSpec`:
+Directives (``#$``), from a normalized :class:`~sshq.model.JobSpec`.  Every
+value reaches qsub byte-exact or is refused (:meth:`SgeHandler.word`).  How
+qsub reads the option file (observed on 8.1.9, ``tests/fixtures/
+sge_option_file_quotes.json``): double quotes group blanks; every quote
+character, ``'`` or ``"``, is removed, even inside the other kind (``-A
+x'y'z`` charges ``xyz``); a backslash is literal; ``#`` ends the line, even
+inside double quotes.  So values with blanks are double-quoted and values
+holding a quote character or ``#`` are refused.
 
 - ``-N name``: Grid Engine refuses names that start with a digit, so such a
   name is refused here (pass another ``name``).
 - ``-o``/``-e`` the job log directory's ``job.out``/``job.err``.  qsub reads
   these paths as ``[[host]:]path[,...]`` and expands ``$USER``, ``$HOME``,
   ``$JOB_ID``... in them, so a job log directory holding ``:``, ``,`` or ``$``
-  is refused; blanks are double-quoted, which qsub strips.  qsub also ends a
-  directive at ``#`` even inside double quotes (``directive_word``'s quoting
-  does not protect it here), so ``#`` is refused in every directive value.
+  is refused.
 - ``-S /bin/bash``: without it the job file runs under the queue's shell
   (``/bin/sh`` in ``posix_compliant`` mode), and the wrapper needs bash.
 - walltime: ``-l h_rt=HH:MM:SS`` (hard limit; Grid Engine sends SIGKILL).
@@ -96,7 +101,7 @@ import xml.etree.ElementTree as ET
 from ..exceptions import InvalidInputError, JobRunnerError
 from ..model.job_spec import JobSpec
 from ..model.resources import format_hms, format_memory_mib
-from ..quoting import directive_word
+from ..quoting import DirectiveSyntax
 from .base import IDS, JobRunnerHandler, RunnerJobState
 
 __all__ = ["SgeHandler", "HANDLER"]
@@ -112,20 +117,28 @@ _SUBMIT = (
 # positional parameters, unused: `qstat -xml` cannot select by id.
 _POLL = 'exec qstat -u "$(id -un)" -xml'
 _MAIL = {"begin": "b", "end": "e", "fail": "a", "all": "bea"}
-# Characters Grid Engine misreads, and how (see the module docstring).
-_ANY_BAD = {"#": "qsub ends a directive at '#', even inside double quotes"}
-_PATH_BAD = {
-    **_ANY_BAD,
+# How qsub reads a value of its option file (job.qsub), observed on 8.1.9
+# (tests/fixtures/sge_option_file_quotes.json, sge_directive_parsing.json):
+# double quotes group blanks; every quote character, ' or ", is removed, even
+# inside the other kind; a backslash is literal (no escape character); '#'
+# ends the line, even inside quotes.  So quotes and '#' cannot be carried.
+_CANNOT = {
+    "#": "qsub ends a directive at '#', even inside double quotes",
+    "'": "qsub removes every quote character (' or \") from an option value",
+    '"': "qsub removes every quote character (' or \") from an option value",
+}
+_VALUE = DirectiveSyntax(refuse=_CANNOT)
+_PATH = DirectiveSyntax(refuse={
+    **_CANNOT,
     ":": "qsub reads an output path as [host:]path",
     ",": "qsub reads an output path as a comma-separated list",
     "$": "sge_execd expands $USER, $HOME, $JOB_ID... in an output path",
-}
-_ACCOUNT_BAD = {
-    **_ANY_BAD,
+})
+_ACCOUNT = DirectiveSyntax(refuse={
+    **_CANNOT,
     ":": "qsub refuses ':' in an account",
     " ": "qmaster refuses an account with blanks",
-    "\t": "qmaster refuses an account with blanks",
-}
+})
 # Letters of a qstat state code that mean the job holds a queue slot:
 # r(unning), t(ransferring), s/S/T (suspended while running).
 _RUNNING_LETTERS = frozenset("rtsST")
@@ -141,17 +154,7 @@ class SgeHandler(JobRunnerHandler):
     poll_command = ("sh", "-c", _POLL, "sshq-sge-poll", IDS)
     kill_command = ("qdel", IDS)
     ids_sep = None
-
-    def _word(self, field: str, value: str, bad: dict[str, str] = _ANY_BAD) -> str:
-        for c, why in bad.items():
-            if c in value:
-                raise InvalidInputError(
-                    f"job runner {self.name!r} cannot express {field} {value!r}: {why}"
-                )
-        try:
-            return directive_word(value)
-        except InvalidInputError as exc:
-            raise InvalidInputError(f"{field}: {exc}") from None
+    directive_syntax = _VALUE
 
     def directives(self, spec: JobSpec, job_log_dir: str) -> list[str]:
         self.refuse(spec, "nodes", "tasks")
@@ -162,9 +165,9 @@ class SgeHandler(JobRunnerHandler):
             )
         p = self.directive_prefix
         lines = [
-            f"{p} -N {spec.job_name}",
-            f"{p} -o {self._word('run-dir', job_log_dir + '/job.out', _PATH_BAD)}",
-            f"{p} -e {self._word('run-dir', job_log_dir + '/job.err', _PATH_BAD)}",
+            f"{p} -N {self.word('name', spec.job_name)}",
+            f"{p} -o {self.word('run-dir', job_log_dir + '/job.out', _PATH)}",
+            f"{p} -e {self.word('run-dir', job_log_dir + '/job.err', _PATH)}",
             f"{p} -S /bin/bash",
         ]
         if spec.walltime is not None:
@@ -175,15 +178,15 @@ class SgeHandler(JobRunnerHandler):
             per_slot = math.ceil(format_memory_mib(spec.memory) / (spec.cpus or 1))
             lines.append(f"{p} -l h_vmem={per_slot}M")
         if spec.queue:
-            lines.append(f"{p} -q {self._word('queue', spec.queue)}")
+            lines.append(f"{p} -q {self.word('queue', spec.queue)}")
         if spec.account:
-            lines.append(f"{p} -A {self._word('account', spec.account, _ACCOUNT_BAD)}")
+            lines.append(f"{p} -A {self.word('account', spec.account, _ACCOUNT)}")
         if spec.mail_user:
-            lines.append(f"{p} -M {self._word('mail-user', spec.mail_user)}")
+            lines.append(f"{p} -M {self.word('mail-user', spec.mail_user)}")
         if spec.mail_events:
             letters = "".join(_MAIL[e] for e in spec.mail_events)
             lines.append(f"{p} -m {''.join(c for c in 'bea' if c in letters)}")
-        lines.extend(f"{p} {d}" for d in spec.directives)
+        lines.extend(f"{p} {self.raw(d)}" for d in spec.directives)
         return lines
 
     def submit_argv(self, job_file: str, job_log_dir: str) -> list[str]:

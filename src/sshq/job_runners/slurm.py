@@ -12,13 +12,26 @@ from __future__ import annotations
 
 from ..exceptions import JobRunnerError
 from ..model.job_spec import JobSpec
-from ..model.resources import format_hms, format_memory_mib
-from ..quoting import directive_word
+from ..model.resources import format_hms, format_memory_mib, parse_array
+from ..quoting import DirectiveSyntax
 from .base import GROUP, IDS, JobRunnerHandler, RunnerJobState
 
 __all__ = ["SlurmHandler", "HANDLER"]
 
 _SEP = "^^^"
+# sbatch's #SBATCH reader (_get_argument in src/sbatch/opt.c; checked against
+# real sbatch 22.05, tests/fixtures/sbatch_directive_quotes.json): blanks end a
+# word unless quoted, ' and " quote (and are removed), a backslash makes the
+# next character literal (also inside quotes, but not a blank), an unquoted #
+# starts a comment.  So every value is carried byte-exact: \ ' " # escaped,
+# blanks double-quoted.
+_VALUE = DirectiveSyntax(escape="\\'\"#")
+# --output/--error are also filename patterns (sbatch(1), "filename pattern"):
+# %% is a literal %, and a backslash is dropped and turns all %-patterns off
+# (so the array's %a would not be expanded): refused.
+_PATH = DirectiveSyntax(escape="\\'\"#", doubled="%", refuse={
+    "\\": "sbatch drops a backslash from an output file name (and then expands no"
+          " %-pattern in it)"})
 _MAIL = {"begin": "BEGIN", "end": "END", "fail": "FAIL", "all": "ALL"}
 # squeue(1) JOB STATE CODES that mean the job is executing or finishing.
 _RUNNING = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "SUSPENDED", "STOPPED"}
@@ -37,18 +50,21 @@ class SlurmHandler(JobRunnerHandler):
     ids_sep = ","
     array_index_var = "SLURM_ARRAY_TASK_ID"
     array_element_id = "{id}_{index}"
+    directive_syntax = _VALUE
 
     def directives(self, spec: JobSpec, job_log_dir: str) -> list[str]:
         p = self.directive_prefix
         # An array's elements each log into <NN>/<index>/ (%a: sbatch(1) filename pattern).
-        logs = f"{job_log_dir}/%a" if spec.array is not None else job_log_dir
+        logs = "/%a" if spec.array is not None else ""
         lines = [
-            f"{p} --job-name={spec.job_name}",
-            f"{p} --output={directive_word(logs + '/job.out')}",
-            f"{p} --error={directive_word(logs + '/job.err')}",
+            f"{p} --job-name={self.word('name', spec.job_name)}",
+            f"{p} --output={self.word('run-dir', job_log_dir, _PATH, tail=logs + '/job.out')}",
+            f"{p} --error={self.word('run-dir', job_log_dir, _PATH, tail=logs + '/job.err')}",
         ]
         if spec.array is not None:
-            lines.append(f"{p} --array={spec.array}")
+            array = self.word("array", spec.array)
+            parse_array(spec.array)  # sbatch(1)'s --array syntax, nothing else
+            lines.append(f"{p} --array={array}")
         if spec.walltime is not None:
             lines.append(f"{p} --time={format_hms(spec.walltime)}")
         if spec.nodes is not None:
@@ -60,14 +76,14 @@ class SlurmHandler(JobRunnerHandler):
         if spec.memory is not None:
             lines.append(f"{p} --mem={format_memory_mib(spec.memory)}M")
         if spec.queue:
-            lines.append(f"{p} --partition={directive_word(spec.queue)}")
+            lines.append(f"{p} --partition={self.word('queue', spec.queue)}")
         if spec.account:
-            lines.append(f"{p} --account={directive_word(spec.account)}")
+            lines.append(f"{p} --account={self.word('account', spec.account)}")
         if spec.mail_user:
-            lines.append(f"{p} --mail-user={directive_word(spec.mail_user)}")
+            lines.append(f"{p} --mail-user={self.word('mail-user', spec.mail_user)}")
         if spec.mail_events:
             lines.append(f"{p} --mail-type={','.join(_MAIL[e] for e in spec.mail_events)}")
-        lines.extend(f"{p} {d}" for d in spec.directives)
+        lines.extend(f"{p} {self.raw(d)}" for d in spec.directives)
         return lines
 
     def submit_argv(self, job_file: str, job_log_dir: str) -> list[str]:

@@ -40,7 +40,7 @@ from collections.abc import Mapping
 
 from ..job_runners.base import JobRunnerHandler
 from ..model.job_spec import JobSpec
-from ..quoting import join, quote
+from ..quoting import check_directive_value, join, quote
 from .container import container_launch
 
 __all__ = ["render_job_script", "STATUS_FILE"]
@@ -149,10 +149,13 @@ def render_job_script(
         The job file's bytes (``#!/bin/bash``).
 
     Raises:
-        InvalidInputError: the handler cannot express a field of the spec.
+        InvalidInputError: the handler cannot express a field of the spec, or
+            a directive line holds a control character.
     """
     lines: list[str] = ["#!/bin/bash"]
-    lines.extend(handler.directives(spec, job_log_dir))
+    for directive in handler.directives(spec, job_log_dir):
+        # each directive is one line: a newline would start another directive
+        lines.append(check_directive_value("directive", directive))
     lines.append("#")
     lines.append("# Job script written by sshq.  Job status file: job.status (KEY=VALUE).")
     env: dict[str, str] = {

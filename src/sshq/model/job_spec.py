@@ -159,6 +159,7 @@ class JobSpec:
             check_directive_value("directive", d)
         _check_inputs(self.inputs)
         if self.array is not None:
+            check_directive_value("array", self.array)
             parse_array(self.array)
         if self.container_image is not None:
             img = self.container_image

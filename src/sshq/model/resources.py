@@ -9,7 +9,7 @@ from datetime import timedelta
 from ..exceptions import InvalidInputError
 
 __all__ = ["parse_walltime", "parse_memory", "format_hms", "format_memory_mib",
-           "parse_array", "MAX_ARRAY_ELEMENTS"]
+           "parse_array", "MAX_ARRAY_ELEMENTS", "MAX_ARRAY_INDEX"]
 
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
 _MEM_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*\Z", re.IGNORECASE)
@@ -106,33 +106,50 @@ def format_memory_mib(nbytes: int) -> int:
 #: The most elements one array job may have here.
 MAX_ARRAY_ELEMENTS = 10000
 
-_ARRAY_PART = re.compile(r"(\d+)(?:-(\d+)(?::(\d+))?)?\Z")
+#: The largest array index: Slurm's MaxArraySize is at most 4000001
+#: (slurm.conf(5)) and indices go up to MaxArraySize - 1 (sbatch(1)).
+MAX_ARRAY_INDEX = 4000000
+
+# sbatch(1) --array: ranges "N", "N-M", "N-M:S", comma-separated, then an
+# optional "%T" throttle.  ASCII digits only ([0-9], not re's Unicode \d), no
+# blanks: the range is written as it is on a directive line.
+_ARRAY_PART = re.compile(r"([0-9]{1,12})(?:-([0-9]{1,12})(?::([0-9]{1,12}))?)?\Z")
+_ARRAY_THROTTLE = re.compile(r"[0-9]{1,12}\Z")
 
 
 def parse_array(text: str) -> tuple[int, ...]:
-    """Parse an array range as ``sbatch --array`` writes it (``sbatch(1)``).
+    """Parse an array range as ``sbatch --array`` reads it (``sbatch(1)``).
 
     ``1-100``, ``0-99:2`` (step), ``1,3,5-7``, with an optional ``%N``
-    throttle (kept for the job runner, no effect on the indices).
+    throttle (kept for the job runner, no effect on the indices).  The text
+    is taken exactly as written: blanks, signs, non-ASCII digits and empty
+    parts are refused, never tidied away, because the range reaches the job
+    runner's directive line byte-exact.
 
     Returns:
         The element indices, sorted, without duplicates.
 
     Raises:
-        InvalidInputError: unparseable, empty, or more than
-            :data:`MAX_ARRAY_ELEMENTS` elements.
+        InvalidInputError: unparseable, empty, an index above
+            :data:`MAX_ARRAY_INDEX`, or more than :data:`MAX_ARRAY_ELEMENTS`
+            elements; the message quotes the text.
     """
-    body, _, throttle = text.strip().partition("%")
-    if throttle and not throttle.isdigit():
-        raise InvalidInputError(f"invalid array {text!r}: the throttle after % is a number")
+    usage = "use e.g. 1-100, 1-99:2, 1,3,5-7 or 1-100%10, without blanks"
+    body, sep, throttle = text.partition("%")
+    if sep and not _ARRAY_THROTTLE.match(throttle):
+        raise InvalidInputError(
+            f"invalid array {text!r}: the throttle after % is a number; {usage}")
     indices: set[int] = set()
     for part in body.split(","):
-        m = _ARRAY_PART.match(part.strip())
+        m = _ARRAY_PART.match(part)
         if not m:
-            raise InvalidInputError(f"invalid array {text!r}: use e.g. 1-100, 1-99:2, 1,3,5-7")
+            raise InvalidInputError(f"invalid array {text!r}: {usage}")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) else lo
         step = int(m.group(3)) if m.group(3) else 1
+        if hi > MAX_ARRAY_INDEX:
+            raise InvalidInputError(
+                f"invalid array {text!r}: indices go up to {MAX_ARRAY_INDEX}")
         if hi < lo or step < 1 or (hi - lo) // step + len(indices) >= MAX_ARRAY_ELEMENTS:
             raise InvalidInputError(
                 f"invalid array {text!r}: ranges go up, steps are positive, at most"
