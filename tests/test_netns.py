@@ -42,12 +42,43 @@ def _netns_inode(name: str) -> int:
     return os.stat(f"/run/netns/{name}").st_ino
 
 
+def _start_time(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks after boot); None if it is gone or a zombie.
+
+    A process is (pid, start time): a pid alone may be reused by another one.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
 def _alive(pid: int) -> bool:
     """Live and not a zombie (a killed orphan may stay a zombie until reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
+    return _start_time(pid) is not None
+
+
+def _still_running(procs: list[tuple[int, str]]) -> list[int]:
+    """Those of ``procs`` (pid, start time) that still run."""
+    return [pid for pid, started in procs if _start_time(pid) == started]
+
+
+def _long_lived(host: NetnsHost) -> list[tuple[int, str]]:
+    """The host's sshd listener and a process a session left running, as (pid, start time).
+
+    Not ``host.pids()``: that may list a short-lived sshd child forked for a
+    connection (the port probe's), gone a moment later.
+    """
+    r = _ssh(host, "nohup sleep 987653 >/dev/null 2>&1 </dev/null & echo $!")
+    assert r.returncode == 0, r.stderr
+    procs = []
+    for pid in (host.sshd_pid(), int(r.stdout)):
+        assert pid is not None
+        started = _start_time(pid)
+        assert started is not None, f"{pid} is not running"
+        procs.append((pid, started))
+    return procs
 
 
 def _links() -> str:
@@ -232,15 +263,15 @@ def test_teardown_removes_everything(netns_hosts: NetnsHosts) -> None:
         assert {h.address for h in hs}.isdisjoint(h.address for h in netns_hosts)
         names = [h.name for h in hs]
         links = [h.veth for h in hs] + [f"sqsink{hs.slot}"]
-        pids = [p for h in hs for p in h.pids()]
+        procs = [p for h in hs for p in _long_lived(h)]
+        assert {pid for pid, _ in procs} <= {p for h in hs for p in h.pids()}
         workdir = hs.workdir
-        assert pids and all(_alive(p) for p in pids)
         assert _ssh(hs[1], "echo ok").stdout == "ok\n"
         hs[0].link_down()  # torn down whatever state it is in
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not set(names) & {ln.split()[0] for ln in netns.splitlines() if ln}
     assert not any(f" {link}:" in _links() or f" {link}@" in _links() for link in links)
-    assert not any(_alive(p) for p in pids)
+    assert _still_running(procs) == []
     assert not workdir.exists()
     # ... and the shared set is untouched.
     assert _ssh(netns_hosts[0], "echo ok").stdout == "ok\n"
@@ -249,11 +280,11 @@ def test_teardown_removes_everything(netns_hosts: NetnsHosts) -> None:
 def test_teardown_after_a_failure_midway(netns_hosts: NetnsHosts) -> None:
     with pytest.raises(ZeroDivisionError):
         with NetnsHosts(1) as hs:
-            name, pids = hs[0].name, hs[0].pids()
+            name, procs = hs[0].name, _long_lived(hs[0])
             1 / 0  # noqa: B018
     assert name not in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                       text=True).stdout.split()
-    assert pids and not any(_alive(p) for p in pids)
+    assert _still_running(procs) == []
 
 
 def test_stale_slot_of_a_crashed_run_is_cleaned_up(netns_hosts: NetnsHosts) -> None:
