@@ -571,14 +571,7 @@ def hosts_trust(ctx: click.Context, host: str, port: int | None, known_hosts: st
     --fingerprint, sshq asks (on the terminal, or reads the answer from
     stdin) and refuses unless the answer is y.
     """
-    from ..transport.hostkeys import (
-        default_known_hosts,
-        fetch_host_key,
-        known_hosts_entry_name,
-        known_keys,
-        record_host_key,
-    )
-    from ..transport.hostkeys import fingerprint as fp_of
+    from ..transport.hostkeys import TrustResult, trust_host
 
     r = Renderer(as_json)
     path = config_path or ctx.obj.get("config") or os.environ.get("SSHQ_CONFIG")
@@ -589,46 +582,34 @@ def hosts_trust(ctx: click.Context, host: str, port: int | None, known_hosts: st
         plat = cfg.platforms[host]
         host, port = plat.hosts[0], port or plat.port
         known_hosts = known_hosts or plat.known_hosts
-    kh = known_hosts or default_known_hosts()
-    key = asyncio.run(fetch_host_key(host, port))
-    fp = fp_of(key)
-    name = known_hosts_entry_name(host, port)
-    algo = key.get_algorithm()
-    existing = known_keys(kh, host, port)
-    result = {"host": host, "port": port or 22, "key_type": algo, "fingerprint": fp,
-              "known_hosts": kh, "added": False, "already_known": False}
-    if any(fp_of(k) == fp for k in existing):
-        result["already_known"] = True
-        r.host_result(result, f"{name} is already trusted in {kh} ({algo} {fp})")
-        return
-    if existing:
-        raise SshqError(
-            f"HOST KEY CHANGED for {name}: {kh} holds a different key; the server offers"
-            f" {algo} {fp}. If the change is legitimate, remove the old entry"
-            f" (ssh-keygen -R '{name}' -f {kh}) and run this again."
-        )
-    if not as_json:
-        click.echo(f"{name} offers a {algo} key with fingerprint {fp}", err=True)
-    if fingerprint is not None:
-        if fingerprint.strip() != fp:
-            raise SshqError(f"fingerprint mismatch for {name}: expected {fingerprint.strip()},"
-                            f" server offers {fp}; nothing added")
-    elif not yes:
+
+    def confirm(t: TrustResult) -> bool:
+        if not as_json:
+            click.echo(f"{t.name} offers a {t.key_type} key with fingerprint {t.fingerprint}",
+                       err=True)
+        if fingerprint is not None or yes:
+            return True
         if sys.stdin.isatty():
-            confirmed = click.confirm(f"Add it to {kh}?", default=False, err=True)
-        else:  # a script may answer on stdin; no answer (EOF) is a refusal
-            click.echo(f"Add it to {kh}? [y/N]: ", err=True, nl=False)
-            answer = sys.stdin.readline()
-            click.echo("", err=True)
-            if not answer:
-                raise SshqError("refusing to add a host key without confirmation: check the"
-                                " fingerprint, then answer y, or pass --yes or --fingerprint")
-            confirmed = answer.strip().lower() in ("y", "yes")
-        if not confirmed:
-            raise SshqError("not added")
-    record_host_key(kh, host, port, key)
-    result["added"] = True
-    r.host_result(result, f"added {name} ({algo} {fp}) to {kh}")
+            return click.confirm(f"Add it to {t.known_hosts}?", default=False, err=True)
+        # a script may answer on stdin; no answer (EOF) is a refusal
+        click.echo(f"Add it to {t.known_hosts}? [y/N]: ", err=True, nl=False)
+        answer = sys.stdin.readline()
+        click.echo("", err=True)
+        if not answer:
+            raise SshqError("refusing to add a host key without confirmation: check the"
+                            " fingerprint, then answer y, or pass --yes or --fingerprint")
+        return answer.strip().lower() in ("y", "yes")
+
+    t = trust_host(host, port, known_hosts, expected=fingerprint, confirm=confirm)
+    result = {"host": t.host, "port": t.port, "key_type": t.key_type,
+              "fingerprint": t.fingerprint, "known_hosts": t.known_hosts, "added": t.added,
+              "already_known": t.already_known}
+    if t.already_known:
+        r.host_result(result, f"{t.name} is already trusted in {t.known_hosts}"
+                              f" ({t.key_type} {t.fingerprint})")
+    else:
+        r.host_result(result, f"added {t.name} ({t.key_type} {t.fingerprint}) to"
+                              f" {t.known_hosts}")
 
 
 # ---------------------------------------------------------------- entry point

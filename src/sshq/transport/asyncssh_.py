@@ -4,13 +4,17 @@ Every operation in a process shares the host's connection; channels on it
 are bounded (sshd's ``MaxSessions`` is 10 by default).  Connecting retries
 transient failures with exponential backoff and jitter; a command is never
 re-run after its channel opened (it may have had effects).  Host keys are
-checked strictly against known_hosts; ~/.ssh/config is honoured (Host
-aliases, User, Port, IdentityFile, ProxyJump) by asyncssh's own parser.
+checked strictly against known_hosts, by OpenSSH's rules
+(:mod:`~sshq.transport.hostkeys`), on the target and on every ProxyJump hop
+(connected here, one by one, against the target's known_hosts);
+~/.ssh/config is honoured (Host aliases, User, Port, IdentityFile,
+ProxyJump) by asyncssh's own parser.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -19,11 +23,23 @@ from typing import Any
 
 import asyncssh
 
-from ..exceptions import AuthenticationError, ConfigError, HostUnreachableError
+from ..exceptions import (
+    AuthenticationError,
+    ConfigError,
+    HostUnreachableError,
+    TransportError,
+)
 from ..quoting import join
-from .base import CommandResult, HostParams, Session, Transport, ssh_options
+from .base import CommandResult, HostParams, Session, Transport, check_host, ssh_options
 from .bounded import MAX_OUTPUT, read_bounded
-from .hostkeys import default_known_hosts, host_key_error
+from .hostkeys import (
+    Failure,
+    KnownHosts,
+    default_known_hosts,
+    fetch_host_key,
+    fingerprint,
+    host_key_error,
+)
 
 __all__ = ["AsyncSSHTransport"]
 
@@ -57,9 +73,10 @@ class AsyncSSHTransport(Transport):
         self.connect_attempts = connect_attempts
         self.backoff = backoff
 
-    def _connect_options(self) -> dict[str, Any]:
+    def _base_options(self) -> dict[str, Any]:
+        """Options for every connection, the target's and each ProxyJump hop's."""
         p = self.params
-        opts: dict[str, Any] = {
+        return {
             "connect_timeout": p.connect_timeout,
             "keepalive_interval": p.keepalive_interval,
             "keepalive_count_max": 3,
@@ -67,6 +84,10 @@ class AsyncSSHTransport(Transport):
             "password": None,
             "kbdint_auth": False,
         }
+
+    def _connect_options(self) -> dict[str, Any]:
+        p = self.params
+        opts = self._base_options()
         if p.port:
             opts["port"] = p.port
         if p.user:
@@ -75,47 +96,133 @@ class AsyncSSHTransport(Transport):
             if not os.path.exists(p.identity_file):
                 raise ConfigError(f"identity file {p.identity_file} does not exist")
             opts["client_keys"] = [p.identity_file]
-        if p.known_hosts:
-            if not os.path.exists(p.known_hosts):
-                raise ConfigError(
-                    f"known_hosts file {p.known_hosts} does not exist; create it with"
-                    f" `sshq hosts trust {p.host}`"
-                )
-            opts["known_hosts"] = p.known_hosts
+        if p.known_hosts and not os.path.exists(p.known_hosts):
+            raise ConfigError(
+                f"known_hosts file {p.known_hosts} does not exist; create it with"
+                f" `sshq hosts trust {p.host}`"
+            )
         return opts
+
+    def _known_hosts(self, resolved: asyncssh.SSHClientConnectionOptions) -> KnownHosts:
+        """The target's known_hosts, which every hop is checked against too.
+
+        The platform's file, else ~/.ssh/config's UserKnownHostsFile (and
+        GlobalKnownHostsFile) for the target; "UserKnownHostsFile none" would
+        check nothing, so it falls back to ~/.ssh/known_hosts: strict always.
+        """
+        if self.params.known_hosts:
+            return KnownHosts([self.params.known_hosts])
+        files = resolved.known_hosts if isinstance(resolved.known_hosts, list) else []
+        return KnownHosts([f for f in files if isinstance(f, str)] or [default_known_hosts()])
+
+    def _failed(self, exc: BaseException, where: str) -> TransportError:
+        """``exc`` from connecting (to ``where``) as sshq's error."""
+        p = self.params
+        if isinstance(exc, asyncssh.PermissionDenied):
+            return AuthenticationError(
+                f"{where}: authentication refused ({exc.reason}); sshq uses keys, an"
+                " ssh-agent or Kerberos, never stored passwords",
+                host=p.host,
+            )
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        return HostUnreachableError(
+            f"{where}: cannot connect: {reason or type(exc).__name__}", host=p.host)
+
+    async def _resolve(self, host: str, opts: dict[str, Any], where: str
+                       ) -> asyncssh.SSHClientConnectionOptions:
+        """``host``'s options as asyncssh resolves them from ~/.ssh/config
+        (HostName, Port, User, HostKeyAlias, ProxyJump, UserKnownHostsFile)."""
+        try:
+            options: asyncssh.SSHClientConnectionOptions = \
+                await asyncssh.SSHClientConnectionOptions.construct(
+                    None, config=(), host=host, **opts)
+            return options
+        except (OSError, ValueError, asyncssh.Error) as exc:
+            raise self._failed(exc, where) from None
+
+    async def _connect_checked(
+        self, host: str, opts: dict[str, Any], resolved: asyncssh.SSHClientConnectionOptions,
+        known: KnownHosts, tunnel: asyncssh.SSHClientConnection | None, *, jump: bool,
+    ) -> asyncssh.SSHClientConnection:
+        """Connect to ``host`` (through ``tunnel``), its key checked in ``known``."""
+        p = self.params
+        where = f"{p.label}: jump host {host}" if jump else p.label
+        offered = _OfferedKey()
+        try:
+            return await asyncssh.connect(
+                host, tunnel=tunnel, known_hosts=known.matcher(resolved.host_key_alias),
+                client_factory=lambda: offered, **opts)
+        except asyncssh.HostKeyNotVerifiable as exc:
+            key = offered.key
+            if key is None:  # a revoked key is refused before the client is asked
+                with contextlib.suppress(HostUnreachableError):
+                    key = await fetch_host_key(host, opts.get("port"), p.connect_timeout,
+                                               tunnel=tunnel)
+            state = known.state(resolved.host, resolved.port, key,
+                                alias=resolved.host_key_alias)
+            failure: Failure = "revoked" if state == "revoked" or "revoked" in exc.reason \
+                else "unknown" if state == "unknown" else "changed"
+            raise await host_key_error(
+                p, host=resolved.host, port=resolved.port, name=resolved.host_key_alias,
+                failure=failure, fingerprint_=fingerprint(key) if key else "",
+                known_hosts=known.files, jump=jump,
+            ) from None
+        except (OSError, TimeoutError, asyncssh.Error) as exc:
+            raise self._failed(exc, where) from None
+
+    async def _via(self, spec: object, known: KnownHosts, depth: int = 0
+                   ) -> asyncssh.SSHClientConnection | None:
+        """Connect through the ProxyJump hops ``spec`` (``[user@]host[:port],...``),
+        each checked against ``known`` as the target is (asyncssh's own ProxyJump
+        would check them against their own known_hosts, or not at all).
+
+        As OpenSSH does, the first hop's own ProxyJump is followed; later
+        hops are reached through the hop before them.
+
+        Returns:
+            The last hop's connection (which closes the others), or None.
+        """
+        if not isinstance(spec, str) or not spec.strip():
+            return None
+        if depth > 8:
+            raise ConfigError(f"{self.params.label}: ProxyJump chain deeper than 8 (a loop?)")
+        conn: asyncssh.SSHClientConnection | None = None
+        try:
+            for hop in spec.split(","):
+                user, host, port = _parse_jump(hop)
+                opts = self._base_options()
+                if user:
+                    opts["username"] = user
+                if port:
+                    opts["port"] = port
+                resolved = await self._resolve(host, opts, f"{self.params.label}: jump host {host}")
+                if conn is None:
+                    conn = await self._via(resolved.tunnel, known, depth + 1)
+                new = await self._connect_checked(host, opts, resolved, known, conn, jump=True)
+                if conn is not None:
+                    new.set_tunnel(conn)
+                conn = new
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        return conn
 
     async def _connect_once(self) -> asyncssh.SSHClientConnection:
         p = self.params
         opts = self._connect_options()
+        resolved = await self._resolve(p.host, opts, p.label)
+        known = self._known_hosts(resolved)
+        hops = await self._via(resolved.tunnel, known)
         try:
-            # ~/.ssh/config resolved as asyncssh will (HostName, Port, User,
-            # UserKnownHostsFile); "UserKnownHostsFile none" would make asyncssh
-            # check nothing, so it falls back to ~/.ssh/known_hosts: strict always.
-            resolved = await asyncssh.SSHClientConnectionOptions.construct(
-                None, config=(), host=p.host, **opts)
-            if not resolved.known_hosts:
-                default = default_known_hosts()
-                opts["known_hosts"] = default if os.path.isfile(default) else b""
-            return await asyncssh.connect(p.host, **opts)
-        except asyncssh.HostKeyNotVerifiable:
-            files = resolved.known_hosts or opts.get("known_hosts") or [default_known_hosts()]
-            if isinstance(files, (str, bytes)):
-                files = [files]
-            raise await host_key_error(
-                p, host=resolved.host, port=resolved.port,
-                known_hosts=[f for f in files if isinstance(f, str)],
-            ) from None
-        except asyncssh.PermissionDenied as exc:
-            raise AuthenticationError(
-                f"{p.label}: authentication refused ({exc.reason}); sshq uses keys, an"
-                " ssh-agent or Kerberos, never stored passwords",
-                host=p.host,
-            ) from None
-        except (OSError, TimeoutError, asyncssh.Error) as exc:
-            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
-            raise HostUnreachableError(
-                f"{p.label}: cannot connect: {reason or type(exc).__name__}", host=p.host
-            ) from None
+            conn = await self._connect_checked(p.host, opts, resolved, known, hops, jump=False)
+        except BaseException:
+            if hops is not None:
+                hops.close()
+            raise
+        if hops is not None:
+            conn.set_tunnel(hops)  # closed with the connection
+        return conn
 
     async def connection(self) -> asyncssh.SSHClientConnection:
         """The host's connection, opened (with retries) on first use.
@@ -258,6 +365,41 @@ class AsyncSSHTransport(Transport):
         if conn is not None:
             conn.close()
             await conn.wait_closed()
+
+
+def _parse_jump(spec: str) -> tuple[str | None, str, int | None]:
+    """``[ssh://][user@]host[:port]`` (host may be ``[v6]``) -> (user, host, port).
+
+    Raises:
+        ConfigError: naming the hop.
+    """
+    s = spec.strip().removeprefix("ssh://")
+    user: str | None = None
+    if "@" in s:
+        user, s = s.rsplit("@", 1)
+    port = ""
+    if s.startswith("["):
+        host, _, rest = s[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif s.count(":") == 1:
+        host, port = s.split(":")
+    else:
+        host = s
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"invalid port in ProxyJump {spec!r}")
+    return user or None, check_host(host), int(port) if port else None
+
+
+class _OfferedKey(asyncssh.SSHClient):
+    """Remembers the host key a server offered that known_hosts did not trust."""
+
+    def __init__(self) -> None:
+        self.key: asyncssh.SSHKey | None = None
+
+    def validate_host_public_key(self, host: str, addr: str, port: int,
+                                 key: asyncssh.SSHKey) -> bool:
+        self.key = key
+        return False
 
 
 class _AsyncSSHSession(Session):

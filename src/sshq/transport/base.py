@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from ..exceptions import ConfigError
 from ..quoting import join
 from .bounded import MAX_OUTPUT
+from .ssh_config import known_hosts_files, strict_config
 
-__all__ = ["CommandResult", "HostParams", "Session", "Transport", "check_host", "ssh_options"]
+__all__ = ["CommandResult", "HostParams", "Session", "Transport", "check_host",
+           "ssh_known_hosts", "ssh_options"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +71,30 @@ class HostParams:
 def ssh_options(p: HostParams, *, batch_mode: bool = True) -> list[str]:
     """System ``ssh`` options equivalent to ``p`` (everything before the host).
 
-    Strict host key checking always; ``BatchMode`` and ``ConnectTimeout`` as in
-    Cylc's remote commands (seed 001).
+    Strict host key checking always, on every ProxyJump hop too (through the
+    ``-F`` file of :func:`~sshq.transport.ssh_config.strict_config`);
+    ``BatchMode`` and ``ConnectTimeout`` as in Cylc's remote commands (seed 001).
+
+    Raises:
+        ConfigError: ssh cannot read its configuration, or the private
+            directory for the ``-F`` file is not private.
     """
+    opts = _cmdline_options(p, batch_mode)
+    return ["-F", strict_config(opts, p.host, batch_mode=batch_mode,
+                                known_hosts=p.known_hosts), *opts]
+
+
+def ssh_known_hosts(p: HostParams) -> list[str]:
+    """The known_hosts files the system ``ssh`` checks every hop against for ``p``.
+
+    Raises:
+        ConfigError: as :func:`ssh_options`.
+    """
+    return known_hosts_files(_cmdline_options(p, True), p.host, batch_mode=True,
+                             known_hosts=p.known_hosts)
+
+
+def _cmdline_options(p: HostParams, batch_mode: bool) -> list[str]:
     opts = [
         "-o", f"BatchMode={'yes' if batch_mode else 'no'}",
         "-o", "StrictHostKeyChecking=yes",

@@ -9,16 +9,18 @@ checked strictly (``StrictHostKeyChecking=yes``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
-import stat
 import tempfile
 from collections.abc import Sequence
 
-from ..exceptions import AuthenticationError, ConfigError, HostUnreachableError
+from ..exceptions import AuthenticationError, ConfigError, HostKeyError, HostUnreachableError
 from ..quoting import join
-from .base import CommandResult, HostParams, ssh_options
-from .hostkeys import host_key_error
+from .base import CommandResult, HostParams, ssh_known_hosts, ssh_options
+from .hostkeys import Failure, host_key_error, known_hosts_entry_name, split_entry_name
+from .ssh_config import private_dir
 from .subprocess_base import SubprocessTransport
 
 __all__ = ["OpenSSHTransport"]
@@ -38,6 +40,33 @@ _SSH_ERROR_RE = re.compile(
 _HOSTKEY_RE = re.compile(
     r"Host key verification failed|REMOTE HOST IDENTIFICATION HAS CHANGED|host key is known"
 )
+# ssh's last words on a host key that failed strict checking (whichever hop's
+# ssh said them), naming the host as it is looked up in known_hosts.
+_NAME = r"[A-Za-z0-9_.:\[\]%-]{1,300}"
+_KEY_FAILED_RE = re.compile(
+    rf"^(?:No \S+ host key is known for (?P<unknown>{_NAME})"
+    rf"|Host key for (?P<changed>{_NAME}) has changed"
+    rf"|\S+ host key for (?P<revoked>{_NAME}) was revoked)"
+    r" and you have requested strict checking\.\r?$",
+    re.MULTILINE,
+)
+# The changed-key warning shows the offered key; ``ssh -v`` shows it always.
+_OFFERED_RE = re.compile(r"key sent by the remote host is\r?\n(SHA256:[A-Za-z0-9+/]{43})\.")
+# How the ssh that reached the target through a proxy (ProxyJump) says the hop
+# closed the connection; the hop's ssh's own words are lost under a ControlMaster.
+_PROXY_CLOSED_RE = re.compile(r"^Connection closed by UNKNOWN port \d+\r?$", re.MULTILINE)
+_SERVER_KEY_RE = re.compile(r"^debug1: Server host key: \S+ (SHA256:[A-Za-z0-9+/]{43})\r?$",
+                            re.MULTILINE)
+
+
+def _offered(verbose: str, name: str) -> str:
+    """The fingerprint that ``name`` offered, from ``ssh -v``'s stderr: the last
+    "Server host key" line before ssh's verdict on ``name``; ``""`` if none."""
+    for m in _KEY_FAILED_RE.finditer(verbose):
+        if name in (m["unknown"], m["changed"], m["revoked"]):
+            seen = _SERVER_KEY_RE.findall(verbose, 0, m.start())
+            return seen[-1] if seen else ""
+    return ""
 
 
 def socket_dir(preferred: str) -> str:
@@ -52,12 +81,7 @@ def socket_dir(preferred: str) -> str:
     if len(preferred) + 42 <= 100:
         os.makedirs(preferred, mode=0o700, exist_ok=True)
         return preferred
-    d = os.path.join(tempfile.gettempdir(), f"sshq-cm-{os.getuid()}")
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    st = os.lstat(d)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise ConfigError(f"{d} is not a private directory of this user; remove it")
-    return d
+    return private_dir(os.path.join(tempfile.gettempdir(), f"sshq-cm-{os.getuid()}"))
 
 
 class OpenSSHTransport(SubprocessTransport):
@@ -103,13 +127,23 @@ class OpenSSHTransport(SubprocessTransport):
 
         ssh exits 255 both on its own errors and when the remote command
         exits 255 or dies of a signal; only ssh's messages tell them apart.
+        A ControlMaster sends what a ProxyJump hop's ssh says to /dev/null:
+        when the hop closed the connection, the attempt is repeated once, as
+        strictly, with ``ssh -v`` and no master, to learn why.
         """
         if result.exit_status != 255:
             return result
         err = result.stderr.decode("utf-8", "replace")
         host = self.params.host
+        verbose: str | None = None
+        if _PROXY_CLOSED_RE.search(err) and not _HOSTKEY_RE.search(err):
+            verbose = await self._verbose_attempt()
+            said = "\n".join(line for line in verbose.splitlines()
+                             if not line.startswith("debug"))
+            if _HOSTKEY_RE.search(said) or "Permission denied" in said:
+                err = said
         if _HOSTKEY_RE.search(err):
-            raise await host_key_error(self.params)
+            raise await self._host_key_error(err, verbose)
         if "Permission denied" in err:
             raise AuthenticationError(f"{self.host}: authentication refused: {err.strip()}",
                                       host=host)
@@ -121,6 +155,75 @@ class OpenSSHTransport(SubprocessTransport):
             raise HostUnreachableError(f"{self.host}: {err.strip()}", host=host,
                                        command_sent=True)
         return result
+
+    async def _host_key_error(self, err: str, verbose: str | None) -> HostKeyError:
+        """The error for ssh's host-key failure ``err``, naming the host (the
+        target or a ProxyJump hop) whose key failed and the key it offered.
+
+        ssh names the host; it shows the offered key only for a changed one.
+        Otherwise the key is read from ``verbose`` (``ssh -v``'s stderr, which
+        shows every hop's key before judging it), made now if not given.
+        """
+        p = self.params
+        files = ssh_known_hosts(p)
+        failed = list(_KEY_FAILED_RE.finditer(err))
+        if not failed:
+            return await host_key_error(p, known_hosts=files)
+        m = failed[-1]
+        failure: Failure = "unknown" if m["unknown"] else "changed" if m["changed"] else "revoked"
+        name = m["unknown"] or m["changed"] or m["revoked"]
+        offered = _OFFERED_RE.findall(err)
+        if failure == "changed" and offered:
+            fp = offered[-1]
+        else:
+            fp = _offered(verbose if verbose is not None else await self._verbose_attempt(),
+                          name)
+        host, port = split_entry_name(name)
+        jump = name not in await self._target_names()
+        return await host_key_error(p, host=host, port=port, name=name, failure=failure,
+                                    fingerprint_=fp, known_hosts=files, jump=jump)
+
+    async def _run_ssh(self, args: Sequence[str], timeout: float) -> tuple[str, str]:
+        """Run the local ``ssh`` with ``args`` (no stdin): its stdout and stderr
+        (their last 256 KiB); empty if it could not run or took longer than
+        ``timeout`` seconds."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "ssh", *args, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True)
+        except OSError:
+            return "", ""
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            return "", ""
+        return (out[-262144:].decode("utf-8", "replace"),
+                err[-262144:].decode("utf-8", "replace"))
+
+    async def _verbose_attempt(self) -> str:
+        """``ssh -v``'s stderr for one more attempt with the same strict options
+        (batch mode: no prompts; no master, so every hop's ssh is heard).  The
+        command is ``true``: it runs only if the attempt now succeeds."""
+        p = self.params
+        _, err = await self._run_ssh(
+            [*ssh_options(p, batch_mode=True), "-v", "-o", "ControlMaster=no",
+             "-o", "ControlPath=none", "-T", "--", p.host, "true"],
+            timeout=3 * p.connect_timeout + 10)
+        return err
+
+    async def _target_names(self) -> set[str]:
+        """The names ssh may look the target up by (``ssh -G``: HostName and
+        port, HostKeyAlias)."""
+        out, _ = await self._run_ssh(["-G", *ssh_options(self.params), "--", self.params.host],
+                                     timeout=30)
+        values = dict(line.partition(" ")[::2] for line in out.splitlines())
+        port = int(values["port"]) if values.get("port", "").isdigit() else None
+        return {known_hosts_entry_name(values.get("hostname", self.params.host), port),
+                values.get("hostkeyalias", "")} - {""}
 
     def interactive_argv(self, argv: Sequence[str]) -> list[str]:
         return ["ssh", "-t", *self.ssh_options(), "--", self.params.host, join(argv)]
