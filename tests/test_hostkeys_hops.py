@@ -26,13 +26,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
 from sshq.exceptions import HostKeyError
+from sshq.transport import HostParams, Transport
+from sshq.transport.asyncssh_ import AsyncSSHTransport
+from sshq.transport.openssh import OpenSSHTransport
 
 pytestmark = [pytest.mark.sshd, pytest.mark.timeout(120)]
 
@@ -323,5 +326,103 @@ def test_changed_jump_host_key_is_named_with_its_fingerprint(
     assert "CHANGED" in line and jump.name in line and jump.fp in line, line
     assert target.fp not in line
     assert kh.read_bytes() == before
+
+
+# ---------------------------------------------------------------- lookups as OpenSSH's
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short directory for ControlMaster sockets (sun_path holds ~107 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="sq-hk-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+async def make(short_dir: Path) -> AsyncIterator[Callable[[str, HostParams], Transport]]:
+    """Build transports by name; all are closed (masters stopped) at the end."""
+    made: list[Transport] = []
+
+    def build(name: str, params: HostParams) -> Transport:
+        t: Transport
+        if name == "asyncssh":
+            t = AsyncSSHTransport(params, backoff=0.05)
+        else:
+            t = OpenSSHTransport(params, control_dir=str(short_dir / f"cm{len(made)}"))
+        made.append(t)
+        return t
+
+    try:
+        yield build
+    finally:
+        for t in made:
+            await t.close()
+            if isinstance(t, OpenSSHTransport):
+                subprocess.run(["ssh", *t.ssh_options(), "-O", "exit", "--", t.params.host],
+                               capture_output=True, timeout=15, check=False)
+
+
+def params(testbed: dict[str, str], kh: Path, **changes: object) -> HostParams:
+    p = HostParams(host=testbed["SSHQ_TEST_HOST"], port=int(testbed["SSHQ_TEST_PORT"]),
+                   user=testbed["SSHQ_TEST_USER"], identity_file=testbed["SSHQ_TEST_KEY"],
+                   known_hosts=str(kh), connect_timeout=10.0)
+    return replace(p, **changes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_name_known_only_under_its_address_is_unknown(
+        transport: str, make: Callable[[str, HostParams], Transport], testbed: dict[str, str],
+        tmp_path: Path, target: Sshd) -> None:
+    """``localhost`` reaches 127.0.0.1, whose key is recorded under the address only."""
+    kh = tmp_path / "known_hosts"
+    kh.write_text(target.known_line())
+    t = make(transport, params(testbed, kh, host="localhost"))
+    with pytest.raises(HostKeyError) as ei:
+        await t.run(["true"], timeout=30)
+    assert ei.value.changed is False
+    assert ei.value.fingerprint == target.fp
+    msg = str(ei.value)
+    assert f"[localhost]:{target.port}" in msg and target.fp in msg and "CHANGED" not in msg
+    assert kh.read_text() == target.known_line()
+
+
+@pytest.mark.parametrize("same_key", [True, False])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_entry_without_port_as_openssh_reads_it(
+        transport: str, same_key: bool, make: Callable[[str, HostParams], Transport],
+        testbed: dict[str, str], tmp_path: Path, target: Sshd) -> None:
+    """Nothing recorded for [host]:port: OpenSSH accepts the key recorded for
+    the bare host if it is the one offered; another key there is no "changed"."""
+    pub = target.pub if same_key else keygen(tmp_path / "other").with_suffix(".pub")
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"{target.host} {pub_words(pub)}\n")
+    t = make(transport, params(testbed, kh))
+    if same_key:
+        assert (await t.run(["echo", "ok"], timeout=30)).stdout == b"ok\n"
+        return
+    with pytest.raises(HostKeyError) as ei:
+        await t.run(["true"], timeout=30)
+    assert ei.value.changed is False
+    assert target.name in str(ei.value) and target.fp in str(ei.value)
+    assert "CHANGED" not in str(ei.value)
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_name_recorded_under_the_name_works(
+        transport: str, hashed: bool, make: Callable[[str, HostParams], Transport],
+        testbed: dict[str, str], tmp_path: Path, target: Sshd) -> None:
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"[localhost]:{target.port} {pub_words(target.pub)}\n")
+    if hashed:
+        subprocess.run(["ssh-keygen", "-H", "-f", str(kh)], check=True, capture_output=True,
+                       timeout=30)
+        assert kh.read_text().startswith("|1|")
+    t = make(transport, params(testbed, kh, host="localhost"))
+    r = await t.run(["echo", "ok"], timeout=30)
+    assert r.stdout == b"ok\n"
 
 
