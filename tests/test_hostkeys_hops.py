@@ -426,3 +426,36 @@ async def test_name_recorded_under_the_name_works(
     assert r.stdout == b"ok\n"
 
 
+# ---------------------------------------------------------------- revoked keys
+
+
+@pytest.mark.parametrize("also_trusted", [False, True])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_revoked_key_says_revoked(
+        transport: str, also_trusted: bool, make: Callable[[str, HostParams], Transport],
+        testbed: dict[str, str], tmp_path: Path, target: Sshd) -> None:
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"@revoked {target.known_line()}"
+                  + (target.known_line() if also_trusted else ""))
+    before = kh.read_bytes()
+    t = make(transport, params(testbed, kh))
+    with pytest.raises(HostKeyError) as ei:
+        await t.run(["true"], timeout=30)
+    msg = str(ei.value)
+    assert "revoked" in msg.lower() and "CHANGED" not in msg and "unknown" not in msg, msg
+    assert target.name in msg and target.fp in msg, msg
+    assert ei.value.fingerprint == target.fp
+    assert ei.value.changed is False
+    assert kh.read_bytes() == before
+
+
+def test_hosts_trust_refuses_a_revoked_key(sshq: CliRun, tmp_path: Path, target: Sshd) -> None:
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"@revoked {target.known_line()}")
+    before = kh.read_bytes()
+    for extra in ((), ("--yes",), ("--fingerprint", target.fp)):
+        p = sshq("hosts", "trust", target.host, "--port", str(target.port), "--known-hosts",
+                 str(kh), *extra, input=b"y\n", timeout=60)
+        line = error_line(p)
+        assert "revoked" in line and target.fp in line, line
+        assert kh.read_bytes() == before
