@@ -13,10 +13,17 @@ and it can never end its line and start another directive.
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from conftest import platform_toml
 
+from sshq import AsyncClient, JobState
 from sshq.exceptions import InvalidInputError
 from sshq.job_runners import HANDLERS
 from sshq.job_runners.base import JobRunnerHandler
@@ -295,3 +302,148 @@ def test_what_the_observed_parsers_can_carry_is_carried(runner: str) -> None:
         line = next(x for x in HANDLERS[runner].directives(spec, LOG)
                     if x.startswith(OPTIONS[runner]["mail_user"]))
         assert read_back(runner, line) == value, line
+
+
+# ---------------------------------------------------------------- no directives from data
+
+
+def test_sbatch_reads_no_pbs_or_bsub_line_of_the_job_body() -> None:
+    """sbatch reads #PBS and #BSUB lines anywhere in a job script (observed:
+    inside a quoted string after the first command), so a user script ported
+    from PBS, or an environment value, could set Slurm options; sshq submits
+    with --ignore-pbs, which the capture shows turns that off."""
+    from test_job_runners import fixture
+
+    cap = fixture("sbatch_directive_quotes")["script_body_wrapper_directives"]
+    assert cap["job_name"] == {"(none)": "bsub-name", "--ignore-pbs": "sbatch-name"}
+    argv = SLURM.submit_argv(f"{LOG}/job", LOG)
+    assert argv == ["sbatch", "--ignore-pbs", f"{LOG}/job"]
+
+
+# ---------------------------------------------------------------- on the real runners
+
+
+@pytest.fixture
+def cancel_at_end() -> Iterator[list[list[str]]]:
+    """Commands (scancel/qdel ID) run as root when the test ends."""
+    cmds: list[list[str]] = []
+    yield cmds
+    for argv in cmds:
+        subprocess.run(argv, capture_output=True, timeout=60)
+
+
+# A run directory sbatch would misread unescaped: a quote, blanks, '#'.
+ODD_DIR = "it's a #1"
+
+
+@pytest.fixture
+async def odd_slurm(slurm_testbed: dict[str, str], tmp_path: Path, state_dir: Path,
+                    run_id: str) -> AsyncIterator[AsyncClient]:
+    cfg = tmp_path / "odd.toml"
+    cfg.write_text(platform_toml(slurm_testbed, "slurm", job_runner="slurm",
+                                 transport="asyncssh",
+                                 run_dir=f"~/sshq-test/{run_id}/{ODD_DIR}"))
+    c = AsyncClient(cfg, state_dir=state_dir)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+def scontrol(job_id: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job_id], capture_output=True,
+                          text=True, timeout=60).stdout
+
+
+@pytest.mark.slurm
+async def test_real_slurm_stores_each_value_byte_exact(
+        odd_slurm: AsyncClient, run_id: str, cancel_at_end: list[list[str]]) -> None:
+    account, mail = "x'y'z", 'a\'b c"d\\e#f@example.org'
+    spec = JobSpec(command="true", name="odd", account=account, mail_user=mail,
+                   mail_events=("end",), directives=("--hold",),
+                   # read by sbatch as options without --ignore-pbs
+                   environment={"X": "v\n#BSUB -J bsub-name\n#PBS -N pbs-name\n"})
+    (job,) = await odd_slurm.submit(spec, platform="slurm")
+    assert job.state is JobState.SUBMITTED, job.message
+    cancel_at_end.append(["scancel", job.job_id])
+    shown = scontrol(job.job_id)
+    assert f" Account={account} " in shown
+    assert f"MailUser={mail} " in shown
+    assert "JobName=odd\n" in shown
+    log = f"/home/sshqtest/sshq-test/{run_id}/{ODD_DIR}/log/job/odd/01"
+    assert job.job_log_dir == log
+    assert f"StdOut={log}/job.out\n" in shown
+    assert f"StdErr={log}/job.err\n" in shown
+
+
+@pytest.mark.slurm
+async def test_real_slurm_refuses_an_escaped_partition_by_its_exact_name(
+        odd_slurm: AsyncClient, cancel_at_end: list[list[str]]) -> None:
+    # unescaped, `--queue "de'b'ug"` ran in partition debug
+    (job,) = await odd_slurm.submit(JobSpec(command="true", name="q", queue="de'b'ug",
+                                            directives=("--hold",)), platform="slurm")
+    if job.job_id:
+        cancel_at_end.append(["scancel", job.job_id])
+    assert job.state is JobState.SUBMIT_FAILED
+    assert "invalid partition specified: de'b'ug" in job.message
+
+
+@pytest.mark.slurm
+async def test_real_slurm_array_newline_is_refused_before_submission(
+        odd_slurm: AsyncClient) -> None:
+    with pytest.raises(InvalidInputError, match="array"):
+        await odd_slurm.submit(JobSpec(command="true", name="arr", array="1,\n2",
+                                       queue="debug"), platform="slurm")
+    assert await odd_slurm.jobs() == []
+
+
+@pytest.fixture
+async def sge_client(testbed: dict[str, str], tmp_path: Path, state_dir: Path,
+                     run_id: str) -> AsyncIterator[AsyncClient]:
+    if testbed.get("SSHQ_TEST_SGE") != "1":
+        if os.environ.get("SSHQ_REQUIRE_TESTBED") == "1":
+            pytest.fail("Grid Engine test bed required")
+        pytest.skip("no Grid Engine in the test bed")
+    cfg = tmp_path / "sge.toml"
+    cfg.write_text("\n".join([
+        "[platforms.sge]",
+        f'hosts = ["{testbed["SSHQ_TEST_HOST"]}"]',
+        f"port = {testbed['SSHQ_TEST_PORT']}",
+        f'user = "{testbed["SSHQ_TEST_SGE_USER"]}"',
+        f'identity_file = "{testbed["SSHQ_TEST_KEY"]}"',
+        f'known_hosts = "{testbed["SSHQ_TEST_KNOWN_HOSTS"]}"',
+        'job_runner = "sge"',
+        f'run_dir = "~/sshq-test/{run_id}/my  runs"',
+    ]) + "\n")
+    c = AsyncClient(cfg, state_dir=state_dir)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.mark.sshd
+async def test_real_sge_stores_each_value_byte_exact_or_sshq_refuses_it(
+        sge_client: AsyncClient, testbed: dict[str, str], run_id: str,
+        cancel_at_end: list[list[str]]) -> None:
+    mail = "Jo  Doe <jo+1%x@example.org>"
+    (job,) = await sge_client.submit(JobSpec(command="true", name="odd", mail_user=mail,
+                                             account="-a%b", directives=("-h",)),
+                                     platform="sge")
+    assert job.state is JobState.SUBMITTED, job.message
+    cancel_at_end.append(["qdel", job.job_id])
+    shown = subprocess.run(["qstat", "-j", job.job_id], capture_output=True, text=True,
+                           timeout=60).stdout
+    fields = dict(re.findall(r"^(\w+):\s+(.*)$", shown, re.M))
+    assert fields["mail_list"] == mail
+    assert fields["account"] == "-a%b"
+    home = subprocess.run(["getent", "passwd", testbed["SSHQ_TEST_SGE_USER"]],
+                          capture_output=True, text=True, timeout=30).stdout.split(":")[5]
+    assert fields["stdout_path_list"] == \
+        f"NONE:NONE:{home}/sshq-test/{run_id}/my  runs/log/job/odd/01/job.out"
+    # what qsub would change is refused before anything is submitted
+    for field, value in (("account", "x'y'z"), ("queue", 'all"q'), ("mail_user", "a#b@x")):
+        with pytest.raises(InvalidInputError, match=field.replace("_", "-")):
+            await sge_client.submit(JobSpec(command="true", name="bad", **{field: value}),
+                                    platform="sge")
+    assert [j.name for j in await sge_client.jobs()] == ["odd"]

@@ -229,7 +229,7 @@ def test_slurm_directive_values_with_blanks_stay_one_word(field: str, opt: str) 
 
 def test_slurm_submit_argv() -> None:
     assert SLURM.submit_argv("/r/log/job/x/01/job", "/r/log/job/x/01") == [
-        "sbatch", "/r/log/job/x/01/job"]
+        "sbatch", "--ignore-pbs", "/r/log/job/x/01/job"]
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,19 @@
 """Slurm: ``sbatch``, ``squeue``, ``scancel`` (Slurm 20.11+ man pages).
 
+Submit: ``sbatch --ignore-pbs JOB``.  sbatch reads ``#SBATCH`` lines only
+before the first command, but ``#PBS`` and ``#BSUB`` lines anywhere in the
+job file (observed on 22.05: a ``#BSUB -J`` line inside a quoted string after
+the first command renamed the job); sshq's job file embeds the user's script
+and environment values, so ``--ignore-pbs`` turns that reading off.
+
+Directive values: sbatch's ``#SBATCH`` reader is shell-like (``_get_argument``
+in ``src/sbatch/opt.c``; ``tests/fixtures/sbatch_directive_quotes.json``):
+unescaped, ``--partition=de'b'ug`` runs in ``debug``.  Every value is written
+with ``\\ ' " #`` backslash-escaped and blanks double-quoted, so it reaches
+Slurm byte-exact; in ``--output``/``--error`` paths ``%`` is doubled (sbatch's
+filename patterns) and a backslash is refused.  (Slurm before 19.05 also
+blanked the word ``packjob`` anywhere in a ``#SBATCH`` line; 22.05 does not.)
+
 Submit output (``sbatch(1)``, OUTPUT): ``Submitted batch job 123`` or, on a
 multi-cluster site, ``Submitted batch job 123 on cluster c1``: sshq's job id
 is then ``123@c1`` and its poll and kill commands carry ``--clusters=c1``.  Poll:
@@ -87,7 +101,9 @@ class SlurmHandler(JobRunnerHandler):
         return lines
 
     def submit_argv(self, job_file: str, job_log_dir: str) -> list[str]:
-        return ["sbatch", job_file]
+        # --ignore-pbs: sbatch also reads "#PBS" and "#BSUB" lines anywhere in
+        # the job file (the user's script and environment values are data there)
+        return ["sbatch", "--ignore-pbs", job_file]
 
     # Multi-cluster sites (sbatch --clusters): a job of cluster c2 is "123@c2";
     # its poll and kill commands name the cluster, or Slurm would not know it.
