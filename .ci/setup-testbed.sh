@@ -26,7 +26,8 @@ ADDR=127.0.0.1
 TUSER=sshqtest
 SGEUSER=sshqsge
 SLURM_CONF=/etc/slurm/slurm.conf
-PKGS=(openssh-server openssh-client rsync slurm-wlm munge iproute2 parallel tmux procps)
+PKGS=(openssh-server openssh-client rsync slurm-wlm munge iproute2 parallel tmux procps
+      python3-venv)
 
 export DEBIAN_FRONTEND=noninteractive
 export LC_ALL=C
