@@ -600,7 +600,7 @@ def hosts_trust(ctx: click.Context, host: str, port: int | None, known_hosts: st
                             " fingerprint, then answer y, or pass --yes or --fingerprint")
         return answer.strip().lower() in ("y", "yes")
 
-    t = trust_host(host, port, known_hosts, expected=fingerprint, confirm=confirm)
+    t = asyncio.run(trust_host(host, port, known_hosts, expected=fingerprint, confirm=confirm))
     result = {"host": t.host, "port": t.port, "key_type": t.key_type,
               "fingerprint": t.fingerprint, "known_hosts": t.known_hosts, "added": t.added,
               "already_known": t.already_known}

@@ -190,7 +190,8 @@ class Transport(abc.ABC):
             HostUnreachableError: the host cannot be reached, or the connection
                 was lost (transient).
             AuthenticationError: the server refused our credentials.
-            HostKeyError: the host key is unknown or changed.
+            HostKeyError: the host key, or a ProxyJump hop's, is unknown, changed
+                or revoked.
             RemoteError: stdout passed ``max_output`` (the command is closed).
         """
 

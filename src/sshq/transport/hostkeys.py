@@ -312,7 +312,7 @@ class TrustResult:
         return known_hosts_entry_name(self.host, self.port)
 
 
-def trust_host(host: str, port: int | None, known_hosts: str | None, *,
+async def trust_host(host: str, port: int | None, known_hosts: str | None, *,
                expected: str | None = None,
                confirm: Callable[[TrustResult], bool]) -> TrustResult:
     """Fetch ``host``'s key and record it in ``known_hosts`` only when confirmed.
@@ -334,7 +334,7 @@ def trust_host(host: str, port: int | None, known_hosts: str | None, *,
             fingerprint differs from ``expected``, or ``confirm`` said no.
     """
     kh = known_hosts or default_known_hosts()
-    key = asyncio.run(fetch_host_key(host, port))
+    key = await fetch_host_key(host, port)
     fp = fingerprint(key)
     name = known_hosts_entry_name(host, port)
     result = TrustResult(host, port or 22, key.get_algorithm(), fp, kh)
