@@ -315,9 +315,12 @@ def test_50mb_output_arrives_intact(sshq: Sshq, tmp_path: Path, platform: str,
         err = Path(rs[1]["stderr_file"]).read_bytes()
         assert Path(rs[2]["stdout_file"]).read_bytes() == b"small\n"
         assert not [x for x in out.iterdir() if x.name.startswith(".")]
-    else:
-        data = rs[1]["stdout"].encode()
-        err = rs[1]["stderr"].encode()
+    else:   # over 4 MiB: in a file of the run's directory, named in the result
+        name = run_name(p.stderr)
+        assert rs[1]["stdout_file"].endswith(f"/farm/{name}/output/1.stdout")
+        assert "stdout" not in rs[1]
+        data = Path(rs[1]["stdout_file"]).read_bytes()
+        err = rs[1]["stderr"].encode()   # 2 MB: carried in the result
         assert rs[2]["stdout"] == "small\n"
     assert len(data) == n and hashlib.sha256(data).hexdigest() == digest
     assert err == err_expected

@@ -289,6 +289,7 @@ def test_replay_with_truncated_last_line(tmp_path: Path) -> None:
 def test_replay_large_seq(tmp_path: Path) -> None:
     rd = RunDir(tmp_path, "r")
     rd.path.mkdir(parents=True)
+    rd.batch.write_text("echo\n" * 100000)   # seqs beyond the batch are ignored
     (rd.path / "journal").write_text('{"e":"result","seq":100000}\n{"e":"result","seq":1}\n')
     reported, _ = rd.replay()
     assert reported[100000] and reported[1] and not reported[2] and not reported[99999]

@@ -48,7 +48,11 @@ class FarmClient(ClientCore):
                 to finish wins, the others are killed).
             keep_order: report in input order.
             output_dir: local directory; each task's output goes to files
-                there instead of into the results.
+                there instead of into the results.  Without it, a stream
+                longer than 4 MiB (:data:`sshq.farm.output.INLINE_MAX`) goes
+                to ``<state dir>/farm/<run>/output/<seq>.stdout`` (or
+                ``.stderr``), named in the result (``stdout_file``) instead of
+                carried in it: memory stays bounded whatever a task prints.
             deps: local directory rsynced to every host first; tasks run in
                 its copy (under the platform's ``run_dir``).
             detach: leave the tasks with detached workers on the hosts and
@@ -94,7 +98,8 @@ class FarmClient(ClientCore):
         Args:
             name: the run.
             out: as for :meth:`farm`.
-            warn: called with warnings.
+            warn: called with warnings (unreachable hosts, bogus results in a
+                spool, output written to files).
 
         Returns:
             The run's ``sshq.farm.engine.FarmStats``.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..exceptions import ConfigError
 
-__all__ = ["read_batch", "count_tasks"]
+__all__ = ["read_batch", "count_tasks", "count_lines"]
 
 
 def _command(raw: bytes) -> str | None:
@@ -60,6 +60,14 @@ def count_tasks(path: str | os.PathLike[str]) -> tuple[int, int]:
     n = 0
     for _ in read_batch(Path(path)):
         n += 1
+    return n, count_lines(path)
+
+
+def count_lines(path: str | os.PathLike[str]) -> int:
+    """The number of lines of a batch file (the largest possible seq).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
     with open(path, "rb") as fh:
-        lines = sum(1 for _ in fh)
-    return n, lines
+        return sum(1 for _ in fh)

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..exceptions import RemoteError, SshqError
+from ..exceptions import HostUnreachableError, RemoteError, SshqError
 from ..remote.protocol import agent_argv
 from .engine import FarmHost, FarmOptions, FarmStats, task_dir
 from .journal import RunDir
-from .output import TaskResult, signal_name
+from .output import Budget, TaskOutput, TaskResult, printable, result_fields, spill_note
 from .wire import FrameReader, dispatcher_source, dispatcher_stdin, encode
 
 __all__ = ["Spool", "Pilots", "prepare_spools", "attach_spools"]
@@ -177,11 +177,167 @@ async def start_shared(sp: Spool, opts: FarmOptions) -> None:
                            if h is not sp.host))
 
 
+async def _stream_call(host: FarmHost, header: dict[str, Any],
+                       on_frame: Callable[[dict[str, Any], bytes], None],
+                       idle: float = 600.0) -> None:
+    """One dispatcher call whose reply is read as it arrives (``collect``):
+    each frame goes to ``on_frame`` at once, so what the client holds does
+    not grow with the reply.
+
+    Raises:
+        RemoteError: the dispatcher did not start, or sent a malformed frame.
+        HostUnreachableError: nothing came for ``idle`` seconds.
+        TransportError: the host could not be reached.
+    """
+    nonce, stdin = dispatcher_stdin(header)
+    reader = FrameReader(nonce)
+    session = await host.transport.open_session(
+        agent_argv(host.python, login_shell=host.login_shell))
+    try:
+        await session.write(stdin)
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    data = await session.read()
+            except TimeoutError:
+                raise HostUnreachableError(
+                    f"{host.label}: no word from the dispatcher for {idle:.0f} s",
+                    host=host.label) from None
+            if not data:
+                break
+            for head, payload in reader.feed(data):
+                on_frame(head, payload)
+        if not reader.started:
+            err = session.stderr_tail().decode("utf-8", "replace").strip()
+            raise RemoteError(f"{host.label}: the dispatcher failed: {err[-500:] or 'no output'}")
+    finally:
+        await session.close()
+
+
+class _Collector:
+    """Turns one spool's ``collect`` reply into results (untrusted: checked).
+
+    A result is reported only if its seq is one of the run's tasks not
+    reported yet; anything else is skipped with a warning and never
+    journalled.  Output frames are taken for one result at a time (the
+    dispatcher sends a result's output, then its ``d`` frame), held in a
+    :class:`~sshq.farm.output.TaskOutput`: bounded memory, long streams in
+    files under the run's ``output`` directory.
+    """
+
+    def __init__(self, sp: Spool, rd: RunDir, writer: Any, commands: Callable[[int], str | None],
+                 reported: bytearray, stats: FarmStats, budget: Budget,
+                 warn: Callable[[str], None]) -> None:
+        self.sp = sp
+        self.rd = rd
+        self.writer = writer
+        self.commands = commands
+        self.reported = reported
+        self.stats = stats
+        self.budget = budget
+        self.warn = warn
+        self.acks: list[int] = []
+        self.states: list[dict[str, Any]] = []
+        self.cur: tuple[int, TaskOutput] | None = None
+        self.warned: set[object] = set()
+
+    def _task(self, seq: object) -> bool:
+        """Whether ``seq`` is one of the run's tasks (warns once if not)."""
+        if (isinstance(seq, int) and not isinstance(seq, bool) and 0 < seq < len(self.reported)
+                and self.commands(seq) is not None):
+            return True
+        key = seq if isinstance(seq, (int, str)) else repr(seq)[:60]
+        if key not in self.warned and len(self.warned) < 100:
+            self.warned.add(key)
+            self.warn(f"{self.sp.host.label}: ignored a result for {str(seq)[:60]!r} in"
+                      f" {self.sp.path}: not a task of run {self.rd.name}")
+        return False
+
+    def drop(self) -> None:
+        if self.cur is not None:
+            self.cur[1].discard()
+            self.cur = None
+
+    def frame(self, head: dict[str, Any], payload: bytes) -> None:
+        kind = head.get("t")
+        if kind == "o":
+            seq = head.get("id")
+            stream = head.get("s", 1)
+            if self.cur is None or self.cur[0] != seq:
+                self.drop()
+                if not self._task(seq):
+                    return
+                assert isinstance(seq, int)
+                if self.reported[seq]:
+                    return
+                self.cur = (seq, TaskOutput(self.rd.output_dir, f"{seq}.attach", self.budget))
+            if stream in (1, 2) and not isinstance(stream, bool):
+                self.cur[1].add(stream, payload)
+        elif kind == "d":
+            self.result(head)
+        elif kind == "state":
+            self.drop()
+            self.states.append(head)
+        elif kind == "warn":
+            self.warn(f"{self.sp.host.label}: {printable(head.get('msg'), 300)}")
+
+    def result(self, head: dict[str, Any]) -> None:
+        seq = head.get("id")
+        output = None
+        if self.cur is not None and self.cur[0] == seq:
+            output = self.cur[1]
+            self.cur = None
+        else:
+            self.drop()
+        if not self._task(seq):
+            if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 1 << 62:
+                self.acks.append(seq)   # the host may forget it
+            if output is not None:
+                output.discard()
+            return
+        assert isinstance(seq, int)
+        self.acks.append(seq)
+        if self.reported[seq]:
+            if output is not None:
+                output.discard()
+            return
+        if output is None:
+            output = TaskOutput(self.rd.output_dir, f"{seq}.attach", self.budget)
+        output.close()
+        f = result_fields(head)
+        node, who = f["node"], f["host"]
+        if self.sp.job_ids:    # a pilot: platform/node
+            label = f"{self.sp.host.label}/{node}" if node else self.sp.host.label
+        else:                  # the worker's host (several may share a spool)
+            label = who or self.sp.host.label
+        command = self.commands(seq)
+        assert command is not None
+        r = TaskResult(seq=seq, command=command, host=label, exit_status=f["exit_status"],
+                       signal=f["signal"], start=f["start"], end=f["end"],
+                       attempts=f["attempt"], timed_out=f["timed_out"])
+        try:
+            output.settle(r, self.rd.output_dir)
+            output.fill(r)
+        except BaseException:
+            output.discard()
+            raise
+        self.writer.write(r)
+        self.rd.log("result", seq=seq, host=r.host, exit_status=r.exit_status, signal=r.signal)
+        self.reported[seq] = 1
+        if r.ok:
+            self.stats.done += 1
+        else:
+            self.stats.failed += 1
+        note = spill_note(r)
+        if note:
+            self.warn(note)
+
+
 async def attach_spools(
     spools: list[Spool],
     rd: RunDir,
     writer: Any,
-    commands: Callable[[int], str],
+    commands: Callable[[int], str | None],
     opts: FarmOptions,
     *,
     interval: float = 1.0,
@@ -191,14 +347,19 @@ async def attach_spools(
 ) -> FarmStats:
     """Collect results from spools until every task has one.
 
+    Everything a spool holds is untrusted (its tasks can write there): a
+    result whose seq is not one of the run's tasks is skipped with a
+    warning, and never journalled.
+
     Args:
         spools: the spools of the run.
         rd: the run directory (journal: what was reported already).
         writer: where results go.
-        commands: seq -> command text (for the result objects).
+        commands: seq -> command text (for the result objects); None for a
+            seq that is not one of the run's tasks.
         opts: the run's options (to restart a worker).
         interval: seconds between two collections from a host.
-        warn: told about unreachable hosts and dead workers.
+        warn: told about unreachable hosts, dead workers and bogus results.
         revive: given a spool with tasks left and no live worker; returns
             True if a worker is coming (a pilot job queued, a worker
             restarted), False if none will (the tasks are left for later).
@@ -211,13 +372,12 @@ async def attach_spools(
     Raises:
         SshqError: a host stayed unreachable (its tasks are still there:
             attach again later).
+        OSError: a long output could not be written to the run's directory.
     """
     stats = stats or FarmStats(total=sum(sp.tasks for sp in spools))
     reported, _ = rd.replay()
+    budget = Budget()
     acks: dict[int, list[int]] = {i: [] for i in range(len(spools))}
-
-    def seen(seq: int) -> bool:
-        return seq < len(reported) and bool(reported[seq])
 
     while not all(sp.finished for sp in spools):
         for i, sp in enumerate(spools):
@@ -225,76 +385,48 @@ async def attach_spools(
                 continue
             header = {"mode": "collect", "spools": [
                 {"spool": sp.path, "ack": acks[i], "tidy": False}]}
+            col = _Collector(sp, rd, writer, commands, reported, stats, budget, warn)
             try:
-                frames = await _call(sp.host, header, timeout=600)
+                await _stream_call(sp.host, header, col.frame)
             except SshqError as exc:
                 sp.failures += 1
+                acks[i] += col.acks   # not known to have arrived: sent again
                 warn(f"{sp.host.label}: {exc}")
                 if sp.failures >= opts.max_host_failures:
                     raise SshqError(f"{sp.host.label} stayed unreachable; its tasks are"
                                     f" still there: `sshq farm attach {rd.name}` later") from None
                 continue
+            finally:
+                col.drop()
             sp.failures = 0
-            acks[i] = []
-            out: dict[int, list[bytearray]] = {}
-            for head, payload in frames:
-                kind = head.get("t")
-                if kind == "o":
-                    bufs = out.setdefault(int(head["id"]), [bytearray(), bytearray()])
-                    bufs[int(head.get("s", 1)) - 1] += payload
-                elif kind == "d":
-                    seq = int(head["id"])
-                    acks[i].append(seq)
-                    bufs = out.pop(seq, [bytearray(), bytearray()])
-                    if seen(seq):
-                        continue
-                    node = head.get("node")
-                    if sp.job_ids:    # a pilot: platform/node
-                        label = f"{sp.host.label}/{node}" if node else sp.host.label
-                    else:             # the worker's host (several may share a spool)
-                        label = head.get("host") or sp.host.label
-                    r = TaskResult(
-                        seq=seq, command=commands(seq), host=label,
-                        exit_status=head.get("rc"), signal=signal_name(head.get("sig")),
-                        stdout=bytes(bufs[0]), stderr=bytes(bufs[1]), start=head.get("t0"),
-                        end=head.get("t1"), attempts=int(head.get("attempt", 1)),
-                        timed_out=bool(head.get("to")))
-                    writer.write(r)
-                    rd.log("result", seq=seq, host=r.host, exit_status=r.exit_status,
-                           signal=r.signal)
-                    if seq >= len(reported):
-                        reported.extend(bytes(seq + 1 - len(reported) + 1024))
-                    reported[seq] = 1
-                    if r.ok:
-                        stats.done += 1
-                    else:
-                        stats.failed += 1
-                elif kind == "state":
-                    if not head.get("exists", True):
-                        sp.finished = True     # tidied by an earlier attach
-                        rd.log("spool_done", spool=sp.path)
-                    elif head.get("done") and head.get("results", 0) == len(acks[i]):
+            acks[i] = col.acks
+            for head in col.states[:1]:
+                if not head.get("exists", True):
+                    sp.finished = True     # tidied by an earlier attach
+                    rd.log("spool_done", spool=sp.path)
+                elif head.get("done") and head.get("results", 0) == len(acks[i]):
+                    sp.finished = True
+                    # tidy: acknowledge and remove the spool
+                    await _stream_call(sp.host, {"mode": "collect", "spools": [
+                        {"spool": sp.path, "ack": acks[i], "tidy": True}]},
+                        lambda head, payload: None)
+                    rd.log("spool_done", spool=sp.path)
+                elif not head.get("alive") and not head.get("done"):
+                    if not await (revive or _restart)(sp, opts, warn):
+                        warn(f"{sp.host.label}: no worker is left for {sp.path}; its"
+                             f" unfinished tasks stay there (`sshq farm attach {rd.name}`)")
                         sp.finished = True
-                        # tidy: acknowledge and remove the spool
-                        await _call(sp.host, {"mode": "collect", "spools": [
-                            {"spool": sp.path, "ack": acks[i], "tidy": True}]})
-                        rd.log("spool_done", spool=sp.path)
-                    elif not head.get("alive") and not head.get("done"):
-                        if not await (revive or _restart)(sp, opts, warn):
-                            warn(f"{sp.host.label}: no worker is left for {sp.path}; its"
-                                 f" unfinished tasks stay there (`sshq farm attach {rd.name}`)")
-                            sp.finished = True
         if not all(sp.finished for sp in spools):
             await asyncio.sleep(interval)
     return stats
 
 
-def command_lookup(batch: Path) -> Callable[[int], str]:
-    """seq -> command of a batch file (reads the file once into an offset index)."""
+def command_lookup(batch: Path) -> Callable[[int], str | None]:
+    """seq -> command of a batch file (None: not one of its tasks)."""
     from .batch import read_batch
 
     table = dict(read_batch(batch))
-    return lambda seq: table.get(seq, "")
+    return table.get
 
 
 class Pilots:

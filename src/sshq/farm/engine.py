@@ -27,18 +27,19 @@ import logging
 import os
 import random
 import statistics
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from ..exceptions import HostUnreachableError, RemoteError, SshqError
 from ..remote.protocol import agent_argv
 from ..transport import Session, Transport
 from ..transport.local import LocalTransport
-from .output import TaskResult, output_paths, signal_name
+from .output import Budget, TaskOutput, TaskResult, output_paths, result_fields
 from .wire import FrameReader, dispatcher_stdin, encode
 
 __all__ = ["FarmHost", "FarmOptions", "Farm", "FarmStats"]
@@ -101,6 +102,10 @@ class FarmOptions:
         keep_order: report results in input order.
         output_dir: write each task's stdout/stderr there instead of
             carrying them in the result.
+        spill_dir: where a stream longer than
+            :data:`~sshq.farm.output.INLINE_MAX` goes (``<seq>.stdout``,
+            ``<seq>.stderr``), named in the result instead of carried in it;
+            None: a fresh temporary directory, made when first needed.
         deps: name of the ``--deps`` directory: tasks run in its copy,
             ``<run_dir>/farm-deps/<deps>``; None: in the login directory.
         env: extra environment variables for the tasks.
@@ -117,6 +122,7 @@ class FarmOptions:
     speculate: bool = True
     keep_order: bool = False
     output_dir: Path | None = None
+    spill_dir: Path | None = None
     deps: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     max_host_failures: int = 5
@@ -154,38 +160,15 @@ class _Task:
 
 
 class _Copy:
-    __slots__ = ("dispatched", "err", "files", "host", "id", "out", "started", "task")
+    __slots__ = ("dispatched", "host", "id", "output", "started", "task")
 
-    def __init__(self, cid: int, task: _Task, host: _Host) -> None:
+    def __init__(self, cid: int, task: _Task, host: _Host, output: TaskOutput) -> None:
         self.id = cid
         self.task = task
         self.host = host
         self.dispatched = time.monotonic()
         self.started: float | None = None
-        self.out = bytearray()
-        self.err = bytearray()
-        self.files: list[BinaryIO] | None = None
-
-    def add(self, stream: int, data: bytes, output_dir: Path | None) -> None:
-        if output_dir is None:
-            (self.out if stream == 1 else self.err).extend(data)
-            return
-        if self.files is None:
-            self.files = [open(p, "wb") for p in self.part_paths(output_dir)]
-        self.files[stream - 1].write(data)
-
-    def part_paths(self, output_dir: Path) -> list[Path]:
-        return [output_dir / f".{self.task.seq}.{self.id}.{n}.part" for n in ("stdout", "stderr")]
-
-    def discard(self, output_dir: Path | None) -> None:
-        if output_dir is not None:
-            self.close_files()
-            for p in self.part_paths(output_dir):
-                p.unlink(missing_ok=True)
-
-    def close_files(self) -> None:
-        for fh in self.files or ():
-            fh.close()
+        self.output = output
 
 
 class _Host:
@@ -248,7 +231,8 @@ class Farm:
         self._warn = warn
         self._paused_cb = paused
         self._order = order
-        self._held: dict[int, TaskResult] = {}
+        self._held: dict[int, tuple[TaskResult, TaskOutput | None]] = {}
+        self._budget = Budget()
         self._next_in_order: int | None = None
         self._durations: deque[float] = deque(maxlen=1001)
         self._next_id = 0
@@ -287,7 +271,10 @@ class Farm:
             await asyncio.gather(*runners, ticker, all_gone, finished, return_exceptions=True)
             for h in self.hosts:
                 for c in list(h.copies.values()):
-                    c.discard(self.opts.output_dir)
+                    c.output.discard()
+            for _r, held in self._held.values():
+                if held is not None:
+                    held.discard()
         if self._fatal is not None:
             raise self._fatal
         if not self._finished.is_set():
@@ -434,7 +421,11 @@ class Farm:
                         hello = head
             if self._paused:
                 await session.write(encode({"t": "pause"}))
-            h.slots = int(hello["slots"])
+            slots = hello.get("slots")
+            if not isinstance(slots, int) or isinstance(slots, bool) or not 0 < slots <= 65536:
+                raise RemoteError(f"{h.label}: the dispatcher's hello is malformed"
+                                  f" (slots {str(slots)[:40]!r})")
+            h.slots = slots
             h.capacity = h.slots + max(1, h.slots)
             h.session = session
             log.info("%s: dispatcher up (%d slots)", h.label, h.slots)
@@ -475,7 +466,7 @@ class Farm:
                 if got is None:
                     break
                 t, speculative = got
-                c = _Copy(self._next_id, t, h)
+                c = _Copy(self._next_id, t, h, self._new_output(t.seq, self._next_id))
                 self._next_id += 1
                 t.copies[c.id] = c
                 h.copies[c.id] = c
@@ -496,7 +487,7 @@ class Farm:
         h.copies.clear()
         for c in copies:
             self.stats.running -= c.started is not None
-            c.discard(self.opts.output_dir)
+            c.output.discard()
             t = c.task
             t.copies.pop(c.id, None)
             if t.seq not in self._active or t.copies:
@@ -515,14 +506,31 @@ class Farm:
 
     # ------------------------------------------------------------ frames
 
+    def _new_output(self, seq: int, cid: int) -> TaskOutput:
+        o = self.opts
+        if o.output_dir is not None:
+            return TaskOutput(o.output_dir, f"{seq}.{cid}", self._budget, to_files=True)
+        if o.spill_dir is None:
+            o.spill_dir = Path(tempfile.mkdtemp(prefix="sshq-farm-output-"))
+        return TaskOutput(o.spill_dir, f"{seq}.{cid}", self._budget)
+
     def _on_frame(self, h: _Host, head: dict[str, Any], payload: bytes) -> None:
+        """One frame from ``h``'s dispatcher (untrusted: checked here).
+
+        Raises:
+            RemoteError: a frame that makes no sense (the session is dropped).
+            OSError: output could not be written to its file.
+        """
         kind = head.get("t")
         if kind == "hb" or kind == "bye":
             return
-        c = h.copies.get(head.get("id", -1))
+        cid = head.get("id")
+        c = h.copies.get(cid) if isinstance(cid, int) else None
         if c is None:
             return
         if kind == "s":
+            if c.started is not None:
+                return
             c.started = time.monotonic()
             self.stats.running += 1
         elif kind == "d":
@@ -530,35 +538,39 @@ class Farm:
             self.stats.running -= c.started is not None
             h.wake.set()
         if c.task.seq not in self._active:   # decided already: a loser's output
+            if kind == "d":
+                c.output.discard()
             return
         if kind == "s":
             c.task.attempts += 1
             self._journal("start", seq=c.task.seq, host=h.label, attempt=c.task.attempts)
         elif kind == "o":
-            c.add(int(head.get("s", 1)), payload, self.opts.output_dir)
+            stream = head.get("s", 1)
+            if stream not in (1, 2) or isinstance(stream, bool):
+                raise RemoteError(f"{h.label}: malformed dispatcher frame (stream {stream!r})")
+            c.output.add(stream, payload)
         elif kind == "d":
             h.completed += 1
-            n1 = int(head.get("n1", 0))
-            c.add(1, payload[:n1], self.opts.output_dir)
-            c.add(2, payload[n1:], self.opts.output_dir)
+            n1 = head.get("n1", 0)
+            if not isinstance(n1, int) or isinstance(n1, bool) or not 0 <= n1 <= len(payload):
+                c.output.discard()
+                raise RemoteError(f"{h.label}: malformed dispatcher frame (n1 {n1!r})")
+            c.output.add(1, payload[:n1])
+            c.output.add(2, payload[n1:])
+            c.output.close()
             self._copy_done(c, head)
 
     def _copy_done(self, c: _Copy, head: dict[str, Any]) -> None:
         t = c.task
         t.copies.pop(c.id, None)
-        if t.seq not in self._active or head.get("k"):
-            c.discard(self.opts.output_dir)
+        f = result_fields(head)
+        if t.seq not in self._active or f["killed"]:
+            c.output.discard()
             return
         r = TaskResult(
-            seq=t.seq, command=t.command, host=c.host.label, exit_status=head.get("rc"),
-            signal=signal_name(head.get("sig")), stdout=bytes(c.out), stderr=bytes(c.err),
-            start=head.get("t0"), end=head.get("t1"), attempts=t.attempts,
-            timed_out=bool(head.get("to")))
-        if self.opts.output_dir is not None:
-            c.close_files()
-            if c.files is None:
-                c.files = [open(p, "wb") for p in c.part_paths(self.opts.output_dir)]
-                c.close_files()
+            seq=t.seq, command=t.command, host=c.host.label, exit_status=f["exit_status"],
+            signal=f["signal"], start=f["start"], end=f["end"], attempts=t.attempts,
+            timed_out=f["timed_out"])
         if r.ok:
             if c.started is not None:
                 self._durations.append(time.monotonic() - c.started)
@@ -567,10 +579,10 @@ class Farm:
         t.failures += 1
         t.failed_hosts.add(c.host.label)
         if t.copies:   # another copy may still succeed
-            c.discard(self.opts.output_dir)
+            c.output.discard()
             return
         if t.failures <= self.opts.retries:
-            c.discard(self.opts.output_dir)
+            c.output.discard()
             self.stats.retried += 1
             self._journal("retry", seq=t.seq, host=c.host.label)
             self._retry.append(t)
@@ -582,36 +594,42 @@ class Farm:
         """The task's result is decided: kill other copies and report it."""
         del self._active[t.seq]
         for other in list(t.copies.values()):
-            other.discard(self.opts.output_dir)
+            other.output.discard()
             if other.host.session is not None:
                 frame = encode({"t": "kill", "id": other.id})
                 self._background(_quiet_write(other.host.session, frame))
         t.copies.clear()
-        if self.opts.output_dir is not None:
+        output = winner.output if winner is not None else None
+        if output is not None:
+            output.settle(r, self.opts.output_dir or self._spill_dir())
+        elif self.opts.output_dir is not None:
             out, err = output_paths(self.opts.output_dir, t.seq)
-            if winner is not None:
-                parts = winner.part_paths(self.opts.output_dir)
-                parts[0].replace(out)
-                parts[1].replace(err)
-            else:
-                out.write_bytes(b"")
-                err.write_bytes(b"")
+            out.write_bytes(b"")
+            err.write_bytes(b"")
             r.stdout_file, r.stderr_file = str(out), str(err)
         if r.ok:
             self.stats.done += 1
         else:
             self.stats.failed += 1
         if self.opts.keep_order:
-            self._held[t.seq] = r
+            # held results keep their output in buffers: counted in the budget,
+            # spilled to files past it
+            self._held[t.seq] = (r, output)
             while self._next_in_order is not None and self._next_in_order in self._held:
-                self._report(self._held.pop(self._next_in_order))
+                self._report(*self._held.pop(self._next_in_order))
                 assert self._order is not None
                 self._next_in_order = next(self._order, None)
         else:
-            self._report(r)
+            self._report(r, output)
 
-    def _report(self, r: TaskResult) -> None:
+    def _spill_dir(self) -> Path:
+        assert self.opts.spill_dir is not None   # set by _new_output
+        return self.opts.spill_dir
+
+    def _report(self, r: TaskResult, output: TaskOutput | None) -> None:
         try:
+            if output is not None:
+                output.fill(r)
             self._report_cb(r)
         except BaseException as exc:  # the output is gone: stop everything
             self._fatal = exc

@@ -2,8 +2,9 @@
 
 ``<state_dir>/farm/<run>/`` holds ``batch`` (a copy of the batch file, so
 ``--resume`` runs exactly what was asked), ``options.json``, ``journal``
-(one JSON object per line, appended at every state change) and, while the
-run is paused, ``paused``.
+(one JSON object per line, appended at every state change), ``output/``
+(task output too long to be carried in a result) and, while the run is
+paused, ``paused``.
 
 Journal events (``e``): ``run`` (start of an invocation), ``start`` (a copy
 of task ``seq`` started on ``host``), ``lost`` (its host went away),
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..exceptions import ConfigError
+from .batch import count_lines
 
 __all__ = ["RunDir", "check_run_name", "new_run_name"]
 
@@ -70,6 +72,12 @@ class RunDir:
     def paused_flag(self) -> Path:
         return self.path / "paused"
 
+    @property
+    def output_dir(self) -> Path:
+        """Where output too long to be carried in a result goes (``<seq>.stdout``,
+        ``<seq>.stderr``)."""
+        return self.path / "output"
+
     def exists(self) -> bool:
         return (self.path / "options.json").is_file()
 
@@ -107,11 +115,20 @@ class RunDir:
     def replay(self) -> tuple[bytearray, int]:
         """Read the journal.
 
+        A ``result`` line whose seq is not a line of the run's batch file (a
+        journal written before such results were refused, or damaged) is
+        skipped, as are lines that do not parse.
+
         Returns:
-            ``(reported, starts)``: a bitmap indexed by seq (non-zero: the
-            task's result was reported) and the number of starts recorded.
+            ``(reported, starts)``: a bitmap indexed by seq, one byte per line
+            of the batch file plus one (non-zero: the task's result was
+            reported), and the number of starts recorded.
         """
-        reported = bytearray()
+        try:
+            lines = count_lines(self.batch)
+        except OSError:
+            lines = 0
+        reported = bytearray(lines + 1)
         starts = 0
         try:
             fh = open(self.path / "journal", "rb")
@@ -123,11 +140,12 @@ class RunDir:
                     ev = json.loads(line)
                 except ValueError:
                     continue  # a line cut short by a crash
+                if not isinstance(ev, dict):
+                    continue
                 if ev.get("e") == "result":
-                    seq = int(ev["seq"])
-                    if seq >= len(reported):
-                        reported.extend(bytes(seq + 1 - len(reported) + 1024))
-                    reported[seq] = 1
+                    seq = ev.get("seq")
+                    if isinstance(seq, int) and not isinstance(seq, bool) and 0 < seq <= lines:
+                        reported[seq] = 1
                 elif ev.get("e") == "start":
                     starts += 1
         return reported, starts

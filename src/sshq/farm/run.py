@@ -21,7 +21,7 @@ from ..transport.local import LocalTransport
 from .batch import count_tasks, read_batch
 from .engine import Farm, FarmHost, FarmOptions, FarmStats
 from .journal import RunDir, new_run_name
-from .output import ResultSink, TaskResult, ensure_dir, make_writer
+from .output import ResultSink, TaskResult, ensure_dir, make_writer, spill_note
 
 __all__ = ["FarmRequest", "resolve_hosts", "run_farm", "pause_run", "sync_deps"]
 
@@ -225,6 +225,7 @@ async def run_farm(
     if req.deps is not None:
         opts.deps = await sync_deps(hosts, req.deps)
     opts.env = dict(opts.env, SSHQ_FARM_RUN=rd.name)
+    opts.spill_dir = rd.output_dir
     writer = make_writer(out, req.fmt)
     rd.open_journal()
     rd.log("run", resume=bool(req.resume), hosts=[h.label for h in hosts], tasks=total)
@@ -232,6 +233,9 @@ async def run_farm(
     def report(r: TaskResult) -> None:
         writer.write(r)
         rd.log("result", seq=r.seq, host=r.host, exit_status=r.exit_status, signal=r.signal)
+        note = spill_note(r, output_dir=opts.output_dir is not None)
+        if note:
+            warn(note)
 
     farm = Farm(
         hosts, read_batch(rd.batch, skip=reported), total, report, opts,

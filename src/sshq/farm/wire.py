@@ -25,8 +25,11 @@ from ..remote.protocol import skip_to_fence
 __all__ = ["Frame", "FrameReader", "encode", "dispatcher_stdin", "dispatcher_source"]
 
 HEAD = struct.Struct(">II")
-#: Largest frame header or payload accepted from a dispatcher (bytes).
-MAX_FRAME = 64 << 20
+#: Largest frame header or payload accepted from a dispatcher (bytes): what
+#: one host's reader may hold.  The dispatcher sends at most 2 MiB at once
+#: (a ``d`` frame with two streams of up to 1 MiB; longer output comes in
+#: 256 KiB ``o`` frames).
+MAX_FRAME = 8 << 20
 
 Frame = tuple[dict[str, Any], bytes]
 

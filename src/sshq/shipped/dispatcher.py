@@ -38,7 +38,9 @@
 # and writes "done" at the end.  "mode":"collect" sends the results of
 # several spools that the client has not reported yet, as "o" and "d" frames
 # with id = seq, then {"t":"state","spool","done","alive","tasks","results"}
-# per spool.
+# per spool.  Tasks can write into their spool: a results/*.json that is not
+# the result of one of the spool's tasks (name, size up to META_MAX, JSON,
+# its "seq") is renamed to .bad and reported as {"t":"warn","msg"}.
 #
 # The dispatcher dies with its channel: on EOF of stdin or a broken stdout it
 # kills its tasks' process groups and exits; the client re-runs them.
@@ -815,7 +817,46 @@ def worker_alive(spool):
     return any(fresh(workers, n) for n in names if not n.endswith(".done"))
 
 
+META_MAX = 65536        # bytes: a result's .json is larger only if it is not ours
+
+
+def spool_seqs(spool):
+    """The seqs of a spool's tasks (a set)."""
+    seqs = set()
+    try:
+        with open(os.path.join(spool, "tasks.jsonl")) as tf:
+            for line in tf:
+                try:
+                    seqs.add(int(json.loads(line)["seq"]))
+                except (ValueError, KeyError, TypeError):
+                    pass
+    except OSError:
+        pass
+    return seqs
+
+
+def read_meta(path, seq):
+    """A result's .json, checked: a dict for task ``seq``, or None (not ours)."""
+    try:
+        with open(path, "rb") as mf:
+            data = mf.read(META_MAX + 1)
+    except OSError:
+        return None
+    if len(data) > META_MAX:
+        return None
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except ValueError:
+        return None
+    if not isinstance(meta, dict) or meta.get("seq") != seq:
+        return None
+    return meta
+
+
 def collect(header):
+    """Send the spools' unacknowledged results; a file in results/ that is
+    not a result of one of the spool's tasks (a task may write there) is
+    renamed to .bad and reported in a "warn" frame, never sent."""
     out = sys.stdout.buffer
     out.write(("\nSSHQ-BEGIN-%s\n" % header["nonce"]).encode("ascii"))
     for item in header["spools"]:
@@ -838,17 +879,27 @@ def collect(header):
             names = os.listdir(results)
         except OSError:
             names = []
+        seqs = spool_seqs(spool)
         count = 0
         for name in names:
             if not name.endswith(".json"):
                 continue
+            path = os.path.join(results, name)
+            digits = name[:-5]
+            seq = int(digits) if digits.isdigit() and len(digits) <= 18 else None
+            meta = read_meta(path, seq) if seq in seqs else None
+            if meta is None:
+                try:
+                    os.rename(path, path + ".bad")
+                except OSError:
+                    pass
+                out.write(frame({"t": "warn", "msg": "%s: not a result of one of the spool's"
+                                 " tasks; renamed to %s.bad" % (path[-200:], name[-60:])}))
+                continue
             count += 1
-            seq = int(name[:-5])
-            with open(os.path.join(results, name)) as mf:
-                meta = json.load(mf)
             for no, ext in ((1, ".out"), (2, ".err")):
                 try:
-                    fh = open(os.path.join(results, "%d%s" % (seq, ext)), "rb")
+                    fh = open(os.path.join(results, str(seq) + ext), "rb")
                 except OSError:
                     continue
                 with fh:
@@ -857,18 +908,13 @@ def collect(header):
                         if not data:
                             break
                         out.write(frame({"t": "o", "id": seq, "s": no}, data))
-            out.write(frame({"t": "d", "id": seq, "rc": meta["rc"], "sig": meta["sig"],
-                             "t0": meta["t0"], "t1": meta["t1"], "to": meta["to"],
+            out.write(frame({"t": "d", "id": seq, "rc": meta.get("rc"), "sig": meta.get("sig"),
+                             "t0": meta.get("t0"), "t1": meta.get("t1"), "to": meta.get("to"),
                              "k": False, "n1": 0, "attempt": meta.get("attempt", 1),
                              "node": meta.get("node"), "host": meta.get("host")}))
-        try:
-            with open(os.path.join(spool, "tasks.jsonl")) as tf:
-                tasks = sum(1 for _ in tf)
-        except OSError:
-            tasks = 0
         out.write(frame({"t": "state", "spool": spool, "done": done, "alive": alive,
                          "exists": os.path.isdir(spool),
-                         "tasks": tasks, "results": count}))
+                         "tasks": len(seqs), "results": count}))
         if item.get("tidy") and (done or not alive):
             shutil.rmtree(spool, ignore_errors=True)
     out.write(frame({"t": "bye"}))

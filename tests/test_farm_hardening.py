@@ -1,0 +1,354 @@
+"""The farm against what a task (untrusted) can do to its client, and as a user
+meets it: bounded client memory whatever a task prints, bogus results in a
+detached spool, two clients on one run, the end-of-run summary on a terminal,
+``attach --format``, a reader that goes away.
+
+Over the test bed's loopback sshd (platform ``bg``); the client is the real
+``sshq`` command in a child process, whose peak memory is measured with
+``os.wait4`` (the kernel's ``ru_maxrss`` of that process alone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from sshq.farm.journal import RunDir
+from sshq.farm.output import INLINE_MAX, Budget, StreamBuffer, TaskOutput, TaskResult
+
+pytestmark = [pytest.mark.sshd, pytest.mark.timeout(180)]
+
+Sshq = Callable[..., subprocess.CompletedProcess[bytes]]
+
+#: A client's peak RSS must stay under this (MiB).  An idle client is about
+#: 50 MiB; before output was bounded, 214 MB of task output cost about 1.1 GiB.
+RSS_BOUND_MIB = 160
+
+#: ``seq 25000000``: 214 MB of output.
+BIG_CMD = "seq 25000000"
+
+
+def write_batch(tmp_path: Path, lines: list[str], name: str = "batch.txt") -> Path:
+    p = tmp_path / name
+    p.write_text("".join(x + "\n" for x in lines))
+    return p
+
+
+def jsonl(stdout: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def by_seq(results: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    seqs = [r["seq"] for r in results]
+    assert len(seqs) == len(set(seqs)), f"a task reported twice: {seqs}"
+    return {r["seq"]: r for r in results}
+
+
+def sha_of_command(cmd: str) -> tuple[int, str]:
+    """(length, sha256) of what ``sh -c cmd`` prints here."""
+    proc = subprocess.Popen(["sh", "-c", cmd], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    h = hashlib.sha256()
+    n = 0
+    while chunk := proc.stdout.read(1 << 20):
+        h.update(chunk)
+        n += len(chunk)
+    proc.stdout.close()
+    assert proc.wait() == 0
+    return n, h.hexdigest()
+
+
+def sha_of_file(path: str | Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return n, h.hexdigest()
+
+
+def measured(args: list[str], env: dict[str, str], *, timeout: float = 150,
+             stdout: IO[bytes] | None = None) -> tuple[int, bytes, bytes, float]:
+    """Run the ``sshq`` command; ``(exit status, stdout, stderr, peak RSS in MiB)``.
+
+    stdout goes to ``stdout`` when given (and is then returned empty).
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, "-m", "sshq", *args], env=env,
+                                stdin=subprocess.DEVNULL, stdout=stdout or out, stderr=err)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                _, status, ru = os.wait4(proc.pid, 0)
+                proc.returncode = -9
+                raise AssertionError(f"sshq {' '.join(args)} ran longer than {timeout} s")
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read(), err.read(), ru.ru_maxrss / 1024
+
+
+def journal(state_dir: Path, name: str) -> list[dict[str, Any]]:
+    p = state_dir / "farm" / name / "journal"
+    if not p.exists():
+        return []
+    events = []
+    for line in p.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            pass
+    return events
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def gate_dir() -> Iterator[Path]:
+    """A directory in /tmp the test bed's user can read (gate files for tasks)."""
+    d = Path(tempfile.mkdtemp(prefix="sshq-farm-gate-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    for p in d.iterdir():
+        p.unlink()
+    d.rmdir()
+
+
+# ---------------------------------------------------------------- 1. bounded memory
+
+def test_output_buffers_stay_within_the_budget(tmp_path: Path) -> None:
+    budget = Budget(10_000)
+    outs = [TaskOutput(tmp_path, f"{i}.0", budget) for i in range(5)]
+    for o in outs:
+        for _ in range(6):
+            o.add(1, b"x" * 1000)
+            o.add(2, b"y" * 500)
+            assert budget.used <= budget.limit
+    assert any(s.spilled for o in outs for s in o.streams)   # over the budget: in files
+    results = []
+    for i, o in enumerate(outs):
+        o.close()
+        r = TaskResult(seq=i + 1, command="c", host="h", exit_status=0, signal=None)
+        o.settle(r, tmp_path)
+        o.fill(r)
+        results.append(r)
+    # small streams are carried in the result, whether they were in memory or in a file
+    assert all(r.stdout == b"x" * 6000 and r.stderr == b"y" * 3000 for r in results)
+    assert all(r.stdout_file is None and r.stderr_file is None for r in results)
+    assert budget.used == 0
+    assert list(tmp_path.iterdir()) == []   # spill files read back and removed
+
+
+def test_a_long_stream_goes_to_a_file(tmp_path: Path) -> None:
+    budget = Budget()
+    o = TaskOutput(tmp_path, "3.9", budget)
+    chunk = bytes(range(256)) * 4096   # 1 MiB
+    for _ in range(5):
+        o.add(1, chunk)
+    o.add(2, b"err\n")
+    assert budget.used <= INLINE_MAX + 4
+    o.close()
+    r = TaskResult(seq=3, command="c", host="h", exit_status=0, signal=None)
+    o.settle(r, tmp_path)
+    o.fill(r)
+    assert r.stdout == b"" and r.stdout_file == str(tmp_path / "3.stdout")
+    assert Path(r.stdout_file).read_bytes() == chunk * 5
+    assert r.stderr == b"err\n" and r.stderr_file is None
+    d = r.to_json()
+    assert d["stdout_file"] == r.stdout_file and "stdout" not in d and d["stderr"] == "err\n"
+    assert budget.used == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3.stdout"]
+
+
+def test_a_discarded_copy_leaves_nothing(tmp_path: Path) -> None:
+    budget = Budget(100)
+    b = StreamBuffer(tmp_path / ".1.0.stdout.part", budget)
+    b.add(b"z" * 150)
+    assert b.spilled and budget.used == 0
+    b.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "anet"])
+def test_big_output_goes_to_a_file_and_client_memory_stays_bounded(
+        cli_env: dict[str, str], tmp_path: Path, state_dir: Path, fmt: str) -> None:
+    name = f"big-{uuid.uuid4().hex[:8]}"
+    b = write_batch(tmp_path, [
+        BIG_CMD,
+        "head -c 50000000 /dev/zero >&2; echo tail",   # 50 MB of NUL bytes on stderr
+        "echo small",
+    ])
+    with open(tmp_path / "out", "wb") as out:
+        rc, _, err, rss = measured(["farm", str(b), "--hosts", "bg", "--run", name,
+                                    "--format", fmt], cli_env, stdout=out)
+    assert rc == 0, err.decode(errors="replace")[-2000:]
+    outdir = state_dir / "farm" / name / "output"
+    big_path = outdir / "1.stdout"
+    assert sha_of_file(big_path) == sha_of_command(BIG_CMD)
+    assert sha_of_file(outdir / "2.stderr") == (50_000_000,
+                                                hashlib.sha256(bytes(50_000_000)).hexdigest())
+    # a clear line on stderr names each file
+    assert re.search(rb"task 1: .*stdout \(\d+ bytes\) is in " + re.escape(str(big_path).encode()),
+                     err), err
+    assert str(outdir / "2.stderr").encode() in err
+    if fmt == "jsonl":
+        rs = by_seq(jsonl((tmp_path / "out").read_bytes()))
+        assert rs[1]["stdout_file"] == str(big_path) and "stdout" not in rs[1]
+        assert rs[1]["stderr"] == ""
+        assert rs[2]["stderr_file"] == str(outdir / "2.stderr") and rs[2]["stdout"] == "tail\n"
+        assert rs[3]["stdout"] == "small\n" and "stdout_file" not in rs[3]
+    else:   # anet carries the bytes themselves, copied from the file
+        got = {}
+        with open(tmp_path / "out", "rb") as fh:
+            while head := fh.read(8):
+                seq, n = struct.unpack("<II", head)
+                h = hashlib.sha256()
+                left = n
+                while left:
+                    chunk = fh.read(min(left, 1 << 20))
+                    assert chunk
+                    h.update(chunk)
+                    left -= len(chunk)
+                got[seq] = (n, h.hexdigest())
+        assert got[1] == sha_of_command(BIG_CMD)
+        assert got[2] == (5, hashlib.sha256(b"tail\n").hexdigest())
+        assert got[3] == (6, hashlib.sha256(b"small\n").hexdigest())
+    assert rss < RSS_BOUND_MIB, f"the client peaked at {rss:.0f} MiB"
+
+
+def test_resume_with_big_output_stays_bounded(cli_env: dict[str, str], tmp_path: Path,
+                                              state_dir: Path, gate_dir: Path) -> None:
+    name = f"bigres-{uuid.uuid4().hex[:8]}"
+    gate = gate_dir / "go"
+    b = write_batch(tmp_path, [
+        "echo first",
+        f"while [ ! -e {gate} ]; do sleep 0.1; done; {BIG_CMD}",
+    ])
+    proc = subprocess.Popen([sys.executable, "-m", "sshq", "farm", str(b), "--hosts", "bg",
+                             "--run", name], env=cli_env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["stdout"] == "first\n"
+        wait_for(lambda: any(e.get("e") == "result" for e in journal(state_dir, name)), 30,
+                 "the first result's journal line")
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    gate.touch()
+    rc, out, err, rss = measured(["farm", "--resume", name], cli_env)
+    assert rc == 0, err.decode(errors="replace")[-2000:]
+    [r] = jsonl(out)
+    assert r["seq"] == 2
+    assert r["stdout_file"] == str(state_dir / "farm" / name / "output" / "2.stdout")
+    assert sha_of_file(r["stdout_file"]) == sha_of_command(BIG_CMD)
+    assert rss < RSS_BOUND_MIB, f"the client peaked at {rss:.0f} MiB"
+
+
+def test_attach_with_big_output_stays_bounded(cli_env: dict[str, str], tmp_path: Path,
+                                              state_dir: Path) -> None:
+    name = f"bigdet-{uuid.uuid4().hex[:8]}"
+    b = write_batch(tmp_path, [BIG_CMD, "echo small"])
+    rc, _, err, _ = measured(["farm", str(b), "--hosts", "bg", "--detach", "--run", name],
+                             cli_env)
+    assert rc == 0, err
+    rc, out, err, rss = measured(["farm", "attach", name], cli_env)
+    assert rc == 0, err.decode(errors="replace")[-2000:]
+    rs = by_seq(jsonl(out))
+    assert set(rs) == {1, 2}
+    assert rs[1]["stdout_file"] == str(state_dir / "farm" / name / "output" / "1.stdout")
+    assert sha_of_file(rs[1]["stdout_file"]) == sha_of_command(BIG_CMD)
+    assert rs[2]["stdout"] == "small\n"
+    assert str(rs[1]["stdout_file"]).encode() in err
+    assert rss < RSS_BOUND_MIB, f"the client peaked at {rss:.0f} MiB"
+
+
+# ---------------------------------------------------------------- 2. detached spools
+
+def test_bogus_results_in_a_spool_are_ignored_and_never_journalled(
+        sshq: Sshq, tmp_path: Path, state_dir: Path, run_id: str) -> None:
+    name = f"bogus-{uuid.uuid4().hex[:8]}"
+    res = f'"$HOME/sshq-test/{run_id}/farm/$SSHQ_FARM_RUN/bg/results"'
+    meta = '{"seq": %d, "rc": 0, "sig": null, "t0": 1, "t1": 2, "to": false}'
+    b = write_batch(tmp_path, [
+        f"echo '{meta % 99999999999}' > {res}/99999999999.json; echo one",
+        f"printf '{{{{{{' > {res}/5000.json; echo junk > {res}/abc.json; echo two",
+        f"head -c 20000000 /dev/zero > {res}/6000.json; echo three",
+        f"echo '{meta % 5}' > {res}/5.json; echo x > {res}/5.out; echo four",  # 5: a comment
+        "# not a task",
+        f"echo '{meta % 6}' > {res}/-6.json; echo '[1]' > {res}/7.json; echo six",
+    ])
+    p = sshq("farm", str(b), "--hosts", "bg", "--detach", "--run", name)
+    assert p.returncode == 0, p.stderr
+    p = sshq("farm", "attach", name, timeout=120)
+    assert p.returncode == 0, p.stderr.decode(errors="replace")[-3000:]
+    assert b"Traceback" not in p.stderr and b"MemoryError" not in p.stderr
+    rs = by_seq(jsonl(p.stdout))
+    assert set(rs) == {1, 2, 3, 4, 6}
+    assert [rs[s]["stdout"] for s in (1, 2, 3, 4, 6)] == ["one\n", "two\n", "three\n", "four\n",
+                                                         "six\n"]
+    assert p.stderr.count(b"warning") >= 5, p.stderr   # each bogus file is named
+    for bogus in (b"99999999999.json", b"5000.json", b"abc.json", b"6000.json", b"5.json"):
+        assert bogus in p.stderr, (bogus, p.stderr)
+    seqs = [e["seq"] for e in journal(state_dir, name) if e.get("e") == "result"]
+    assert sorted(seqs) == [1, 2, 3, 4, 6]
+    again = sshq("farm", "attach", name, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == b""
+
+
+def test_attach_survives_a_bogus_seq_in_an_old_journal(sshq: Sshq, tmp_path: Path,
+                                                       state_dir: Path) -> None:
+    name = f"oldj-{uuid.uuid4().hex[:8]}"
+    b = write_batch(tmp_path, ["echo one", "echo two"])
+    assert sshq("farm", str(b), "--hosts", "bg", "--detach", "--run", name).returncode == 0
+    with open(state_dir / "farm" / name / "journal", "a") as fh:
+        fh.write('{"e":"result","seq":99999999999,"host":"bg","exit_status":0}\n'
+                 '{"e":"result","seq":"1"}\n{"e":"result"}\n[1, 2]\n"x"\n'
+                 '{"e":"result","seq":-4}\n{"e":"result","seq":true}\n')
+    p = sshq("farm", "attach", name, timeout=120)
+    assert p.returncode == 0, p.stderr.decode(errors="replace")[-3000:]
+    assert sorted(r["seq"] for r in jsonl(p.stdout)) == [1, 2]
+
+
+def test_replay_ignores_seqs_outside_the_batch(tmp_path: Path) -> None:
+    batch = tmp_path / "b.txt"
+    batch.write_text("echo 1\necho 2\n# 3\necho 4\n")
+    rd = RunDir(tmp_path, "r")
+    rd.create(batch, {})
+    (rd.path / "journal").write_text(
+        '{"e":"result","seq":99999999999}\n{"e":"result","seq":2}\n{"e":"result","seq":5}\n'
+        '{"e":"result","seq":0}\n{"e":"result","seq":-1}\n{"e":"result","seq":"4"}\n'
+        '{"e":"result","seq":1.0}\n{"e":"result","seq":null}\n[]\n7\n{"e":"result"}\n'
+        '{"e":"start","seq":4}\n{"e":"result","seq":4}\n')
+    reported, starts = rd.replay()
+    assert len(reported) == 5   # one byte per line of the batch, plus one
+    assert [s for s in range(len(reported)) if reported[s]] == [2, 4]
+    assert starts == 1
