@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import struct
 import subprocess
 import sys
@@ -352,3 +353,71 @@ def test_replay_ignores_seqs_outside_the_batch(tmp_path: Path) -> None:
     assert len(reported) == 5   # one byte per line of the batch, plus one
     assert [s for s in range(len(reported)) if reported[s]] == [2, 4]
     assert starts == 1
+
+
+# ---------------------------------------------------------------- 3. one client per run
+
+def _holder(state_dir: Path, name: str) -> str:
+    try:
+        return (state_dir / "farm" / name / "lock").read_text()
+    except OSError:
+        return ""
+
+
+def test_a_second_client_on_a_live_run_is_refused(sshq: Sshq, cli_env: dict[str, str],
+                                                  tmp_path: Path, state_dir: Path,
+                                                  gate_dir: Path) -> None:
+    name = f"lock-{uuid.uuid4().hex[:8]}"
+    gate = gate_dir / "go"
+    b = write_batch(tmp_path, [f'while [ ! -e {gate} ]; do sleep 0.1; done; echo "$SSHQ_FARM_SEQ"']
+                    * 3)
+    first = subprocess.Popen([sys.executable, "-m", "sshq", "farm", str(b), "--hosts", "bg",
+                              "--run", name], env=cli_env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: any(e.get("e") == "start" for e in journal(state_dir, name)), 60,
+                 "a task to start")
+        p = sshq("farm", "--resume", name)
+        assert p.returncode == 2, p.stderr
+        msg = p.stderr.decode()
+        assert f"pid {first.pid} on {socket.gethostname()}" in msg, msg
+        assert "in use" in msg and msg.count("\n") == 1
+        assert p.stdout == b""
+        assert sum(e.get("e") == "run" for e in journal(state_dir, name)) == 1  # nothing ran
+        assert first.poll() is None
+    finally:
+        first.kill()   # the holder dies: the kernel frees its lock
+        first.wait()
+    gate.touch()
+    p = sshq("farm", "--resume", name)
+    assert p.returncode == 0, p.stderr
+    assert sorted(r["seq"] for r in jsonl(p.stdout)) == [1, 2, 3]
+
+
+def test_a_second_attach_is_refused(sshq: Sshq, cli_env: dict[str, str], tmp_path: Path,
+                                    state_dir: Path, gate_dir: Path) -> None:
+    name = f"lockd-{uuid.uuid4().hex[:8]}"
+    gate = gate_dir / "go"
+    b = write_batch(tmp_path, [f"while [ ! -e {gate} ]; do sleep 0.1; done; echo done"] * 2)
+    assert sshq("farm", str(b), "--hosts", "bg", "--detach", "--run", name).returncode == 0
+    with tempfile.TemporaryFile() as out:
+        first = subprocess.Popen([sys.executable, "-m", "sshq", "farm", "attach", name],
+                                 env=cli_env, stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: _holder(state_dir, name).startswith(f"{first.pid} "), 60,
+                     "the first attach to hold the run")
+            p = sshq("farm", "attach", name)
+            assert p.returncode == 2, p.stderr
+            assert f"pid {first.pid} on {socket.gethostname()}".encode() in p.stderr
+            assert p.stdout == b""
+            gate.touch()
+            assert first.wait(timeout=120) == 0
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+        out.seek(0)
+        assert sorted(r["seq"] for r in jsonl(out.read())) == [1, 2]
+    p = sshq("farm", "attach", name)   # the lock was released at the end
+    assert p.returncode == 0 and p.stdout == b"", p.stderr

@@ -71,7 +71,8 @@ class FarmClient(ClientCore):
             stats count only the tasks handed to the workers.
 
         Raises:
-            ConfigError: bad options, unknown hosts, no such run to resume,
+            ConfigError: the run is in use by another client (its pid and
+                host named), bad options, unknown hosts, no such run to resume,
                 a detached run to resume (use :meth:`farm_attach`), an
                 unreadable batch file or ``deps`` not a directory.
             RemoteError: a host's dispatcher did not start, or (``via``) the
@@ -105,7 +106,8 @@ class FarmClient(ClientCore):
             The run's ``sshq.farm.engine.FarmStats``.
 
         Raises:
-            ConfigError: no such run, or it was not detached.
+            ConfigError: no such run, it was not detached, or it is in use
+                by another client (its pid and host named).
             SshqError: a host stayed unreachable (attach again later).
         """
         from ..farm.run import attach_run

@@ -3,8 +3,9 @@
 ``<state_dir>/farm/<run>/`` holds ``batch`` (a copy of the batch file, so
 ``--resume`` runs exactly what was asked), ``options.json``, ``journal``
 (one JSON object per line, appended at every state change), ``output/``
-(task output too long to be carried in a result) and, while the run is
-paused, ``paused``.
+(task output too long to be carried in a result), ``lock`` (held by the
+client working on the run: pid and host) and, while the run is paused,
+``paused``.
 
 Journal events (``e``): ``run`` (start of an invocation), ``start`` (a copy
 of task ``seq`` started on ``host``), ``lost`` (its host went away),
@@ -16,11 +17,14 @@ pause in between, and ``--resume`` skips reported tasks.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import re
 import secrets
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +67,7 @@ class RunDir:
         self.name = check_run_name(name)
         self.path = Path(state_dir) / "farm" / name
         self._fh: Any = None
+        self._lock_fd: int | None = None
 
     @property
     def batch(self) -> Path:
@@ -150,6 +155,39 @@ class RunDir:
                     starts += 1
         return reported, starts
 
+    def lock(self) -> None:
+        """Take the run's lock, held until :meth:`close` (or this process ends).
+
+        One client works on a run at a time: a second ``--resume`` or
+        ``attach`` would run or report its tasks again.  The lock is an
+        ``flock`` on ``<run>/lock``, which the kernel releases when its holder
+        dies; the file names the holder (pid and host) for the message.
+
+        Raises:
+            ConfigError: another live client holds the lock (naming its pid
+                and host).
+        """
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                os.close(fd)
+                raise ConfigError(f"farm run {self.name!r}: cannot lock"
+                                  f" {self.path / 'lock'}: {exc.strerror}") from None
+            holder = os.read(fd, 256).decode("utf-8", "replace").split()
+            os.close(fd)
+            pid = holder[0] if holder else "?"
+            host = holder[1] if len(holder) > 1 else "?"
+            raise ConfigError(
+                f"farm run {self.name!r} is in use by another sshq client (pid {pid} on"
+                f" {host}); wait for it to end, or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._lock_fd = fd
+
     def open_journal(self) -> None:
         self._fh = open(self.path / "journal", "a", buffering=1, encoding="utf-8")
 
@@ -161,6 +199,10 @@ class RunDir:
             self._fh.write(json.dumps(fields, separators=(",", ":")) + "\n")
 
     def close(self) -> None:
+        """Close the journal and release the lock (idempotent)."""
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)   # releases the flock
+            self._lock_fd = None

@@ -194,7 +194,8 @@ async def run_farm(
         ``(run name, counts)``.
 
     Raises:
-        ConfigError: bad options, unknown run, unusable batch file.
+        ConfigError: bad options, unknown run, unusable batch file, or the
+            run is in use by another client (its lock names the pid and host).
         SshqError: every host failed (tasks without a result stay in the
             journal for ``--resume``).
     """
@@ -212,7 +213,18 @@ async def run_farm(
         specs = split_specs([req.via] if req.via else req.hosts)
         resolve_hosts(client, specs)  # refuse bad specs before creating the run
         rd.create(req.batch, _options_record(req, specs))
-    on_name(rd.name)
+    rd.lock()
+    try:
+        on_name(rd.name)
+        return await _run_locked(client, req, rd, out, warn, on_start)
+    finally:
+        rd.close()
+
+
+async def _run_locked(client: Any, req: FarmRequest, rd: RunDir, out: ResultSink,
+                      warn: Callable[[str], None],
+                      on_start: Callable[[Farm], None]) -> tuple[str, FarmStats]:
+    """:func:`run_farm` once the run is known and locked."""
     hosts = resolve_hosts(client, [req.via] if req.via else req.hosts)
     if (req.detach or req.via) and not req.resume:
         return rd.name, await _start_spools(client, req, rd, hosts, out, warn, on_start)
@@ -247,7 +259,6 @@ async def run_farm(
         stats = await farm.run()
     finally:
         rd.log("end")
-        rd.close()
     return rd.name, stats
 
 
@@ -323,7 +334,8 @@ async def attach_run(client: Any, name: str, out: ResultSink, *,
     """Collect the results of a detached (or pilot) run; each is reported once.
 
     Raises:
-        ConfigError: no such run, or it was not detached.
+        ConfigError: no such run, it was not detached, or it is in use by
+            another client (named by pid and host).
         SshqError: a host stayed unreachable (attach again later).
     """
     from .detached import Pilots, Spool, attach_spools, command_lookup
@@ -345,11 +357,12 @@ async def attach_run(client: Any, name: str, out: ResultSink, *,
                             workers=[by_label[w] for w in item.get("workers") or []
                                      if w in by_label]))
     stats = FarmStats(total=sum(sp.tasks for sp in spools))
-    reported, _ = rd.replay()
-    stats.done = sum(reported)
-    on_start(_StatsHolder(stats))
-    rd.open_journal()
+    rd.lock()
     try:
+        reported, _ = rd.replay()
+        stats.done = sum(reported)
+        on_start(_StatsHolder(stats))
+        rd.open_journal()
         revive = None
         if rec.get("via"):
             revive = Pilots(client, rec["via"], rd, rec.get("walltime")).revive
