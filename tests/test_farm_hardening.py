@@ -10,15 +10,19 @@ Over the test bed's loopback sshd (platform ``bg``); the client is the real
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import pty
 import re
+import select
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -421,3 +425,50 @@ def test_a_second_attach_is_refused(sshq: Sshq, cli_env: dict[str, str], tmp_pat
         assert sorted(r["seq"] for r in jsonl(out.read())) == [1, 2]
     p = sshq("farm", "attach", name)   # the lock was released at the end
     assert p.returncode == 0 and p.stdout == b"", p.stderr
+
+
+# ---------------------------------------------------------------- 4. summary on a terminal
+
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
+
+
+def test_a_run_on_a_terminal_ends_with_a_summary_line(cli_env: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    b = write_batch(tmp_path, ["echo a", "exit 3", "sleep 0.5; echo c", "echo d"])
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    env = {k: v for k, v in cli_env.items() if k not in ("NO_COLOR", "FORCE_COLOR", "TERM")}
+    env["TERM"] = "xterm-256color"
+    proc = subprocess.Popen([sys.executable, "-m", "sshq", "farm", str(b), "--hosts", "bg"],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=slave)
+    os.close(slave)
+    screen = bytearray()
+    try:
+        while True:   # read the terminal until the client is gone (EIO)
+            ready, _, _ = select.select([master], [], [], 60)
+            assert ready, "no output on the terminal for 60 s"
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            screen += data
+        rc = proc.wait(timeout=60)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert rc == 1
+    assert sorted(r["seq"] for r in jsonl(out)) == [1, 2, 3, 4]
+    text = _ANSI.sub(b"", bytes(screen)).decode(errors="replace")
+    m = re.search(r"sshq: farm: 3 done, 1 failed, 0 retried, 0 speculative copies,"
+                  r" (\d+\.\d) s, (\d+\.\d) tasks/s", text)
+    assert m, text
+    assert float(m.group(1)) > 0 and float(m.group(2)) > 0

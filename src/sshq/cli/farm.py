@@ -82,10 +82,21 @@ def _warn(msg: str) -> None:
 
 @contextlib.contextmanager
 def _progress(farm_ref: list[Any]) -> Iterator[None]:
-    """A live bar on stderr (terminals only): done, failed, running, tasks/s, ETA."""
+    """A live bar on stderr (terminals only): done, failed, running, tasks/s, ETA;
+    when it is erased at the end, a one-line summary in its place."""
     if not sys.stderr.isatty():
         yield
         return
+    try:
+        with _bar(farm_ref):
+            yield
+    finally:
+        if farm_ref:
+            click.echo(f"sshq: farm: {farm_ref[0].stats.summary()}", err=True)
+
+
+@contextlib.contextmanager
+def _bar(farm_ref: list[Any]) -> Iterator[None]:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -103,7 +114,7 @@ def _progress(farm_ref: list[Any]) -> Iterator[None]:
                 continue
             s = farm_ref[0].stats
             n = s.done + s.failed
-            rate = n / max(1e-6, time.monotonic() - s.started)
+            rate = (n - s.earlier) / max(1e-6, time.monotonic() - s.started)
             state = " [yellow]paused" if s.paused else ""
             prog.update(task, total=s.total, completed=n, counts=(
                 f"{s.done} done, {s.failed} failed, {s.running} running,"

@@ -132,7 +132,20 @@ class FarmOptions:
 
 @dataclass(slots=True)
 class FarmStats:
-    """Counts for progress display and the final summary."""
+    """Counts for progress display and the final summary.
+
+    Attributes:
+        total: tasks of this invocation (``attach``: of the whole run).
+        done, failed: tasks reported as succeeded / failed (``attach``:
+            ``done`` includes the ``earlier`` ones).
+        running: copies running now.
+        speculative: straggler copies started.
+        retried: failed tasks queued again (``--retries``).
+        hosts_alive, hosts_dropped: hosts in use / given up.
+        paused: dispatching is paused.
+        started: ``time.monotonic()`` at the start.
+        earlier: tasks reported by earlier invocations (``attach``).
+    """
 
     total: int = 0
     done: int = 0
@@ -144,6 +157,14 @@ class FarmStats:
     hosts_dropped: int = 0
     paused: bool = False
     started: float = field(default_factory=time.monotonic)
+    earlier: int = 0
+
+    def summary(self) -> str:
+        """One line: done, failed, retried, speculative copies, wall time, tasks/s."""
+        wall = max(1e-6, time.monotonic() - self.started)
+        n = self.done + self.failed - self.earlier
+        return (f"{self.done - self.earlier} done, {self.failed} failed, {self.retried} retried,"
+                f" {self.speculative} speculative copies, {wall:.1f} s, {n / wall:.1f} tasks/s")
 
 
 class _Task:

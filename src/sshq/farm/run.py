@@ -360,7 +360,7 @@ async def attach_run(client: Any, name: str, out: ResultSink, *,
     rd.lock()
     try:
         reported, _ = rd.replay()
-        stats.done = sum(reported)
+        stats.done = stats.earlier = sum(reported)
         on_start(_StatsHolder(stats))
         rd.open_journal()
         revive = None
