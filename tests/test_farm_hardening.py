@@ -472,3 +472,36 @@ def test_a_run_on_a_terminal_ends_with_a_summary_line(cli_env: dict[str, str],
                   r" (\d+\.\d) s, (\d+\.\d) tasks/s", text)
     assert m, text
     assert float(m.group(1)) > 0 and float(m.group(2)) > 0
+
+
+# ---------------------------------------------------------------- 5. attach --format
+
+@pytest.mark.parametrize("sub", ["run", "attach"])
+def test_help_documents_only_options_the_command_takes(sshq: Sshq, sub: str) -> None:
+    import click
+
+    from sshq.cli.farm import farm
+
+    p = sshq("farm", sub, "--help")
+    assert p.returncode == 0, p.stderr
+    mentioned = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", p.stdout.decode()))
+    cmd = farm.commands[sub]
+    taken = {o for prm in cmd.params if isinstance(prm, click.Option)
+             for o in (*prm.opts, *prm.secondary_opts)} | {"--help"}
+    assert "--format" in mentioned
+    assert mentioned <= taken, mentioned - taken
+
+
+def test_attach_takes_format(sshq: Sshq, tmp_path: Path) -> None:
+    name = f"fmt-{uuid.uuid4().hex[:8]}"
+    b = write_batch(tmp_path, ["printf one", "printf two"])
+    assert sshq("farm", str(b), "--hosts", "bg", "--detach", "--run", name).returncode == 0
+    p = sshq("farm", "attach", name, "--format", "anet")
+    assert p.returncode == 0, p.stderr
+    frames = {}
+    data = p.stdout
+    while data:
+        seq, n = struct.unpack("<II", data[:8])
+        frames[seq] = data[8:8 + n]
+        data = data[8 + n:]
+    assert frames == {1: b"one", 2: b"two"}

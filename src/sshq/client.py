@@ -214,6 +214,7 @@ class Client:
             output_dir=output_dir, deps=deps, detach=detach, via=via, nodes=nodes,
             walltime=walltime, fmt=fmt, on_name=on_name, warn=warn))
 
-    def farm_attach(self, name: str, *, out: Any, warn: Any = None) -> Any:
+    def farm_attach(self, name: str, *, out: Any, fmt: str | None = None,
+                    warn: Any = None) -> Any:
         """See :meth:`AsyncClient.farm_attach`."""
-        return self._run(self._async.farm_attach(name, out=out, warn=warn))
+        return self._run(self._async.farm_attach(name, out=out, fmt=fmt, warn=warn))

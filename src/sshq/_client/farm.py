@@ -93,12 +93,14 @@ class FarmClient(ClientCore):
         return await run_farm(self, req, out, on_name=on_name or (lambda n: None),
                               warn=warn or (lambda m: None))
 
-    async def farm_attach(self, name: str, *, out: Any, warn: Any = None) -> Any:
+    async def farm_attach(self, name: str, *, out: Any, fmt: str | None = None,
+                          warn: Any = None) -> Any:
         """Collect the results of detached farm run ``name`` (each reported once).
 
         Args:
             name: the run.
             out: as for :meth:`farm`.
+            fmt: ``jsonl`` or ``anet`` for a stream ``out`` (None: the run's format).
             warn: called with warnings (unreachable hosts, bogus results in a
                 spool, output written to files).
 
@@ -112,4 +114,4 @@ class FarmClient(ClientCore):
         """
         from ..farm.run import attach_run
 
-        return await attach_run(self, name, out, warn=warn or (lambda m: None))
+        return await attach_run(self, name, out, fmt=fmt, warn=warn or (lambda m: None))

@@ -16,22 +16,29 @@ from ..exceptions import SshqError
 
 __all__ = ["farm"]
 
-RESULT_HELP = """\b
+def _result_help(attach: bool) -> str:
+    """The epilog on results and exit statuses (``run`` and ``attach``)."""
+    fmt_default = "default: the run's format" if attach else "the default"
+    files = ("" if attach else "with --output-dir, or ") + (
+        "for a stream longer than 4 MiB (then in <state dir>/farm/NAME/output/,\n"
+        "                  named on stderr too)")
+    return f"""\b
 Output (stdout carries results and nothing else):
-  --format jsonl  one JSON object per task: seq (1-based line number), command,
-                  host, exit_status (null if a signal ended it), signal (e.g.
-                  "TERM"), stdout, stderr (stdout_b64/stderr_b64 instead when not
-                  valid UTF-8), start, end (epoch seconds), attempts; timed_out
-                  and error when they apply; stdout_file/stderr_file with
-                  --output-dir.
+  --format jsonl  ({fmt_default}) one JSON object per task: seq (1-based line
+                  number), command, host, exit_status (null if a signal ended
+                  it), signal (e.g. "TERM"), stdout, stderr (stdout_b64/
+                  stderr_b64 instead when not valid UTF-8), start, end (epoch
+                  seconds), attempts; timed_out and error when they apply;
+                  stdout_file/stderr_file instead of stdout/stderr {files}.
   --format anet   ANet's framing: 32-bit little-endian seq, 32-bit little-endian
                   length, then the task's stdout.
 \b
 Exit status: 0 if every task succeeded, 1 if any failed; for errors 2 (bad
-options or config), 3 (no host reachable), 4 (authentication), 5 (host key),
-6 (remote failure), 141 (stdout closed), 130 (interrupted).  Tasks get SSHQ_FARM_RUN,
-SSHQ_FARM_SEQ, SSHQ_FARM_HOST, SSHQ_FARM_SLOT and SSHQ_FARM_ATTEMPT in their
-environment."""
+options or config, or the run is in use by another client), 3 (no host
+reachable), 4 (authentication), 5 (host key), 6 (remote failure), 141 (stdout
+closed), 130 (interrupted).  Tasks get SSHQ_FARM_RUN, SSHQ_FARM_SEQ,
+SSHQ_FARM_HOST, SSHQ_FARM_SLOT and SSHQ_FARM_ATTEMPT in their environment.
+On a terminal, a progress bar, then a one-line summary, go to stderr."""
 
 
 class _FarmGroup(click.Group):
@@ -143,7 +150,7 @@ def _with_progress(config_path: str | None, call: Any) -> Any:
     return asyncio.run(body())
 
 
-@farm.command("run", epilog=RESULT_HELP)
+@farm.command("run", epilog=_result_help(False))
 @click.argument("batch_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--hosts", "-H", "hosts", multiple=True, metavar="H1,H2,...",
               help="Hosts: platform names or [user@]host[:port]; comma-separated or repeated.")
@@ -247,20 +254,23 @@ def run_cmd(batch_file: Path | None, hosts: tuple[str, ...], slots: int | None, 
         sys.exit(1)
 
 
-@farm.command("attach", epilog=RESULT_HELP)
+@farm.command("attach", epilog=_result_help(True))
 @click.argument("name")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "anet"]), default=None,
+              help="Result format on stdout (default: the format the run was started with).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="Platforms file.")
-def attach_cmd(name: str, config_path: str | None) -> None:
+def attach_cmd(name: str, fmt: str | None, config_path: str | None) -> None:
     """Collect the results of detached run NAME (each reported once, ever).
 
     Waits until every task has a result.  Interrupting is safe: attach again
-    later; results already written are not written again.
+    later; results already written are not written again.  One client at a
+    time works on a run: a second attach is refused while the first is alive.
     """
     from ..farm.run import attach_run
 
     stats = _with_progress(config_path, lambda client, on_start: attach_run(
-        client, name, sys.stdout.buffer, warn=_warn, on_start=on_start))
+        client, name, sys.stdout.buffer, fmt=fmt, warn=_warn, on_start=on_start))
     if stats.failed:
         click.echo(f"sshq: {stats.failed} task(s) failed", err=True)
         sys.exit(1)

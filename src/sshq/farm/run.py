@@ -328,10 +328,18 @@ def _record_spools(rd: RunDir, spools: list[Any], walltime: str | None) -> None:
     (rd.path / "options.json").write_text(json.dumps(rec, indent=1))
 
 
-async def attach_run(client: Any, name: str, out: ResultSink, *,
+async def attach_run(client: Any, name: str, out: ResultSink, *, fmt: str | None = None,
                      warn: Callable[[str], None] = lambda msg: None,
                      on_start: Callable[[Any], None] = lambda farm: None) -> FarmStats:
     """Collect the results of a detached (or pilot) run; each is reported once.
+
+    Args:
+        client: an :class:`~sshq.client.AsyncClient`.
+        name: the run.
+        out: as for :func:`run_farm`.
+        fmt: ``jsonl`` or ``anet`` for a stream ``out``; None: the run's format.
+        warn: told of unreachable hosts, dead workers, bogus results.
+        on_start: given an object with the run's ``stats`` (progress display).
 
     Raises:
         ConfigError: no such run, it was not detached, or it is in use by
@@ -346,6 +354,7 @@ async def attach_run(client: Any, name: str, out: ResultSink, *,
         raise ConfigError(f"farm run {name!r} was not detached; use `sshq farm --resume {name}`")
     req = FarmRequest(hosts=[], options=FarmOptions())
     _restore(req, rec)
+    req.fmt = fmt or req.fmt
     by_label = {h.label: h for h in resolve_hosts(client, req.hosts)}
     spools = []
     for item in rec["spools"]:
