@@ -159,14 +159,16 @@ class KnownHosts:
 
 
 async def fetch_host_key(host: str, port: int | None, timeout: float = 10.0, *,
-                         tunnel: object = None) -> asyncssh.SSHKey:
-    """Ask the server for its host key, without authenticating.
+                         tunnel: object = ()) -> asyncssh.SSHKey:
+    """Ask the server for its host key, without authenticating to it.
 
     Args:
         host, port: the server (as given: ~/.ssh/config is honoured).
         timeout: seconds.
-        tunnel: an asyncssh connection to reach it through (a ProxyJump
-            hop already checked), or None to connect directly.
+        tunnel: an asyncssh connection to reach it through (a ProxyJump hop
+            already checked), None to connect directly, or ``()`` for what
+            ~/.ssh/config says (``sshq hosts trust``, whose user then checks
+            the fingerprint shown).
 
     Raises:
         HostUnreachableError: the server cannot be reached.
@@ -237,7 +239,7 @@ async def host_key_error(
         failure: why it failed; None: tell unknown from changed by looking
             the name up.
         fingerprint_: the fingerprint offered; None: fetch the key directly
-            from ``host``/``port`` to name it.
+            from ``host``/``port`` (no proxy) to name it.
         jump: the host is a ProxyJump hop on the way to ``params``' host.
 
     Returns:
@@ -253,7 +255,8 @@ async def host_key_error(
     fp = fingerprint_
     if fp is None:
         try:
-            fp = fingerprint(await fetch_host_key(real_host, real_port, params.connect_timeout))
+            fp = fingerprint(await fetch_host_key(real_host, real_port, params.connect_timeout,
+                                                  tunnel=None))
         except HostUnreachableError:
             fp = ""
     if failure is None:
