@@ -505,3 +505,32 @@ def test_attach_takes_format(sshq: Sshq, tmp_path: Path) -> None:
         frames[seq] = data[8:8 + n]
         data = data[8 + n:]
     assert frames == {1: b"one", 2: b"two"}
+
+
+# ---------------------------------------------------------------- 6. reader gone
+
+def test_attach_reader_gone_exits_141(cli_env: dict[str, str], sshq: Sshq,
+                                      tmp_path: Path) -> None:
+    name = f"pipe-{uuid.uuid4().hex[:8]}"
+    b = write_batch(tmp_path, ["echo first", "sleep 2; echo second", "sleep 2; echo third"])
+    assert sshq("farm", str(b), "--hosts", "bg", "--slots", "1", "--detach",
+                "--run", name).returncode == 0
+    env = {k: v for k, v in cli_env.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([sys.executable, "-m", "sshq", "farm", "attach", name], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert json.loads(proc.stdout.readline())["stdout"] == "first\n"
+        proc.stdout.close()   # like `| head -n 1`
+        rc = proc.wait(timeout=60)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+    assert rc == 141, err
+    assert err == b""

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -242,8 +243,7 @@ def run_cmd(batch_file: Path | None, hosts: tuple[str, ...], slots: int | None, 
             raise type(exc)(f"{exc}; resume with `sshq farm --resume {named[0]}`") from None
         raise
     except BrokenPipeError:
-        sys.stderr.close()   # like `head`: the reader is gone, nothing to say
-        sys.exit(141)
+        _reader_gone()
     except KeyboardInterrupt:
         if named:
             click.echo(f"sshq: interrupted; resume with `sshq farm --resume {named[0]}`",
@@ -252,6 +252,18 @@ def run_cmd(batch_file: Path | None, hosts: tuple[str, ...], slots: int | None, 
     if stats.failed:
         click.echo(f"sshq: {stats.failed} of {stats.total} task(s) failed", err=True)
         sys.exit(1)
+
+
+def _reader_gone() -> NoReturn:
+    """stdout's reader went away (``| head -1``): exit 141 quietly, as a
+    program killed by SIGPIPE would.  stdout is pointed at /dev/null first, so
+    that flushing what is left in its buffer at exit cannot fail again (which
+    would make Python exit 120)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    sys.stderr.close()   # like `head`: the reader is gone, nothing to say
+    sys.exit(141)
 
 
 @farm.command("attach", epilog=_result_help(True))
@@ -269,8 +281,11 @@ def attach_cmd(name: str, fmt: str | None, config_path: str | None) -> None:
     """
     from ..farm.run import attach_run
 
-    stats = _with_progress(config_path, lambda client, on_start: attach_run(
-        client, name, sys.stdout.buffer, fmt=fmt, warn=_warn, on_start=on_start))
+    try:
+        stats = _with_progress(config_path, lambda client, on_start: attach_run(
+            client, name, sys.stdout.buffer, fmt=fmt, warn=_warn, on_start=on_start))
+    except BrokenPipeError:
+        _reader_gone()
     if stats.failed:
         click.echo(f"sshq: {stats.failed} task(s) failed", err=True)
         sys.exit(1)
