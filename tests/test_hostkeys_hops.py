@@ -328,6 +328,32 @@ def test_changed_jump_host_key_is_named_with_its_fingerprint(
     assert kh.read_bytes() == before
 
 
+@pytest.mark.parametrize("failure", ["auth", "unreachable"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_other_jump_host_failures_name_the_jump_host(
+        transport: str, failure: str, cli: CliRun, home: Path, tmp_path: Path,
+        testbed: dict[str, str], jump: Sshd, target: Sshd) -> None:
+    """A jump host that refuses our key, or cannot be reached: the right exit
+    status, and the jump host's own words (a ControlMaster would hide them)."""
+    kh = tmp_path / "known_hosts"
+    kh.write_text(target.known_line() + jump.known_line())
+    if failure == "auth":
+        block = host_block("jump", jump.host, jump.port, testbed)
+        block = block.replace(testbed["SSHQ_TEST_KEY"], str(keygen(tmp_path / "stranger")))
+    else:
+        with socket.socket() as s:
+            s.bind((jump.host, 0))
+            closed = int(s.getsockname()[1])
+        block = host_block("jump", jump.host, closed, testbed)
+    (home / ".ssh" / "config").write_text(
+        block + host_block("behind", target.host, target.port, testbed, "ProxyJump jump"))
+    p = cli(transport, "behind", "submit", "-p", "p", "--command", "true", known_hosts=kh)
+    line = error_line(p)
+    assert p.returncode == (4 if failure == "auth" else 3), line
+    assert jump.host in line, line
+    assert ("Permission denied" if failure == "auth" else "onnect") in line, line
+
+
 # ---------------------------------------------------------------- lookups as OpenSSH's
 
 

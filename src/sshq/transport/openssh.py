@@ -139,8 +139,8 @@ class OpenSSHTransport(SubprocessTransport):
         if _PROXY_CLOSED_RE.search(err) and not _HOSTKEY_RE.search(err):
             verbose = await self._verbose_attempt()
             said = "\n".join(line for line in verbose.splitlines()
-                             if not line.startswith("debug"))
-            if _HOSTKEY_RE.search(said) or "Permission denied" in said:
+                             if not line.startswith(("debug", "OpenSSH_")))
+            if said.strip():  # the same failure, with the hop's own words
                 err = said
         if _HOSTKEY_RE.search(err):
             raise await self._host_key_error(err, verbose)
