@@ -177,13 +177,26 @@ def make_dirs(path, mode=SHARED_DIR_MODE):
 
 
 def write_input(path, data, mode):
-    """Write a staged input file with exactly the local file's permission bits."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Write a staged input file with exactly the local file's permission bits.
+
+    A new file renamed over the old one: a read-only input of an earlier
+    submission is replaced (not refused), and a link a job left there is
+    replaced, never written through."""
+    tmp = "%s.sshq-%s.tmp" % (path, os.urandom(6).hex())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.fchmod(fd, mode & 0o777)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+        try:
+            os.fchmod(fd, mode & 0o777)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def remote_init(run_dir_spec):

@@ -21,6 +21,7 @@
 
 import os
 import re
+import stat
 from datetime import datetime, timedelta, timezone
 from typing import Any, Dict, Optional, Tuple, Union  # noqa: F401  (type comments)
 
@@ -107,7 +108,8 @@ _HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}\Z")
 _CONTAINER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 _TIME_RE = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?"
-    r"(Z|[+-]\d\d:?\d\d)?\Z")
+    r"(Z|[+-]\d\d:?\d\d)?\Z", re.ASCII)  # ASCII: \d takes any script's digits
+_KEY_RE = re.compile(r"[A-Za-z0-9_]{1,64}\Z")
 _INT_RE = re.compile(r"[0-9]{1,12}\Z")
 MAX_EXIT_STATUS = 255
 MAX_PID = 2 ** 31 - 1
@@ -176,6 +178,12 @@ def _show(value):
     """A short, printable rendering of a bad value for a problem message."""
     v = value if len(value) <= 40 else value[:40] + "..."
     return repr(v)
+
+
+def _name(key):
+    """A key as a problem message shows it: as written if it is a plain name,
+    else short and printable (a key is as untrusted as a value)."""
+    return key if _KEY_RE.match(key) else _show(key)
 
 
 class JobStatus(object):
@@ -257,7 +265,7 @@ class JobStatus(object):
         for key, value in values.items():
             if len(value) > MAX_VALUE_CHARS:
                 self.problem("job status file: %s is longer than %d characters"
-                             % (key, MAX_VALUE_CHARS))
+                             % (_name(key), MAX_VALUE_CHARS))
                 values[key] = value = ""
         v = values.get(RUNNER_NAME)
         if v is not None:
@@ -279,7 +287,7 @@ class JobStatus(object):
                         and len(self.job_id_groups) < 8):
                     self.job_id_groups[group.lower()] = v
                 else:
-                    self.problem("job status file: %s %s is not valid" % (key[:40], _show(v)))
+                    self.problem("job status file: %s %s is not valid" % (_name(key), _show(v)))
         self.submit_time = self._time(values, RUNNER_SUBMIT_TIME)
         self.submit_failed = RUNNER_SUBMIT_FAILED in values
         v = values.get(PID)
@@ -311,7 +319,7 @@ class JobStatus(object):
                 continue
             ok = {"RUNTIME": v in CONTAINER_RUNTIMES,
                   "NAME": bool(_CONTAINER_NAME_RE.match(v))}.get(part, bool(v))
-            if ok and all(c >= " " and c != "\x7f" for c in v):
+            if ok and v.isprintable():  # no C0/C1 controls, no bidi overrides
                 self.container[part.lower()] = v
             else:
                 self.problem("job status file: %s%s %s is not valid"
@@ -381,8 +389,8 @@ class JobStatus(object):
         text("exit_time", EXIT_TIME)
         for name, key in (("pid", PID), ("exit_status", EXIT_STATUS)):
             v = obj.get(name)
-            if v is not None:
-                values[key] = str(v) if type(v) is int else "?"
+            if v is not None:  # (str() of a huge int raises: bound it first)
+                values[key] = str(v) if type(v) is int and abs(v) < 10 ** 100 else "?"
         groups = obj.get("job_id_groups") or {}
         if isinstance(groups, dict):
             for g, v in list(groups.items())[:8]:
@@ -399,7 +407,8 @@ class JobStatus(object):
         st._apply(values)
         # a recorded exit with a value that was dropped stays recorded
         st.exited = st.exited or obj.get("exited") is True
-        for p in obj.get("problems") or []:
+        problems = obj.get("problems")
+        for p in problems if isinstance(problems, list) else []:
             if isinstance(p, str):
                 st.problem(p[:300])
         return st
@@ -410,12 +419,20 @@ def read_status_file(log_dir):
     """Read and parse ``<log_dir>/job.status``, at most MAX_STATUS_BYTES of it.
 
     Returns:
-        A JobStatus; ``present`` False when the file cannot be read.
+        A JobStatus; ``present`` False when the file cannot be read; with a
+        problem (and nothing else) when it is no regular file (a FIFO, a device).
     """
     path = os.path.join(log_dir, STATUS_FILE)
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
+        # O_NONBLOCK: a job that made its status file a FIFO cannot block the open
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                st = JobStatus.parse(b"")
+                st.problem("job status file: not a regular file")
+                return st
+            size = info.st_size
             if size <= MAX_STATUS_BYTES:
                 return JobStatus.parse(fh.read(MAX_STATUS_BYTES + 1))
             half = MAX_STATUS_BYTES // 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from collections.abc import AsyncIterator, Sequence
 
 from ..exceptions import CommandError, HostUnreachableError
@@ -74,9 +76,8 @@ class SubprocessTransport(Transport):
                 f"{self.host}: command timed out after {timeout} s",
                 host=self.host, command_sent=True,
             ) from None
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+        except BaseException:  # the output cap, a cancelled caller: end the command
+            await _abandon(proc)
             raise
         rc = proc.returncode if proc.returncode is not None else -1
         return await self.check_result(CommandResult(rc if rc >= 0 else -1, out, err))
@@ -104,6 +105,23 @@ class SubprocessTransport(Transport):
 
     async def open_session(self, argv: Sequence[str]) -> Session:
         return _ProcessSession(self, await self._spawn(argv))
+
+
+async def _abandon(proc: asyncio.subprocess.Process) -> None:
+    """Kill a command and what it started (its own process group: it was
+    started in a new session), discard what is left in its pipes, and reap it,
+    so that nothing keeps writing into a pipe nobody reads."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+    async def discard() -> None:
+        for stream in (proc.stdout, proc.stderr):
+            while stream is not None and await stream.read(65536):
+                pass
+        await proc.wait()
+
+    with contextlib.suppress(BaseException):  # best effort: the caller's error goes on
+        await asyncio.wait_for(discard(), 10)
 
 
 class _ProcessSession(Session):
