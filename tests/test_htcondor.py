@@ -386,12 +386,12 @@ def test_schedd_trouble_with_exit_0_is_still_transient() -> None:
 
 
 def test_kill_output_read_as_poll_output_says_nothing() -> None:
-    # The client reads a kill reply with parse_poll too (sshq.client._apply);
-    # condor_rm's lines are not job lines.
-    for name in ("condor_rm_job", "condor_rm_cluster", "condor_rm_manual_old"):
-        assert parse(name) == {}
-    with pytest.raises(JobRunnerError):
-        parse("condor_rm_not_found")
+    # condor_rm's lines are not job lines: read as a poll, they are refused
+    # (transient), never taken for "no job left"
+    for name in ("condor_rm_job", "condor_rm_cluster", "condor_rm_manual_old",
+                 "condor_rm_not_found"):
+        with pytest.raises(JobRunnerError):
+            parse(name)
 
 
 # ================================================================ the FAKE

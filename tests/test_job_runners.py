@@ -364,13 +364,36 @@ def test_background_launcher_for_real(tmp_path: Path) -> None:
 # ------------------------------------------------------------- poll parsing
 
 
+def squeue_argv(argv: list[str]) -> list[str]:
+    """The squeue command the Slurm poll program runs: ``sh -c PROGRAM NAME ARGS``
+    unsets the SQUEUE_* filters of a login environment, then runs squeue ARGS."""
+    assert argv[:2] == ["sh", "-c"] and argv[2].endswith('exec squeue "$@"')
+    assert argv[3] == "sshq-slurm-poll"
+    return ["squeue", *argv[4:]]
+
+
 def test_slurm_poll_command_is_what_was_captured() -> None:
     cap = fixture("squeue_mixed")
     ids = cap["argv"][-1].split(",")
     # Captured before -r (one line per array element) joined the command; -r
     # changes nothing for plain jobs (squeue(1)), so the capture still holds.
-    argv = expand_ids(SLURM.poll_command, ids, SLURM.ids_sep)
+    argv = squeue_argv(expand_ids(SLURM.poll_command, ids, SLURM.ids_sep))
     assert [w for w in argv if w != "-r"] == cap["argv"]
+
+
+def test_slurm_poll_program_unsets_the_squeue_filters_of_a_login_environment(
+        tmp_path: Path) -> None:
+    # SQUEUE_PARTITION/SQUEUE_USERS of another value hide sshq's jobs from
+    # squeue -j (seen on 22.05); SQUEUE_STATES=all lists ended ones
+    fake = tmp_path / "squeue"
+    fake.write_text('#!/bin/sh\nenv | grep ^SQUEUE_ | sort\nprintf "<%s>" "$@"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", SQUEUE_STATES="all",
+               SQUEUE_PARTITION="p", SQUEUE_USERS="root", SQUEUE_ACCOUNT="a",
+               SQUEUE_QOS="q", SQUEUE_NAMES="n", SQUEUE_LICENSES="l", SQUEUE_SORT="i")
+    argv = expand_ids(SLURM.poll_command, ["1", "2 x"], SLURM.ids_sep)
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30).stdout
+    assert out == "SQUEUE_SORT=i\n<-h><-r><-o><%i^^^%T><-j><1,2 x>"
 
 
 def test_slurm_parse_poll_real_mixed() -> None:
@@ -416,12 +439,23 @@ def test_slurm_parse_poll_real_malformed_id_is_error() -> None:
         ("1^^^COMPLETING\n", {"1": True}),
         ("1^^^SUSPENDED\n2^^^CONFIGURING\n", {"1": True, "2": False}),
         ("  3^^^RUNNING  \n\n", {"3": True}),
-        ("garbage line\n4^^^PENDING\n", {"4": False}),
+        ("4^^^PENDING\n5^^^COMPLETED\n6^^^CANCELLED\n7^^^TIMEOUT\n", {"4": False}),
+        ("8+0^^^RUNNING\n8+1^^^PENDING\n9+0^^^PENDING\n9+1^^^FAILED\n",
+         {"8": True, "9": False}),
     ],
 )
 def test_slurm_parse_poll_states(stdout: str, expected: dict[str, bool]) -> None:
     got = SLURM.parse_poll(0, stdout, "")
     assert {k: v.running for k, v in got.items()} == expected
+
+
+@pytest.mark.parametrize("stdout", ["garbage line\n4^^^PENDING\n", "4 PENDING\n",
+                                    "^^^RUNNING\n", "4^^^\n"])
+def test_slurm_poll_line_sshq_did_not_ask_for_says_nothing(stdout: str) -> None:
+    # read as "no job known", it would fail every job: the poll is transient
+    with pytest.raises(JobRunnerError) as ei:
+        SLURM.parse_poll(0, stdout, "")
+    assert ei.value.transient
 
 
 def test_background_parse_poll_real_mixed() -> None:
@@ -516,7 +550,7 @@ def test_slurm_parse_poll_real_array_elements() -> None:
     cap = fixture("squeue_array_held")
     j = cap["array_job"]
     ids = cap["argv"][-1].split(",")
-    assert expand_ids(SLURM.poll_command, ids, SLURM.ids_sep) == cap["argv"]
+    assert squeue_argv(expand_ids(SLURM.poll_command, ids, SLURM.ids_sep)) == cap["argv"]
     got = SLURM.parse_poll(cap["exit"], cap["stdout"], cap["stderr"])
     assert set(got) == {f"{j}_1", f"{j}_2", f"{j}_3"}  # one entry per element
     assert not any(s.running for s in got.values())

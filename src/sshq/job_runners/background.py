@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..exceptions import JobRunnerError
 from ..model.job_spec import JobSpec
-from .base import IDS, JobRunnerHandler, RunnerJobState
+from .base import IDS, JobRunnerHandler, RunnerJobState, one_line
 
 __all__ = ["BackgroundHandler", "HANDLER"]
 
@@ -54,7 +54,7 @@ class BackgroundHandler(JobRunnerHandler):
         # ps exits 1 with no output when none of the pids exists.
         if exit_status not in (0, 1) or (exit_status == 1 and stderr.strip()):
             raise JobRunnerError(
-                f"ps failed (exit {exit_status}): {stderr.strip()}", stderr=stderr, transient=True
+                f"ps failed (exit {exit_status}): {one_line(stderr)}", stderr=stderr, transient=True
             )
         known: dict[str, RunnerJobState] = {}
         for line in stdout.splitlines():

@@ -21,7 +21,7 @@ from ..exceptions import InvalidInputError
 from ..model.job_spec import JobSpec
 from ..quoting import UNVERIFIED_SYNTAX, DirectiveSyntax, check_directive_value, directive_word
 
-__all__ = ["JobRunnerHandler", "RunnerJobState", "IDS", "GROUP"]
+__all__ = ["JobRunnerHandler", "RunnerJobState", "IDS", "GROUP", "one_line"]
 
 #: The placeholder for job ids in poll and kill command templates.
 IDS = "{ids}"
@@ -29,6 +29,13 @@ IDS = "{ids}"
 #: The placeholder for a group of jobs' own words (e.g. ``--clusters=c2``),
 #: from :meth:`JobRunnerHandler.job_id_parts`; jobs are queried per group.
 GROUP = "{group}"
+
+
+def one_line(text: str, limit: int = 1000) -> str:
+    """Text from a job runner's output for a one-line message: stripped, its
+    lines joined with `` | ``, cut to ``limit`` characters (``...`` after)."""
+    flat = " | ".join(ln.strip() for ln in text.strip().splitlines() if ln.strip())
+    return flat if len(flat) <= limit else flat[:limit] + "..."
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,7 +111,7 @@ from ..exceptions import InvalidInputError, JobRunnerError
 from ..model.job_spec import JobSpec
 from ..model.resources import format_memory_mib
 from ..quoting import DirectiveSyntax, directive_word
-from .base import IDS, JobRunnerHandler, RunnerJobState
+from .base import IDS, JobRunnerHandler, RunnerJobState, one_line
 
 __all__ = ["HTCondorHandler", "HANDLER", "SUBMIT_FILE", "JOB_STATUS"]
 
@@ -278,9 +278,8 @@ class HTCondorHandler(JobRunnerHandler):
     ) -> dict[str, RunnerJobState]:
         trouble = any(t in stdout or t in stderr for t in _SCHEDD_TROUBLE)
         if exit_status != 0 or trouble:
-            detail = (stderr.strip() or stdout.strip()).replace("\n", " | ")
             raise JobRunnerError(
-                f"condor_q failed (exit {exit_status}): {detail}",
+                f"condor_q failed (exit {exit_status}): {one_line(stderr or stdout)}",
                 stderr=stderr,
                 transient=True,
             )
@@ -288,6 +287,10 @@ class HTCondorHandler(JobRunnerHandler):
         for line in stdout.splitlines():
             m = _POLL_LINE.match(line)
             if not m:
+                if line.strip():  # not what sshq's command prints: say nothing
+                    raise JobRunnerError(  # rather than take every job for gone
+                        "condor_q printed a line that is not 'CLUSTER.PROC JobStatus"
+                        f" ExitCode': {one_line(line)}", stderr=stderr, transient=True)
                 continue
             job_id, status, exit_code = m.groups()
             if status in _GONE:

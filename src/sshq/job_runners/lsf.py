@@ -92,7 +92,7 @@ from typing import Any
 from ..exceptions import InvalidInputError, JobRunnerError
 from ..model.job_spec import JobSpec
 from ..model.resources import format_memory_mib
-from .base import IDS, JobRunnerHandler, RunnerJobState
+from .base import IDS, JobRunnerHandler, RunnerJobState, one_line
 
 __all__ = ["LsfHandler", "LsfRecord", "HANDLER", "parse_bjobs_json", "format_run_limit"]
 
@@ -286,7 +286,7 @@ class LsfHandler(JobRunnerHandler):
         try:
             records = parse_bjobs_json(stdout)
         except ValueError as exc:
-            raise self._failed(exit_status, f"{exc}: {stdout.strip()[:200]} {stderr}") from None
+            raise self._failed(exit_status, f"{exc}: {stdout} {stderr}") from None
         known: dict[str, RunnerJobState] = {}
         for rec in records.values():
             if rec.error:
@@ -305,7 +305,7 @@ class LsfHandler(JobRunnerHandler):
     @staticmethod
     def _failed(exit_status: int, text: str) -> JobRunnerError:
         return JobRunnerError(
-            f"bjobs failed (exit {exit_status}): {text.strip()}", stderr=text, transient=True)
+            f"bjobs failed (exit {exit_status}): {one_line(text)}", stderr=text, transient=True)
 
 
 HANDLER = LsfHandler()

@@ -86,7 +86,7 @@ import re
 from ..exceptions import InvalidInputError, JobRunnerError
 from ..model.job_spec import JobSpec
 from ..model.resources import format_hms, format_memory_mib
-from .base import IDS, JobRunnerHandler, RunnerJobState
+from .base import IDS, JobRunnerHandler, RunnerJobState, one_line
 
 __all__ = ["PbsHandler", "HANDLER", "POLL_PROGRAM", "POLL_MARK"]
 
@@ -283,7 +283,7 @@ class PbsHandler(JobRunnerHandler):
                 other.append(line)
         if exit_status != 0 and (other or not gone):
             raise JobRunnerError(
-                f"qstat failed (exit {exit_status}): {stderr.strip() or 'no message'}",
+                f"qstat failed (exit {exit_status}): {one_line(stderr) or 'no message'}",
                 stderr=stderr, transient=True,
             )
         if body.lstrip().startswith("{"):

@@ -102,7 +102,7 @@ from ..exceptions import InvalidInputError, JobRunnerError
 from ..model.job_spec import JobSpec
 from ..model.resources import format_hms, format_memory_mib
 from ..quoting import DirectiveSyntax
-from .base import IDS, JobRunnerHandler, RunnerJobState
+from .base import IDS, JobRunnerHandler, RunnerJobState, one_line
 
 __all__ = ["SgeHandler", "HANDLER"]
 
@@ -197,7 +197,7 @@ class SgeHandler(JobRunnerHandler):
     ) -> dict[str, RunnerJobState]:
         if exit_status != 0:
             raise JobRunnerError(
-                f"qstat failed (exit {exit_status}): {stderr.strip()}",
+                f"qstat failed (exit {exit_status}): {one_line(stderr)}",
                 stderr=stderr,
                 transient=True,
             )

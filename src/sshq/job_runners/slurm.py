@@ -16,19 +16,36 @@ blanked the word ``packjob`` anywhere in a ``#SBATCH`` line; 22.05 does not.)
 
 Submit output (``sbatch(1)``, OUTPUT): ``Submitted batch job 123`` or, on a
 multi-cluster site, ``Submitted batch job 123 on cluster c1``: sshq's job id
-is then ``123@c1`` and its poll and kill commands carry ``--clusters=c1``.  Poll:
-``squeue -h -r -o '%i^^^%T' -j 1,2,3`` (a rare field separator, after AiiDA);
-squeue exits 1 with ``Invalid job id specified`` when none of the ids is
-known any more.
+is then ``123@c1`` and its poll and kill commands carry ``--clusters=c1``.
+
+Poll: ``squeue -h -r -o '%i^^^%T' -j 1,2,3`` (a rare field separator, after
+AiiDA), run by a fixed ``sh`` program that first unsets the ``SQUEUE_*``
+variables of a login environment that filter jobs (``SQUEUE_PARTITION`` or
+``SQUEUE_USERS`` of another value made squeue print nothing, and a waiting job
+was taken for forgotten).  squeue exits 1 with ``Invalid job id specified``
+when none of the ids is known any more.  What the parser reads:
+
+- states in either form of squeue(1)'s JOB STATE CODES (``R`` or
+  ``RUNNING``); an ended state (``COMPLETED``, ``FAILED``, ``CANCELLED``,
+  ``TIMEOUT``... listed when ``-t`` or ``SQUEUE_STATES`` asks for them, e.g.
+  through a site's squeue wrapper) means the runner no longer holds the job,
+  and its job status file decides;
+- a heterogeneous job's components ``93+0``, ``93+1`` (sbatch printed ``93``):
+  the job is known while a component is, and running when one runs;
+- any line that is not ``JOBID^^^STATE`` (other than squeue -M's
+  ``CLUSTER: name``) makes the poll fail (transient) rather than be read as
+  "no job known", which would fail every job.
 """
 
 from __future__ import annotations
+
+import re
 
 from ..exceptions import JobRunnerError
 from ..model.job_spec import JobSpec
 from ..model.resources import format_hms, format_memory_mib, parse_array
 from ..quoting import DirectiveSyntax
-from .base import GROUP, IDS, JobRunnerHandler, RunnerJobState
+from .base import GROUP, IDS, JobRunnerHandler, RunnerJobState, one_line
 
 __all__ = ["SlurmHandler", "HANDLER"]
 
@@ -47,8 +64,36 @@ _PATH = DirectiveSyntax(escape="\\'\"#", doubled="%", refuse={
     "\\": "sbatch drops a backslash from an output file name (and then expands no"
           " %-pattern in it)"})
 _MAIL = {"begin": "BEGIN", "end": "END", "fail": "FAIL", "all": "ALL"}
-# squeue(1) JOB STATE CODES that mean the job is executing or finishing.
-_RUNNING = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "SUSPENDED", "STOPPED"}
+# squeue(1) JOB STATE CODES: compact form (squeue -o %t) -> extended (%T).
+_CODES = {
+    "BF": "BOOT_FAIL", "CA": "CANCELLED", "CD": "COMPLETED", "CF": "CONFIGURING",
+    "CG": "COMPLETING", "DL": "DEADLINE", "F": "FAILED", "NF": "NODE_FAIL",
+    "OOM": "OUT_OF_MEMORY", "PD": "PENDING", "PR": "PREEMPTED", "R": "RUNNING",
+    "RD": "RESV_DEL_HOLD", "RF": "REQUEUE_FED", "RH": "REQUEUE_HOLD", "RQ": "REQUEUED",
+    "RS": "RESIZING", "RV": "REVOKED", "SI": "SIGNALING", "SE": "SPECIAL_EXIT",
+    "SO": "STAGE_OUT", "ST": "STOPPED", "S": "SUSPENDED", "TO": "TIMEOUT",
+}
+# States that mean the job is executing or finishing (it has its allocation).
+_RUNNING = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "SUSPENDED", "STOPPED",
+            "RESIZING"}
+# States of a job that has ended ("Job terminated ...", squeue(1)): squeue lists
+# them only when asked (-t, or SQUEUE_STATES in the login environment), for
+# MinJobAge; the job status file decides how such a job ended.  Not ended:
+# SPECIAL_EXIT and the REQUEUE states (held again), REVOKED (a federation runs
+# the job on a sibling cluster).
+_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+          "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT"}
+# squeue(1) ENVIRONMENT VARIABLES that a login profile may set and that would
+# hide sshq's jobs from `squeue -j` (observed on 22.05: SQUEUE_PARTITION or
+# SQUEUE_USERS of another value print nothing, and a waiting job was taken for
+# forgotten) or list ended ones (SQUEUE_STATES).  The poll command is a fixed
+# sh program that unsets them; its arguments are squeue's (ids included),
+# never part of the program text.
+_SQUEUE_FILTERS = ("SQUEUE_ACCOUNT", "SQUEUE_LICENSES", "SQUEUE_NAMES", "SQUEUE_PARTITION",
+                   "SQUEUE_QOS", "SQUEUE_STATES", "SQUEUE_USERS")
+_POLL = f'unset {" ".join(_SQUEUE_FILTERS)}; exec squeue "$@"'
+# squeue -M / --clusters prints "CLUSTER: name" before each cluster's jobs.
+_CLUSTER_BANNER = re.compile(r"CLUSTER: \S+\Z")
 
 
 class SlurmHandler(JobRunnerHandler):
@@ -56,10 +101,13 @@ class SlurmHandler(JobRunnerHandler):
 
     name = "slurm"
     directive_prefix = "#SBATCH"
-    job_id_regex = r"^\s*Submitted batch job (?P<id>\d+)(?: on cluster (?P<cluster>\S+))?"
+    # "sbatch: " before it: sbatch(1)'s own example (older sbatch printed it so)
+    job_id_regex = (r"^\s*(?:sbatch: )?Submitted batch job (?P<id>\d+)"
+                    r"(?: on cluster (?P<cluster>\S+))?")
     # -r: one line per array element (pending elements too), as 123_7;
     # {group}: --clusters=NAME for a job of another cluster (seed 001's caveat)
-    poll_command = ("squeue", GROUP, "-h", "-r", "-o", f"%i{_SEP}%T", "-j", IDS)
+    poll_command = ("sh", "-c", _POLL, "sshq-slurm-poll",
+                    GROUP, "-h", "-r", "-o", f"%i{_SEP}%T", "-j", IDS)
     kill_command = ("scancel", GROUP, IDS)
     ids_sep = ","
     array_index_var = "SLURM_ARRAY_TASK_ID"
@@ -141,17 +189,32 @@ class SlurmHandler(JobRunnerHandler):
             if "Invalid job id specified" in stderr:
                 return {}
             raise JobRunnerError(
-                f"squeue failed (exit {exit_status}): {stderr.strip()}",
+                f"squeue failed (exit {exit_status}): {one_line(stderr)}",
                 stderr=stderr,
                 transient=True,
             )
         known: dict[str, RunnerJobState] = {}
         for line in stdout.splitlines():
-            if _SEP not in line:
+            line = line.strip()
+            if not line or _CLUSTER_BANNER.match(line):
                 continue
-            job_id, _, state = line.strip().partition(_SEP)
-            state = state.split()[0] if state.split() else ""
-            known[job_id] = RunnerJobState(job_id, state in _RUNNING, state)
+            job_id, sep, rest = line.partition(_SEP)
+            words = rest.partition(_SEP)[0].split()  # more fields may follow the state
+            raw = words[0] if words else ""
+            job_id = job_id.strip().partition("+")[0]  # het job component "93+1"
+            if not sep or not job_id or not raw or any(c.isspace() for c in job_id):
+                # not what sshq's command prints: say nothing rather than
+                # take every job for gone
+                raise JobRunnerError(
+                    f"squeue printed a line that is not 'JOBID{_SEP}STATE': {one_line(line)}",
+                    stderr=stderr, transient=True)
+            state = _CODES.get(raw, raw)
+            if state in _ENDED:
+                continue  # no longer held (SQUEUE_STATES=all): the status file decides
+            running = state in _RUNNING
+            prev = known.get(job_id)  # a het job: known while a part is, running if one runs
+            if prev is None or (running and not prev.running):
+                known[job_id] = RunnerJobState(job_id, running, raw)
         return known
 
 
