@@ -594,3 +594,20 @@ def test_squeue_cluster_banner_lines_are_not_jobs() -> None:
     # squeue -M prints a "CLUSTER: name" line before each cluster's jobs (squeue(1)).
     got = SLURM.parse_poll(0, "CLUSTER: c1\n2^^^RUNNING\n3^^^PENDING\n", "")
     assert set(got) == {"2", "3"}
+
+
+# ---------------------------------------------------------------- what the docs say of ssh-to-job
+
+
+@pytest.mark.parametrize("name", sorted(HANDLERS))
+def test_handler_docs_say_how_ssh_to_job_reaches_the_job(name: str) -> None:
+    # pbs.py and sge.py said ssh-to-job was refused (or ran on the submit
+    # host) while their handlers reach the job's execution host
+    import inspect
+
+    handler = HANDLERS[name]
+    doc = " ".join((inspect.getmodule(handler).__doc__ or "").split())
+    refused = re.search(r"ssh-to-job`*\s+(?:is\s+)?refused", doc)
+    if handler.attach_via_exec_host:
+        assert "ssh-to-job" in doc and "SSHQ_JOB_HOST" in doc, name
+        assert not refused and "runs on the submit host" not in doc, name

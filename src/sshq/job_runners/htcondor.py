@@ -94,6 +94,12 @@ Job spec fields:
 - ``nodes``, ``tasks`` (vanilla universe jobs run on one machine) and
   ``queue`` (HTCondor has no queues or partitions) are refused.
 
+``sshq ssh-to-job`` reaches the job on its execution host
+(:attr:`~sshq.job_runners.base.JobRunnerHandler.attach_via_exec_host`): the
+login node (the access point) runs ``ssh`` to the host the job wrapper
+recorded as ``SSHQ_JOB_HOST`` in ``job.status``, with the job's environment
+and work directory; sshq does not use ``condor_ssh_to_job``.
+
 The job runs in the vanilla universe with ``should_transfer_files = NO``: the
 job writes its status file to the job log directory, so that directory must be
 on a file system shared by the access point and the execute machines, and

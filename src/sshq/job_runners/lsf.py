@@ -74,6 +74,12 @@ Directives (``#BSUB``, before any command of the script):
   directive line, so a value holding one of them is refused
   (:data:`~sshq.quoting.UNVERIFIED_SYNTAX`) rather than possibly changed.
 
+``sshq ssh-to-job`` reaches the job on its execution host
+(:attr:`~sshq.job_runners.base.JobRunnerHandler.attach_via_exec_host`): the
+login node runs ``ssh`` to the host the job wrapper recorded as
+``SSHQ_JOB_HOST`` in ``job.status``, with the job's environment and work
+directory (beside the job: sshq does not use ``blaunch``).
+
 Because the documentation does not say that bsub stops reading ``#BSUB``
 lines at the first command, a job whose environment values, arguments or
 script hold a line starting with ``#BSUB`` is refused (naming the field):

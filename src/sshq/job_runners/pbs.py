@@ -74,8 +74,13 @@ PBS copies ``job.out``/``job.err`` to their paths when the job ends, unless
 the site writes them directly: on PBS Pro/OpenPBS add the raw directive
 ``-k oed`` (direct write) to see output while the job runs.
 
-``sshq ssh-to-job`` is refused: a PBS job runs on a compute node that sshq
-has no way into yet (``SSHQ_JOB_HOST`` in ``job.status`` names it).
+``sshq ssh-to-job`` reaches the job on its execution host
+(:attr:`~sshq.job_runners.base.JobRunnerHandler.attach_via_exec_host`): the
+login node runs ``ssh`` to the host the job wrapper recorded as
+``SSHQ_JOB_HOST`` in ``job.status`` (with the login node's own keys or
+host-based authentication) and opens the shell there, with the job's
+environment and work directory.  It runs beside the job, not inside its
+cgroup: sshq uses no PBS step-into-job command.
 """
 
 from __future__ import annotations

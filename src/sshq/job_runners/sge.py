@@ -89,8 +89,13 @@ holding a quote character or ``#`` are refused.
   site-specific (``-pe mpi 16``): pass it as a raw directive instead.
 - raw directives are passed through as ``#$ <directive>``.
 
-``ssh-to-job`` uses the default (the command runs on the submit host), which
-is the job's host on a single-host Grid Engine only.
+``sshq ssh-to-job`` reaches the job on its execution host
+(:attr:`~sshq.job_runners.base.JobRunnerHandler.attach_via_exec_host`): the
+login node runs ``ssh`` to the host the job wrapper recorded as
+``SSHQ_JOB_HOST`` in ``job.status`` (on a single-host Grid Engine, that is the
+login node itself, and the shell opens right there), with the job's
+environment and work directory.  It runs beside the job: sshq uses no
+``qrsh -inherit``.
 """
 
 from __future__ import annotations
