@@ -39,7 +39,7 @@ def _public_methods(cls: type) -> dict[str, object]:
 def _sync_return(fn: object) -> str:
     """The return annotation a sync twin of ``fn`` must have (annotations are strings)."""
     ret = str(inspect.signature(fn).return_annotation)  # type: ignore[arg-type]
-    if inspect.isasyncgenfunction(fn):  # an async iterator becomes a plain iterator
+    if inspect.isasyncgenfunction(inspect.unwrap(fn)):  # an async iterator: a plain one
         return re.sub(r"^Async(Iterator|Generator)\[", r"\1[", ret)
     return ret
 

@@ -21,7 +21,7 @@ from sshq import AsyncClient, JobState
 CRASH = textwrap.dedent("""
     import asyncio, os, sys
     import sshq._client.core as client_mod  # where agent calls are made
-    import sshq.client as client_api
+    import sshq._client.jobs as jobs_part
     from sshq import AsyncClient, JobSpec
 
     point = sys.argv[3]
@@ -40,7 +40,7 @@ CRASH = textwrap.dedent("""
 
     client_mod.call_agent = call_agent
     if point == "after-accept":
-        client_api.AsyncClient._record_submissions = record
+        jobs_part.Jobs._record_submissions = record
 
     async def main():
         c = AsyncClient(sys.argv[1], state_dir=sys.argv[2])

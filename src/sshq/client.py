@@ -8,33 +8,77 @@ Every operation costs one SSH command per host, whatever the number of
 jobs.  Connections are opened once per host and reused by every operation
 of a client.
 
-:class:`AsyncClient` is assembled from private parts in :mod:`sshq._client`:
-``core`` (configuration, state, transports, failover, agent calls), ``jobs``
-(submit, poll, kill, wait, jobs), ``logs`` (cat_log, follow_log, ssh_to_job),
-``staging`` (install, retrieve, tidy) and ``farm`` (farm, farm_attach).
+:class:`AsyncClient` is composed of parts in :mod:`sshq._client`, each
+holding what it needs: a :class:`~sshq._client.core.HostPool` (transports,
+failover, bad hosts, agent calls; shareable by a long-running process), and
+the parts that take it and the state database: ``Jobs`` (submit, poll, kill,
+wait, jobs), ``Logs`` (cat_log, follow_log, ssh_to_job), ``Staging``
+(install, retrieve, tidy) and ``Farm`` (farm, farm_attach).  Each public
+method is written once, in its part; :class:`AsyncClient` exposes it
+unchanged (same signature, same docstring).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Sequence
+import functools
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterator,
+    Sequence,
+)
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar
 
-from ._client.farm import FarmClient
-from ._client.logs import LOG_FILES, LogFile, LogsClient
-from ._client.staging import StagingClient
-from .config import Config
+from ._client.core import HostPool
+from ._client.farm import Farm
+from ._client.jobs import Jobs
+from ._client.logs import LOG_FILES, LogFile, Logs
+from ._client.staging import Staging
+from .config import Config, Platform, default_state_dir, load_config
 from .model import Job, JobSpec, JobState
 from .remote.staging import Installation
-from .transport import CommandResult
+from .store import Store
+from .transport import CommandResult, Transport
+
+if TYPE_CHECKING:  # (the farm is imported only when used: CLI start-up)
+    from .farm.engine import FarmStats
+    from .farm.output import ResultSink
 
 __all__ = ["AsyncClient", "Client", "LOG_FILES"]
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
-class AsyncClient(LogsClient, StagingClient, FarmClient):
+def _part(attr: str, method: Callable[Concatenate[Any, _P], Coroutine[Any, Any, _R]]
+          ) -> Callable[Concatenate[AsyncClient, _P], Coroutine[Any, Any, _R]]:
+    """``method`` of the part ``self.<attr>``, as a method of AsyncClient."""
+
+    async def call(self: AsyncClient, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return await method(getattr(self, attr), *args, **kwargs)
+
+    functools.update_wrapper(call, method)  # name, docstring, signature
+    return call
+
+
+def _part_iter(attr: str, method: Callable[Concatenate[Any, _P], AsyncIterator[_R]]
+               ) -> Callable[Concatenate[AsyncClient, _P], AsyncIterator[_R]]:
+    """An async-iterator ``method`` of the part ``self.<attr>``, as a method."""
+
+    def call(self: AsyncClient, /, *args: _P.args,
+             **kwargs: _P.kwargs) -> AsyncIterator[_R]:
+        return method(getattr(self, attr), *args, **kwargs)
+
+    functools.update_wrapper(call, method)
+    return call
+
+
+class AsyncClient:
     """Manage jobs on platforms over SSH.
 
     Args:
@@ -42,9 +86,73 @@ class AsyncClient(LogsClient, StagingClient, FarmClient):
             default file (the built-in ``localhost`` platform always exists).
         state_dir: directory of the state database; None for the user state
             dir (platformdirs).
+        pool: a :class:`~sshq._client.core.HostPool` to share (a long-running
+            process serving many clients); it brings its own config and
+            state, and :meth:`close` leaves it open.  None: the client makes
+            and owns one.
 
     Use as ``async with AsyncClient() as client: ...`` or call :meth:`close`.
+
+    Attributes:
+        config: the platforms.  state_dir: the state directory.
+        store: the state database.  pool: the host pool.
     """
+
+    def __init__(
+        self, config: Config | str | Path | None = None, *,
+        state_dir: str | Path | None = None, pool: HostPool | None = None,
+    ) -> None:
+        if pool is None:
+            cfg = (config if isinstance(config, Config)
+                   else load_config(config, must_exist=config is not None))
+            sd = Path(state_dir) if state_dir is not None else default_state_dir()
+            pool = HostPool(cfg, Store(sd), sd)
+            self._owns_pool = True
+        else:
+            self._owns_pool = False
+        self.pool = pool
+        self.config: Config = pool.config
+        self.state_dir: Path = pool.state_dir
+        self.store: Store = pool.store
+        self._jobs = Jobs(pool, self.store)
+        self._logs = Logs(pool, self.store, self._jobs)
+        self._staging = Staging(pool, self.store)
+        self._farm = Farm(self)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every connection and the database (not a shared pool's)."""
+        if self._owns_pool:
+            await self.pool.close()
+            self.store.close()
+
+    def transport(self, platform: Platform, host: str) -> Transport:
+        """The (cached) transport to one host of a platform (see :class:`HostPool`)."""
+        return self.pool.transport(platform, host)
+
+    # ---- jobs (sshq._client.jobs)
+    submit = _part("_jobs", Jobs.submit)
+    poll = _part("_jobs", Jobs.poll)
+    kill = _part("_jobs", Jobs.kill)
+    wait = _part("_jobs", Jobs.wait)
+    jobs = _part("_jobs", Jobs.jobs)
+    # ---- logs and ssh to job (sshq._client.logs)
+    cat_log = _part("_logs", Logs.cat_log)
+    follow_log = _part_iter("_logs", Logs.follow_log)
+    ssh_to_job = _part("_logs", Logs.ssh_to_job)
+    ssh_to_job_argv = _part("_logs", Logs.ssh_to_job_argv)
+    # ---- run files and results (sshq._client.staging)
+    retrieve = _part("_staging", Staging.retrieve)
+    install = _part("_staging", Staging.install)
+    tidy = _part("_staging", Staging.tidy)
+    # ---- task farm (sshq._client.farm)
+    farm = _part("_farm", Farm.farm)
+    farm_attach = _part("_farm", Farm.farm_attach)
 
 
 class Client:
@@ -63,14 +171,18 @@ class Client:
     Args:
         config: as for :class:`AsyncClient`.
         state_dir: as for :class:`AsyncClient`.
+        pool: as for :class:`AsyncClient`; its connections belong to the
+            event loop that first used them: share one only between clients
+            that run on the same loop (not between two :class:`Client`).
     """
 
     def __init__(
-        self, config: Config | str | Path | None = None, *, state_dir: str | Path | None = None
+        self, config: Config | str | Path | None = None, *,
+        state_dir: str | Path | None = None, pool: HostPool | None = None,
     ) -> None:
         self._runner = asyncio.Runner()
         self._closed = False
-        self._async = AsyncClient(config, state_dir=state_dir)
+        self._async = AsyncClient(config, state_dir=state_dir, pool=pool)
 
     def __enter__(self) -> Client:
         return self
@@ -142,7 +254,7 @@ class Client:
         timeout: float | None = None,
         interval: float = 1.0,
         max_interval: float = 10.0,
-        on_poll: Any = None,
+        on_poll: Callable[[list[Job]], None] | None = None,
     ) -> list[Job]:
         """See :meth:`AsyncClient.wait`."""
         return self._run(self._async.wait(ids, timeout=timeout, interval=interval,
@@ -157,28 +269,28 @@ class Client:
 
     # ---- logs and ssh to job (see sshq._client.logs)
 
-    def cat_log(self, job_id: int, file: LogFile = "out", *, offset: int = 0) -> bytes:
+    def cat_log(self, id: int, file: LogFile = "out", *, offset: int = 0) -> bytes:
         """See :meth:`AsyncClient.cat_log`."""
-        return self._run(self._async.cat_log(job_id, file, offset=offset))
+        return self._run(self._async.cat_log(id, file, offset=offset))
 
     def follow_log(
-        self, job_id: int, files: Sequence[LogFile] = ("out", "err"), *, poll_every: float = 10.0
+        self, id: int, files: Sequence[LogFile] = ("out", "err"), *, poll_every: float = 10.0
     ) -> Iterator[tuple[str, bytes]]:
         """See :meth:`AsyncClient.follow_log`; a plain iterator of ``(file, bytes)``.
 
         Nothing is sent until the first item is asked for.  Other methods of
         this client may be called between items.
         """
-        return self._iterate(self._async.follow_log(job_id, files, poll_every=poll_every))
+        return self._iterate(self._async.follow_log(id, files, poll_every=poll_every))
 
-    def ssh_to_job(self, job_id: int, command: str, *,
+    def ssh_to_job(self, id: int, command: str, *,
                    timeout: float | None = None) -> CommandResult:
         """See :meth:`AsyncClient.ssh_to_job`."""
-        return self._run(self._async.ssh_to_job(job_id, command, timeout=timeout))
+        return self._run(self._async.ssh_to_job(id, command, timeout=timeout))
 
-    def ssh_to_job_argv(self, job_id: int) -> list[str]:
+    def ssh_to_job_argv(self, id: int) -> list[str]:
         """See :meth:`AsyncClient.ssh_to_job_argv`."""
-        return self._run(self._async.ssh_to_job_argv(job_id))
+        return self._run(self._async.ssh_to_job_argv(id))
 
     # ---- run files and results (see sshq._client.staging)
 
@@ -199,14 +311,15 @@ class Client:
 
     def farm(
         self, batch_file: str | Path | None = None, *, hosts: Sequence[str] = (),
-        out: Any, run: str | None = None, resume: str | None = None,
+        out: ResultSink, run: str | None = None, resume: str | None = None,
         slots: int | None = None, retries: int = 0, timeout: float | None = None,
         speculate: bool = True, keep_order: bool = False,
         output_dir: str | Path | None = None, deps: str | Path | None = None,
         detach: bool = False, via: str | None = None, nodes: int = 1,
         walltime: str | None = None, fmt: str = "jsonl",
-        on_name: Any = None, warn: Any = None,
-    ) -> Any:
+        on_name: Callable[[str], None] | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> tuple[str, FarmStats]:
         """See :meth:`AsyncClient.farm`."""
         return self._run(self._async.farm(
             batch_file, hosts=hosts, out=out, run=run, resume=resume, slots=slots,
@@ -214,7 +327,7 @@ class Client:
             output_dir=output_dir, deps=deps, detach=detach, via=via, nodes=nodes,
             walltime=walltime, fmt=fmt, on_name=on_name, warn=warn))
 
-    def farm_attach(self, name: str, *, out: Any, fmt: str | None = None,
-                    warn: Any = None) -> Any:
+    def farm_attach(self, name: str, *, out: ResultSink, fmt: str | None = None,
+                    warn: Callable[[str], None] | None = None) -> FarmStats:
         """See :meth:`AsyncClient.farm_attach`."""
         return self._run(self._async.farm_attach(name, out=out, fmt=fmt, warn=warn))

@@ -1,30 +1,42 @@
-"""The task farm's entry points (part of :class:`sshq.AsyncClient`)."""
+"""The task farm's entry points: the farm part of :class:`sshq.AsyncClient`."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from .core import ClientCore
+if TYPE_CHECKING:  # (the farm is imported only when used: CLI start-up)
+    from ..farm.backend import FarmBackend
+    from ..farm.engine import FarmStats
+    from ..farm.output import ResultSink
 
 log = logging.getLogger("sshq.client")
 
 
-class FarmClient(ClientCore):
-    """farm, farm_attach (the farm itself is :mod:`sshq.farm`)."""
+class Farm:
+    """farm, farm_attach (the farm itself is :mod:`sshq.farm`).
+
+    Args:
+        backend: what the farm needs of the client (its config, state dir,
+            transports, submit and poll): the :class:`sshq.AsyncClient`.
+    """
+
+    def __init__(self, backend: FarmBackend) -> None:
+        self.backend = backend
 
     async def farm(
         self, batch_file: str | Path | None = None, *, hosts: Sequence[str] = (),
-        out: Any, run: str | None = None, resume: str | None = None,
+        out: ResultSink, run: str | None = None, resume: str | None = None,
         slots: int | None = None, retries: int = 0, timeout: float | None = None,
         speculate: bool = True, keep_order: bool = False,
         output_dir: str | Path | None = None, deps: str | Path | None = None,
         detach: bool = False, via: str | None = None, nodes: int = 1,
         walltime: str | None = None, fmt: str = "jsonl",
-        on_name: Any = None, warn: Any = None,
-    ) -> Any:
+        on_name: Callable[[str], None] | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> tuple[str, FarmStats]:
         """Run a batch of shell commands over hosts' cores (``sshq farm``).
 
         Each task's result is reported exactly once, as soon as it is
@@ -90,11 +102,11 @@ class FarmClient(ClientCore):
             options=FarmOptions(slots=slots, retries=retries, timeout=timeout,
                                 speculate=speculate, keep_order=keep_order,
                                 output_dir=Path(output_dir) if output_dir else None))
-        return await run_farm(self, req, out, on_name=on_name or (lambda n: None),
+        return await run_farm(self.backend, req, out, on_name=on_name or (lambda n: None),
                               warn=warn or (lambda m: None))
 
-    async def farm_attach(self, name: str, *, out: Any, fmt: str | None = None,
-                          warn: Any = None) -> Any:
+    async def farm_attach(self, name: str, *, out: ResultSink, fmt: str | None = None,
+                          warn: Callable[[str], None] | None = None) -> FarmStats:
         """Collect the results of detached farm run ``name`` (each reported once).
 
         Args:
@@ -114,4 +126,4 @@ class FarmClient(ClientCore):
         """
         from ..farm.run import attach_run
 
-        return await attach_run(self, name, out, fmt=fmt, warn=warn or (lambda m: None))
+        return await attach_run(self.backend, name, out, fmt=fmt, warn=warn or (lambda m: None))

@@ -8,7 +8,7 @@ import logging
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
@@ -30,8 +30,9 @@ from ..remote.staging import (
 )
 from ..remote.status import JobStatus, decide
 from ..shipped import sshq_jobstatus as js
+from ..store import Store
 from ..transport import Transport
-from .core import ClientCore
+from .core import HostPool
 
 log = logging.getLogger("sshq.client")
 
@@ -41,8 +42,17 @@ def _utc(s: object) -> datetime | None:
     return t
 
 
-class JobsClient(ClientCore):
-    """Submit, poll, kill, wait, jobs."""
+class Jobs:
+    """Submit, poll, kill, wait, jobs: the job part of :class:`sshq.AsyncClient`.
+
+    Args:
+        pool: the host pool (transports, failover, agent calls).
+        store: the state database.
+    """
+
+    def __init__(self, pool: HostPool, store: Store) -> None:
+        self.pool = pool
+        self.store = store
 
     async def submit(
         self, specs: JobSpec | Sequence[JobSpec], *, platform: str = "localhost"
@@ -65,7 +75,7 @@ class JobsClient(ClientCore):
         """
         if isinstance(specs, JobSpec):
             specs = [specs]
-        plat = self.config.platform(platform)
+        plat = self.pool.config.platform(platform)
         handler = get_handler(plat.job_runner)
         normalized = []
         for s in specs:
@@ -79,7 +89,7 @@ class JobsClient(ClientCore):
         async def op(host: str, t: Transport) -> list[Job]:
             return await self._submit_on(plat, handler, host, t, normalized)
 
-        result: list[Job] = await self._with_failover(plat, op)
+        result: list[Job] = await self.pool.with_failover(plat, op)
         return result
 
     async def _submit_on(
@@ -151,10 +161,10 @@ class JobsClient(ClientCore):
                                            "concurrency": plat.submit_concurrency}
                 if info is None:
                     payload["init"] = {"run_dir": plat.run_dir, "token": run_dir}
-                reply = await self._agent(plat, t, "submit", payload,
+                reply = await self.pool.agent(plat, t, "submit", payload,
                                           timeout=max(300.0, 2.0 * len(jobs_req)))
                 if info is None:
-                    info = self._record_remote_init(plat, t, reply.get("init"))
+                    info = self.pool.record_remote_init(plat, t, reply.get("init"))
                     self._resolve_run_dir(ids, run_dir, info.run_dir)
                     run_dir = info.run_dir
                     if reply.get("render_again"):  # nothing was sent to the runner
@@ -199,8 +209,8 @@ class JobsClient(ClientCore):
                   if j.job_log_dir.startswith(RUN_DIR_TOKEN_PREFIX)}
         if not tokens:
             return group
-        host = self._host_of(plat, host_label)
-        info = await self._remote_init(plat, host, self.transport(plat, host))
+        host = self.pool.host_of(plat, host_label)
+        info = await self.pool.remote_init(plat, host, self.pool.transport(plat, host))
         ids = [j.id for j in group]
         for token in tokens:
             self._resolve_run_dir(ids, "/" + token, info.run_dir)
@@ -384,7 +394,7 @@ class JobsClient(ClientCore):
         errors: list[str] = []
 
         async def one(key: tuple[str, str], group: list[Job]) -> None:
-            plat = self.config.platform(key[0])
+            plat = self.pool.config.platform(key[0])
             try:
                 group = await self._resolve_tokens(plat, key[1], group)
             except SshqError as exc:
@@ -397,7 +407,7 @@ class JobsClient(ClientCore):
             if not self.store.claim_runner_query(key[0], key[1], plat.min_poll_interval):
                 payload["skip_runner"] = True
             try:
-                reply = await self._agent_on_group(key[0], key[1], "poll", payload,
+                reply = await self.pool.agent_on_group(key[0], key[1], "poll", payload,
                                                    runners={j.job_runner for j in group})
             except SshqError as exc:
                 log.warning("poll of %s on %s failed (no state changed): %s", key[0], key[1], exc)
@@ -446,7 +456,7 @@ class JobsClient(ClientCore):
 
         async def one(key: tuple[str, str], group: list[Job]) -> None:
             payload = dict(_jobs_payload(group), settle=settle)
-            reply = await self._agent_on_group(key[0], key[1], "kill", payload,
+            reply = await self.pool.agent_on_group(key[0], key[1], "kill", payload,
                                                timeout=120 + settle,
                                                runners={j.job_runner for j in group})
             # (the kill commands' output is no poll output: only statuses count)
@@ -475,7 +485,7 @@ class JobsClient(ClientCore):
         timeout: float | None = None,
         interval: float = 1.0,
         max_interval: float = 10.0,
-        on_poll: Any = None,
+        on_poll: Callable[[list[Job]], None] | None = None,
     ) -> list[Job]:
         """Poll until every job is final.
 

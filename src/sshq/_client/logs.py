@@ -22,8 +22,10 @@ from ..remote.attach import HOP_MARK, NO_ENV_MARK, hop_argv, launch_argv
 from ..remote.protocol import LOGIN_SHELL
 from ..remote.status import JobStatus
 from ..shipped import sshq_jobstatus as js
+from ..store import Store
 from ..transport import CommandResult, Transport, check_host
-from .jobs import JobsClient
+from .core import HostPool
+from .jobs import Jobs
 
 log = logging.getLogger("sshq.client")
 
@@ -34,14 +36,25 @@ LOG_FILES = js.LOG_FILES
 LogFile = Literal["out", "err", "status", "job"]
 
 
-class LogsClient(JobsClient):
-    """cat_log, follow_log, ssh_to_job."""
+class Logs:
+    """cat_log, follow_log, ssh_to_job: the log part of :class:`sshq.AsyncClient`.
 
-    async def cat_log(self, job_id: int, file: LogFile = "out", *, offset: int = 0) -> bytes:
+    Args:
+        pool: the host pool.
+        store: the state database.
+        jobs: the job part (logs poll jobs).
+    """
+
+    def __init__(self, pool: HostPool, store: Store, jobs: Jobs) -> None:
+        self.pool = pool
+        self.store = store
+        self.jobs = jobs
+
+    async def cat_log(self, id: int, file: LogFile = "out", *, offset: int = 0) -> bytes:
         """Read a file of a job's log directory.
 
         Args:
-            job_id: sshq id.
+            id: sshq id.
             file: ``out`` (job.out), ``err`` (job.err), ``status`` (job.status)
                 or ``job`` (the job script).
             offset: first byte to read.
@@ -55,28 +68,28 @@ class LogsClient(JobsClient):
         """
         if file not in LOG_FILES:
             raise InvalidInputError(f"unknown log file {file!r}; use {', '.join(LOG_FILES)}")
-        (job,) = self.store.get([job_id])
+        (job,) = self.store.get([id])
         path = f"{job.job_log_dir}/{LOG_FILES[file]}"
         data = bytearray()
         while True:  # the agent reads at most 16 MiB per call
-            reply = await self._agent_on_group(
+            reply = await self.pool.agent_on_group(
                 job.platform, job.host, "read", {"path": path, "offset": offset + len(data)},
                 runners=[job.job_runner],
             )
             if not reply.get("ok"):
-                raise RemoteError(f"job {job_id}: {reply.get('error')}")
+                raise RemoteError(f"job {id}: {reply.get('error')}")
             try:
                 chunk = base64.b64decode(reply["data_b64"], validate=True)
                 size = int(reply["size"])
             except (KeyError, TypeError, ValueError):
-                raise RemoteError(f"job {job_id}: malformed agent reply to a log read"
+                raise RemoteError(f"job {id}: malformed agent reply to a log read"
                                   ) from None
             data += chunk
             if not chunk or offset + len(data) >= size:
                 return bytes(data)
 
     async def follow_log(
-        self, job_id: int, files: Sequence[LogFile] = ("out", "err"), *, poll_every: float = 10.0
+        self, id: int, files: Sequence[LogFile] = ("out", "err"), *, poll_every: float = 10.0
     ) -> AsyncIterator[tuple[str, bytes]]:
         """Stream a job's log files as they grow, until the job is final.
 
@@ -90,7 +103,7 @@ class LogsClient(JobsClient):
         in ``async for``) ends the remote stream and leaves the job alone.
 
         Args:
-            job_id: sshq id.
+            id: sshq id.
             files: short names of :data:`LOG_FILES` to follow, ``out``
                 (job.out) and ``err`` (job.err) by default.
             poll_every: seconds between the polls that notice a job final
@@ -102,7 +115,7 @@ class LogsClient(JobsClient):
             to display; a chunk may end inside a UTF-8 character).
 
         Raises:
-            UnknownJobError: ``job_id`` is not in the local store.
+            UnknownJobError: ``id`` is not in the local store.
             ConfigError: the job's platform is no longer in the platforms file.
             TransportError: the host could not be reached (also mid-stream).
             CommandError: the agent could not start (no such ``python``).
@@ -111,9 +124,9 @@ class LogsClient(JobsClient):
         bad = [f for f in files if f not in LOG_FILES]
         if bad:
             raise InvalidInputError(f"unknown log file {bad[0]!r}; use {', '.join(LOG_FILES)}")
-        (job,) = self.store.get([job_id])
-        plat = self.config.platform(job.platform)
-        t = self.transport(plat, self._host_of(plat, job.host))
+        (job,) = self.store.get([id])
+        plat = self.pool.config.platform(job.platform)
+        t = self.pool.transport(plat, self.pool.host_of(plat, job.host))
         payload = {
             "files": {f: f"{job.job_log_dir}/{LOG_FILES[f]}" for f in files},
             "log_dir": job.job_log_dir,
@@ -123,7 +136,7 @@ class LogsClient(JobsClient):
 
         async def pump() -> None:
             try:
-                async for frame in self._agent_stream(plat, t, "follow", payload):
+                async for frame in self.pool.agent_stream(plat, t, "follow", payload):
                     if "file" in frame:
                         await queue.put((frame["file"], base64.b64decode(frame["data_b64"])))
                     elif frame.get("done"):
@@ -134,7 +147,7 @@ class LogsClient(JobsClient):
         async def watch() -> None:
             while True:
                 await asyncio.sleep(poll_every)
-                (j,) = await self.poll([job_id])
+                (j,) = await self.jobs.poll([id])
                 if j.state.is_final:
                     await asyncio.sleep(1.0)  # let the last bytes arrive
                     await queue.put(None)
@@ -154,15 +167,15 @@ class LogsClient(JobsClient):
             for task in (pump_task, watch_task):
                 task.cancel()
             await asyncio.gather(pump_task, watch_task, return_exceptions=True)
-        await self.poll([job_id])
+        await self.jobs.poll([id])
 
-    async def _running_job(self, job_id: int) -> tuple[Job, Platform, Transport]:
-        (job,) = await self.poll([job_id])
+    async def _running_job(self, id: int) -> tuple[Job, Platform, Transport]:
+        (job,) = await self.jobs.poll([id])
         if job.state is not JobState.RUNNING:
             detail = f" ({job.message})" if job.message else ""
-            raise JobNotRunningError(f"job {job_id} is {job.state.value}, not running{detail}")
-        plat = self.config.platform(job.platform)
-        return job, plat, self.transport(plat, self._host_of(plat, job.host))
+            raise JobNotRunningError(f"job {id} is {job.state.value}, not running{detail}")
+        plat = self.pool.config.platform(job.platform)
+        return job, plat, self.pool.transport(plat, self.pool.host_of(plat, job.host))
 
     async def _attach_remote_argv(self, job: Job, command: str | None, *,
                                   tty: bool) -> list[str]:
@@ -179,7 +192,7 @@ class LogsClient(JobsClient):
             return hop_argv(exec_host, inner, tty=tty)
         return handler.attach_argv(job.job_id, inner, tty=tty)
 
-    async def ssh_to_job(self, job_id: int, command: str, *,
+    async def ssh_to_job(self, id: int, command: str, *,
                          timeout: float | None = None) -> CommandResult:
         """Run one command inside a running job's environment (non-interactive).
 
@@ -188,7 +201,7 @@ class LogsClient(JobsClient):
         ``srun --jobid=ID --overlap``).
 
         Args:
-            job_id: sshq id.
+            id: sshq id.
             command: a shell command line (run by ``/bin/bash -c``).
             timeout: seconds; None for no limit.
 
@@ -200,29 +213,29 @@ class LogsClient(JobsClient):
             JobRunnerError: the job runner refused to step into the job.
             TransportError: the host could not be reached.
         """
-        job, plat, t = await self._running_job(job_id)
+        job, plat, t = await self._running_job(id)
         argv = await self._attach_remote_argv(job, command, tty=False)
         if plat.login_shell:
             argv = [*LOGIN_SHELL, *argv]
         result = await t.run(argv, timeout=timeout)
         if HOP_MARK.encode() in result.stderr:
             raise HostUnreachableError(
-                f"job {job_id}: its execution host is unreachable from the login node:"
+                f"job {id}: its execution host is unreachable from the login node:"
                 f" {result.stderr.decode('utf-8', 'replace').strip()}", host=job.host)
         if result.exit_status == 125 and NO_ENV_MARK.encode() in result.stderr:
             what = ("its container is not running (yet)" if b"container" in result.stderr
                     else "its script has not started yet (no job.env)")
             raise JobNotRunningError(
-                f"job {job_id} is running for {job.job_runner} but {what};"
+                f"job {id} is running for {job.job_runner} but {what};"
                 " try again in a moment")
         why = HANDLERS[job.job_runner].attach_error(
             result.exit_status, result.stderr.decode("utf-8", "replace"))
         if result.exit_status != 0 and why:
-            raise JobRunnerError(f"job {job_id}: {why}",
+            raise JobRunnerError(f"job {id}: {why}",
                                  stderr=result.stderr.decode("utf-8", "replace"))
         return result
 
-    async def ssh_to_job_argv(self, job_id: int) -> list[str]:
+    async def ssh_to_job_argv(self, id: int) -> list[str]:
         """The local argv of an interactive terminal inside a running job.
 
         For a platform reached by SSH this is a system ``ssh -t`` command
@@ -234,7 +247,7 @@ class LogsClient(JobsClient):
             JobNotRunningError: the job is not running.
             JobRunnerError: the job runner cannot step into the job.
         """
-        job, plat, t = await self._running_job(job_id)
+        job, plat, t = await self._running_job(id)
         handler = HANDLERS[job.job_runner]
         probe = handler.attach_argv(job.job_id, ["true"], tty=False)
         if probe[0] != "true":  # a job runner step: check it is allowed, cheaply
@@ -242,7 +255,7 @@ class LogsClient(JobsClient):
             why = handler.attach_error(result.exit_status,
                                        result.stderr.decode("utf-8", "replace"))
             if why:
-                raise JobRunnerError(f"job {job_id}: {why}")
+                raise JobRunnerError(f"job {id}: {why}")
         argv = await self._attach_remote_argv(job, None, tty=True)
         if plat.login_shell:
             argv = [*LOGIN_SHELL, *argv]

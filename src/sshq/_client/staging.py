@@ -21,15 +21,24 @@ from ..remote.staging import (
     sftp_push,
     shared_run_dir,
 )
+from ..store import Store
 from ..transport import Transport
-from ..transport.local import LocalTransport
-from .core import ClientCore
+from .core import HostPool
 
 log = logging.getLogger("sshq.client")
 
 
-class StagingClient(ClientCore):
-    """install, retrieve, tidy."""
+class Staging:
+    """install, retrieve, tidy: the staging part of :class:`sshq.AsyncClient`.
+
+    Args:
+        pool: the host pool.
+        store: the state database.
+    """
+
+    def __init__(self, pool: HostPool, store: Store) -> None:
+        self.pool = pool
+        self.store = store
 
     async def retrieve(self, ids: Sequence[int], *, dest: str | Path = ".") -> list[Path]:
         """Copy job log directories back with rsync (Cylc's log retrieval).
@@ -57,8 +66,8 @@ class StagingClient(ClientCore):
         jobs = self.store.get(list(ids))
         out: list[Path] = []
         for job in jobs:
-            plat = self.config.platform(job.platform)
-            t = self.transport(plat, self._host_of(plat, job.host))
+            plat = self.pool.config.platform(job.platform)
+            t = self.pool.transport(plat, self.pool.host_of(plat, job.host))
             local = Path(dest) / job.name / f"{job.submit_num:02d}"
             await rsync_pull(t, job.job_log_dir, local)
             if job.state is JobState.SUCCEEDED:
@@ -97,18 +106,18 @@ class StagingClient(ClientCore):
             raise InvalidInputError(f"{str(src)!r} is not a directory")
         for e in excludes:
             check_directive_value("exclude", e)
-        plat = self.config.platform(platform)
+        plat = self.pool.config.platform(platform)
         patterns = [*CYLC_EXCLUDES, *excludes]
 
         async def op(host: str, t: Transport) -> Installation:
-            init = await self._agent(plat, t, "init", {"run_dir": plat.run_dir})
+            init = await self.pool.agent(plat, t, "init", {"run_dir": plat.run_dir})
             remote_dir = init.get("run_dir")
             if not isinstance(remote_dir, str) or not remote_dir.startswith("/"):
                 raise RemoteError(f"{t.host}: remote-init reported no absolute run directory")
 
             async def read(path: str) -> bytes | None:   # the probe, through the agent
                 try:
-                    reply = await self._agent(plat, t, "read", {"path": path, "max_bytes": 64})
+                    reply = await self.pool.agent(plat, t, "read", {"path": path, "max_bytes": 64})
                     data = reply.get("data_b64") if reply.get("ok") is True else None
                     return (base64.b64decode(data, validate=True)
                             if isinstance(data, str) and len(data) <= 128 else None)
@@ -123,18 +132,18 @@ class StagingClient(ClientCore):
                     return Installation(method="skipped", files_transferred=0, **done)
                 n = await rsync_push(None, src, remote_dir, patterns)
                 return Installation(method="local", files_transferred=n, **done)
-            if isinstance(t, LocalTransport):   # this machine, yet not the same directory
+            if t.is_local:   # this machine, yet not the same directory
                 raise RemoteError(f"{t.host}: the run directory the agent reported,"
                                   f" {remote_dir!r}, is not the directory seen here (no token"
                                   " read back); nothing copied")
             if init.get("rsync") and shutil.which("rsync"):
                 n = await rsync_push(t, src, remote_dir, patterns)
                 return Installation(method="rsync", files_transferred=n, **done)
-            listing = await self._agent(plat, t, "listing", {"path": remote_dir})
+            listing = await self.pool.agent(plat, t, "listing", {"path": remote_dir})
             n = await sftp_push(t, src, remote_dir, patterns, listing["files"])
             return Installation(method="sftp", files_transferred=n, **done)
 
-        result: Installation = await self._with_failover(plat, op)
+        result: Installation = await self.pool.with_failover(plat, op)
         return result
 
     async def tidy(self, *, platform: str) -> list[str]:
@@ -156,13 +165,13 @@ class StagingClient(ClientCore):
             TransportError: no host of the platform could be reached.
             RemoteError: the agent failed or replied nonsense.
         """
-        plat = self.config.platform(platform)
+        plat = self.pool.config.platform(platform)
 
         async def op(host: str, t: Transport) -> list[str]:
-            info = await self._remote_init(plat, host, t)
-            reply = await self._agent(plat, t, "tidy", {"run_dir": info.run_dir})
+            info = await self.pool.remote_init(plat, host, t)
+            reply = await self.pool.agent(plat, t, "tidy", {"run_dir": info.run_dir})
             removed: list[str] = reply["removed"]
             return removed
 
-        result: list[str] = await self._with_failover(plat, op)
+        result: list[str] = await self.pool.with_failover(plat, op)
         return result

@@ -28,7 +28,6 @@ from typing import Any
 from ..exceptions import RemoteError
 from ..model import JobSpec
 from ..transport import Transport
-from ..transport.local import LocalTransport
 
 __all__ = [
     "CYLC_EXCLUDES",
@@ -227,7 +226,7 @@ async def rsync_pull(t: Transport, remote_path: str, local: Path, *,
         RemoteError: rsync failed.
     """
     local.mkdir(parents=True, exist_ok=True)
-    if isinstance(t, LocalTransport) and shutil.which("rsync") is None and not relative:
+    if t.is_local and shutil.which("rsync") is None and not relative:
         shutil.copytree(remote_path, local, dirs_exist_ok=True, symlinks=True)
         return
     src = remote_path if relative else remote_path.rstrip("/") + "/"
@@ -281,14 +280,11 @@ async def sftp_push(t: Transport, src_dir: Path, remote_dir: str, excludes: Sequ
     Raises:
         RemoteError: the transport has no SFTP (not asyncssh).
     """
-    from ..transport.asyncssh_ import AsyncSSHTransport
-
-    if not isinstance(t, AsyncSSHTransport):
+    if not t.has_sftp:
         raise RemoteError(f"{t.host} has no rsync; the SFTP fallback needs the asyncssh"
                           " transport")
-    conn = await t.connection()
     sent = 0
-    async with conn.start_sftp_client() as sftp:
+    async with t.sftp() as sftp:
         for root, dirs, files in os.walk(src_dir):
             rel_root = os.path.relpath(root, src_dir)
             dirs[:] = [d for d in dirs

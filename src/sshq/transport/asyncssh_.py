@@ -19,6 +19,7 @@ import logging
 import os
 import random
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import asyncssh
@@ -57,6 +58,7 @@ class AsyncSSHTransport(Transport):
     """
 
     name = "asyncssh"
+    has_sftp = True
 
     def __init__(
         self,
@@ -223,6 +225,16 @@ class AsyncSSHTransport(Transport):
         if hops is not None:
             conn.set_tunnel(hops)  # closed with the connection
         return conn
+
+    def sftp(self) -> AbstractAsyncContextManager[asyncssh.SFTPClient]:
+        """An SFTP client session on the host's connection."""
+        return self._sftp()
+
+    @contextlib.asynccontextmanager
+    async def _sftp(self) -> AsyncIterator[asyncssh.SFTPClient]:
+        conn = await self.connection()
+        async with conn.start_sftp_client() as sftp:
+            yield sftp
 
     async def connection(self) -> asyncssh.SSHClientConnection:
         """The host's connection, opened (with retries) on first use.

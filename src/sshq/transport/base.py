@@ -11,9 +11,11 @@ from __future__ import annotations
 import abc
 import re
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from ..exceptions import ConfigError
+from ..exceptions import CommandError, ConfigError
 from ..quoting import join
 from .bounded import MAX_OUTPUT
 from .ssh_config import known_hosts_files, strict_config
@@ -160,6 +162,11 @@ class Transport(abc.ABC):
 
     #: The transport's name in platform configs.
     name: str = ""
+    #: Capabilities, so that callers ask instead of checking classes.
+    #: ``is_local``: commands run on this machine (remote paths are local paths).
+    is_local: ClassVar[bool] = False
+    #: ``has_sftp``: :meth:`sftp` works (file transfer without rsync).
+    has_sftp: ClassVar[bool] = False
 
     def __init__(self, params: HostParams) -> None:
         self.params = params
@@ -168,6 +175,16 @@ class Transport(abc.ABC):
     def host(self) -> str:
         """The host label, for messages and the job store."""
         return self.params.label
+
+    def sftp(self) -> AbstractAsyncContextManager[Any]:
+        """An SFTP client session (``async with t.sftp() as sftp``), where
+        :attr:`has_sftp`.
+
+        Raises:
+            CommandError: this transport has no SFTP.
+        """
+        raise CommandError(f"{self.host}: the {self.name} transport has no SFTP",
+                           host=self.host)
 
     @abc.abstractmethod
     async def run(

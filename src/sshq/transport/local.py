@@ -13,6 +13,7 @@ class LocalTransport(SubprocessTransport):
     """Runs argument vectors as local processes (no shell, no quoting needed)."""
 
     name = "local"
+    is_local = True
 
     def local_argv(self, argv: Sequence[str]) -> list[str]:
         return list(argv)
