@@ -50,8 +50,8 @@ from sshq.exceptions import JobRunnerError
 from sshq.job_runners import get_handler
 from sshq.job_runners.htcondor import HANDLER, SUBMIT_FILE, submit_value
 from sshq.jobscript import render_job_script
-from sshq.shipped import agent
 from sshq.remote.status import parse_status
+from sshq.shipped import agent
 
 HERE = Path(__file__).parent
 FIXTURES = HERE / "fixtures" / "htcondor"
