@@ -11,8 +11,10 @@ in ``src/sbatch/opt.c``; ``tests/fixtures/sbatch_directive_quotes.json``):
 unescaped, ``--partition=de'b'ug`` runs in ``debug``.  Every value is written
 with ``\\ ' " #`` backslash-escaped and blanks double-quoted, so it reaches
 Slurm byte-exact; in ``--output``/``--error`` paths ``%`` is doubled (sbatch's
-filename patterns) and a backslash is refused.  (Slurm before 19.05 also
-blanked the word ``packjob`` anywhere in a ``#SBATCH`` line; 22.05 does not.)
+filename patterns) and a backslash is refused.  (sbatch of the ``packjob``
+era, before het jobs were called so, also blanked the word ``packjob``
+anywhere in a ``#SBATCH`` line; 22.05 reads ``hetjob`` only as a word of its
+own, checked with ``--comment=xhetjoby``.)
 
 Submit output (``sbatch(1)``, OUTPUT): ``Submitted batch job 123`` or, on a
 multi-cluster site, ``Submitted batch job 123 on cluster c1``: sshq's job id
