@@ -192,3 +192,38 @@ def test_missing_exit_time() -> None:
     d = run_decide(STARTED + "SSHQ_JOB_EXIT_STATUS=0\n")
     assert d.state is JobState.SUCCEEDED
     assert d.fields["exit_time"] is None
+
+
+# ------------------------------------------------------- one home for the keys
+
+
+def test_job_status_keys_are_written_in_one_module_only() -> None:
+    import re
+    from pathlib import Path
+
+    import sshq
+    from sshq.shipped import sshq_jobstatus as js
+
+    keys = [js.RUNNER_NAME, js.JOB_ID, js.RUNNER_SUBMIT_TIME, js.RUNNER_SUBMIT_FAILED, js.PID,
+            js.HOST, js.INIT_TIME, js.EXIT_STATUS, js.EXIT_SIGNAL, js.EXIT_TIME,
+            js.CONTAINER_PREFIX]
+    pattern = re.compile("|".join(re.escape(k) for k in keys))
+    src = Path(sshq.__file__).parent
+    found = {str(p.relative_to(src)) for p in src.rglob("*.py") if pattern.search(p.read_text())}
+    assert found == {"shipped/sshq_jobstatus.py"}
+
+
+def test_the_wrapper_records_the_module_s_keys() -> None:
+    import re
+
+    from sshq.job_runners import get_handler
+    from sshq.jobscript import render_job_script
+    from sshq.model import JobSpec
+    from sshq.shipped import sshq_jobstatus as js
+
+    script = render_job_script(JobSpec(command="true").normalized(), get_handler("slurm"),
+                               job_log_dir="/r/log/job/x/01", work_dir="/r/work/x").decode()
+    assert not re.search(r"@[A-Z_]+@", script)  # every placeholder filled
+    for key in (js.PID, js.HOST, js.INIT_TIME, js.EXIT_STATUS, js.EXIT_SIGNAL, js.EXIT_TIME):
+        assert key in script
+    assert f'"$SSHQ_JOB_LOG_DIR/{js.STATUS_FILE}"' in script

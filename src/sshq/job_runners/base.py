@@ -78,7 +78,7 @@ class JobRunnerHandler:
         array_element_id: how an element's job id is spelt, from the array's
             job id and the index (``{id}_{index}``: Slurm).
         attach_via_exec_host: ``ssh-to-job`` reaches the job by SSH from the
-            login node to its execution host (the ``SSHQ_JOB_HOST`` its
+            login node to its execution host (the execution host its
             wrapper recorded), as for batch systems with no step-into-job
             command.
         directive_syntax: how the runner's directive parser reads a value

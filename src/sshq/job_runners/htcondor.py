@@ -97,7 +97,7 @@ Job spec fields:
 ``sshq ssh-to-job`` reaches the job on its execution host
 (:attr:`~sshq.job_runners.base.JobRunnerHandler.attach_via_exec_host`): the
 login node (the access point) runs ``ssh`` to the host the job wrapper
-recorded as ``SSHQ_JOB_HOST`` in ``job.status``, with the job's environment
+recorded as the execution host in ``job.status``, with the job's environment
 and work directory; sshq does not use ``condor_ssh_to_job``.
 
 The job runs in the vanilla universe with ``should_transfer_files = NO``: the

@@ -77,7 +77,7 @@ Directives (``#BSUB``, before any command of the script):
 ``sshq ssh-to-job`` reaches the job on its execution host
 (:attr:`~sshq.job_runners.base.JobRunnerHandler.attach_via_exec_host`): the
 login node runs ``ssh`` to the host the job wrapper recorded as
-``SSHQ_JOB_HOST`` in ``job.status``, with the job's environment and work
+the execution host in ``job.status``, with the job's environment and work
 directory (beside the job: sshq does not use ``blaunch``).
 
 Because the documentation does not say that bsub stops reading ``#BSUB``

@@ -77,7 +77,7 @@ the site writes them directly: on PBS Pro/OpenPBS add the raw directive
 ``sshq ssh-to-job`` reaches the job on its execution host
 (:attr:`~sshq.job_runners.base.JobRunnerHandler.attach_via_exec_host`): the
 login node runs ``ssh`` to the host the job wrapper recorded as
-``SSHQ_JOB_HOST`` in ``job.status`` (with the login node's own keys or
+the execution host in ``job.status`` (with the login node's own keys or
 host-based authentication) and opens the shell there, with the job's
 environment and work directory.  It runs beside the job, not inside its
 cgroup: sshq uses no PBS step-into-job command.

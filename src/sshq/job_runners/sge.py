@@ -35,7 +35,7 @@ error: got select error (Connection refused)``, exit 1) is a transient
 
 No ``qacct``: once qstat has forgotten a job, the only question left is
 whether it ever ran, and the job status file answers it (the wrapper writes
-``SSHQ_JOB_INIT_TIME`` when it starts, its exit when it ends; see
+its start time when it starts, its exit when it ends; see
 :mod:`sshq.remote.status`).  qacct could add nothing the poll contract can
 carry (a :class:`~sshq.job_runners.base.RunnerJobState` is "still known,
 running or not"), it reads the whole accounting file on every call, and
@@ -92,7 +92,7 @@ holding a quote character or ``#`` are refused.
 ``sshq ssh-to-job`` reaches the job on its execution host
 (:attr:`~sshq.job_runners.base.JobRunnerHandler.attach_via_exec_host`): the
 login node runs ``ssh`` to the host the job wrapper recorded as
-``SSHQ_JOB_HOST`` in ``job.status`` (on a single-host Grid Engine, that is the
+the execution host in ``job.status`` (on a single-host Grid Engine, that is the
 login node itself, and the shell opens right there), with the job's
 environment and work directory.  It runs beside the job: sshq uses no
 ``qrsh -inherit``.

@@ -13,8 +13,8 @@ The platform's ``container_runtime`` says how:
 
 The wrapper records the runtime, the command it resolved to (with the
 wrapper's PATH), the image and (podman) the container name in the job
-status file, as ``SSHQ_JOB_CONTAINER_RUNTIME``, ``SSHQ_JOB_CONTAINER_COMMAND``,
-``SSHQ_JOB_CONTAINER_IMAGE`` and ``SSHQ_JOB_CONTAINER_NAME``.  A killed
+status file, under the keys :data:`sshq.shipped.sshq_jobstatus.CONTAINER_PREFIX` +
+``RUNTIME``, ``COMMAND``, ``IMAGE`` and ``NAME``.  A killed
 podman job's container is stopped by the wrapper's signal handler (``podman
 stop -t 2``: the container's processes live under conmon, outside the
 job's process group).
@@ -23,13 +23,15 @@ job's process group).
 from __future__ import annotations
 
 from ..quoting import quote
+from ..shipped import sshq_jobstatus as js
 
-__all__ = ["CONTAINER_RUNTIMES", "container_launch"]
+__all__ = ["CONTAINER_RUNTIMES", "USER_SCRIPT", "container_launch"]
 
 #: Accepted values of a platform's ``container_runtime``.
 CONTAINER_RUNTIMES = ("apptainer", "singularity", "podman")
 
-_USER = '"$SSHQ_JOB_LOG_DIR/job.user"'
+#: The user's script in the job log directory, as the wrapper names it.
+USER_SCRIPT = f'"$SSHQ_JOB_LOG_DIR/{js.USER_SCRIPT_FILE}"'
 
 
 def container_launch(runtime: str, image: str) -> tuple[str, str]:
@@ -50,20 +52,21 @@ def container_launch(runtime: str, image: str) -> tuple[str, str]:
     if runtime not in CONTAINER_RUNTIMES:
         raise ValueError(f"unknown container runtime {runtime!r}")
     img = quote(image)
+    key = js.CONTAINER_PREFIX
     # found with the wrapper's PATH, not the job's (which is meant for the image)
     prologue = (f"sshq__rt=$(PATH=$sshq__path command -v {runtime}) || sshq__rt={runtime}\n"
-                f"sshq__record SSHQ_JOB_CONTAINER_RUNTIME {runtime}\n"
-                'sshq__record SSHQ_JOB_CONTAINER_COMMAND "$sshq__rt"\n'
-                f"sshq__record SSHQ_JOB_CONTAINER_IMAGE {img}\n")
+                f"sshq__record {key}RUNTIME {runtime}\n"
+                f'sshq__record {key}COMMAND "$sshq__rt"\n'
+                f"sshq__record {key}IMAGE {img}\n")
     if runtime == "podman":
         prologue += ('sshq__ctr="sshq-$(hostname -s 2>/dev/null || uname -n)-$$-$RANDOM"\n'
-                     'sshq__record SSHQ_JOB_CONTAINER_NAME "$sshq__ctr"\n')
+                     f'sshq__record {key}NAME "$sshq__ctr"\n')
         # --init: PID 1 forwards signals, so a TERM ends the user's script
         command = ('"$sshq__rt" run --rm --init --name "$sshq__ctr" --network=host'
                    ' --userns=keep-id --env-host -v "$SSHQ_JOB_LOG_DIR:$SSHQ_JOB_LOG_DIR"'
                    ' -v "$SSHQ_WORK_DIR:$SSHQ_WORK_DIR" -w "$SSHQ_WORK_DIR"'
-                   f" {img} {_USER}")
+                   f" {img} {USER_SCRIPT}")
     else:
         command = ('"$sshq__rt" exec --pwd "$SSHQ_WORK_DIR" --bind "$SSHQ_JOB_LOG_DIR"'
-                   f" {img} {_USER}")
+                   f" {img} {USER_SCRIPT}")
     return prologue, command

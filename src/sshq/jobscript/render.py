@@ -2,21 +2,10 @@
 
 The wrapper follows Cylc's job script (seed 001): it records the job's life
 in the *job status file* ``job.status`` as ``KEY=VALUE`` lines, so that a poll
-can tell how the job ended even after the job runner has forgotten it:
-
-==============================  =================================  ==========
-key                             value                              written by
-==============================  =================================  ==========
-SSHQ_JOB_RUNNER_NAME            ``slurm``, ``background``, ...     agent
-SSHQ_JOB_ID                     the job runner's job id            agent
-SSHQ_JOB_RUNNER_SUBMIT_TIME     submit time, ISO 8601 UTC          agent
-SSHQ_JOB_PID                    the wrapper's pid                  wrapper
-SSHQ_JOB_HOST                   the execution host                 wrapper
-SSHQ_JOB_INIT_TIME              start time, ISO 8601 UTC           wrapper
-SSHQ_JOB_EXIT_STATUS            the user script's exit status      wrapper
-SSHQ_JOB_EXIT_SIGNAL            signal name: TERM, XCPU, USR2 ...  wrapper
-SSHQ_JOB_EXIT_TIME              end time, ISO 8601 UTC             wrapper
-==============================  =================================  ==========
+can tell how the job ended even after the job runner has forgotten it.  The
+keys, and which side writes each, are defined once in
+:mod:`sshq.shipped.sshq_jobstatus`; the wrapper template below names them by
+``@KEY@`` placeholders that :func:`render_job_script` fills from there.
 
 The wrapper also writes ``job.env`` (mode 0600): the job's environment as
 ``export -p`` prints it, so that ``sshq ssh-to-job`` can open a shell with
@@ -41,15 +30,31 @@ from collections.abc import Mapping
 from ..job_runners.base import JobRunnerHandler
 from ..model.job_spec import JobSpec
 from ..quoting import check_directive_value, join, quote
-from .container import container_launch
+from ..shipped import sshq_jobstatus as js
+from .container import USER_SCRIPT, container_launch
 
 __all__ = ["render_job_script", "STATUS_FILE"]
 
-STATUS_FILE = "job.status"
+STATUS_FILE = js.STATUS_FILE
+
+#: The wrapper's ``@NAME@`` placeholders: key and file names, all from
+#: :mod:`sshq.shipped.sshq_jobstatus`.
+_NAMES = {
+    "@STATUS_FILE@": js.STATUS_FILE, "@USER_SCRIPT@": js.USER_SCRIPT_FILE,
+    "@ENV_FILE@": js.ENV_FILE, "@PID@": js.PID, "@HOST@": js.HOST,
+    "@INIT_TIME@": js.INIT_TIME, "@EXIT_STATUS@": js.EXIT_STATUS,
+    "@EXIT_SIGNAL@": js.EXIT_SIGNAL, "@EXIT_TIME@": js.EXIT_TIME,
+}
+
+
+def _fill(template: str) -> str:
+    for name, value in _NAMES.items():
+        template = template.replace(name, value)
+    return template
 
 _WRAPPER = r"""
 # ---- sshq job wrapper: records this job's life in job.status ----
-sshq__status="$SSHQ_JOB_LOG_DIR/job.status"
+sshq__status="$SSHQ_JOB_LOG_DIR/@STATUS_FILE@"
 sshq__child=
 sshq__ctr=
 sshq__ended=
@@ -65,7 +70,7 @@ sshq__end() {
         kill "$sshq__watchdog" 2>/dev/null
     fi
     # One write, so that a poll never sees the exit without its time.
-    printf '%s=%s\nSSHQ_JOB_EXIT_TIME=%s\n' "$1" "$2" "$(sshq__now)" >>"$sshq__status"
+    printf '%s=%s\n@EXIT_TIME@=%s\n' "$1" "$2" "$(sshq__now)" >>"$sshq__status"
 }
 sshq__on_signal() {
     trap '' TERM XCPU INT HUP USR1 USR2
@@ -80,33 +85,37 @@ sshq__on_signal() {
     if [ "${sshq__pgid// /}" = "$$" ]; then
         kill -s TERM -- "-$$" 2>/dev/null
     fi
-    sshq__end SSHQ_JOB_EXIT_SIGNAL "$1"
+    sshq__end @EXIT_SIGNAL@ "$1"
     exit $((128 + $2))
 }
-trap 'sshq__end SSHQ_JOB_EXIT_STATUS "$?"' EXIT
+trap 'sshq__end @EXIT_STATUS@ "$?"' EXIT
 trap 'sshq__on_signal TERM 15' TERM
 trap 'sshq__on_signal XCPU 24' XCPU
 trap 'sshq__on_signal INT 2' INT
 trap 'sshq__on_signal HUP 1' HUP
 trap 'sshq__on_signal USR1 10' USR1
 trap 'sshq__on_signal USR2 12' USR2
-trap 'sshq__rc=$?; sshq__end SSHQ_JOB_EXIT_STATUS "$sshq__rc"; exit "$sshq__rc"' ERR
-sshq__record SSHQ_JOB_PID "$$"
-sshq__record SSHQ_JOB_HOST "$(hostname 2>/dev/null || uname -n)"
-sshq__record SSHQ_JOB_INIT_TIME "$(sshq__now)"
+trap 'sshq__rc=$?; sshq__end @EXIT_STATUS@ "$sshq__rc"; exit "$sshq__rc"' ERR
+sshq__record @PID@ "$$"
+sshq__record @HOST@ "$(hostname 2>/dev/null || uname -n)"
+sshq__record @INIT_TIME@ "$(sshq__now)"
 mkdir -p "$SSHQ_WORK_DIR"
 cd "$SSHQ_WORK_DIR"
 """
 
-_RUN = r"""chmod 700 "$SSHQ_JOB_LOG_DIR/job.user"
+_WRAPPER = _fill(_WRAPPER)
+
+_RUN = r"""chmod 700 "$SSHQ_JOB_LOG_DIR/@USER_SCRIPT@"
 trap - ERR
 {env}# snapshot of the job's environment, for `sshq ssh-to-job` (bash syntax, mode 0600)
-( umask 077; export -p >"$SSHQ_JOB_LOG_DIR/job.env" )
+( umask 077; export -p >"$SSHQ_JOB_LOG_DIR/@ENV_FILE@" )
 {container}{launch}{args} &
 sshq__child=$!
 wait "$sshq__child"
 exit $?
 """
+
+_RUN = _fill(_RUN)
 
 _WATCHDOG = r"""# walltime {seconds} s, enforced by the wrapper: XCPU as a batch system would send
 ( sleep {seconds} && kill -s XCPU $$ ) >/dev/null 2>&1 &
@@ -183,14 +192,14 @@ def render_job_script(
     env_lines = "".join(f"export {k}={quote(v)}\n" for k, v in spec.environment.items())
     if env_lines:
         env_lines = "# ---- the job's environment ----\n" + env_lines
-    container, launch = "", '"$SSHQ_JOB_LOG_DIR/job.user"'
+    container, launch = "", USER_SCRIPT
     if spec.container_image is not None:
         container, launch = container_launch(container_runtime, spec.container_image)
         container = "# ---- the job runs in a container image ----\n" + container
     return (
         head.encode("utf-8", "surrogateescape")
         + b"# ---- the user's script ----\n"
-        + f"cat >\"$SSHQ_JOB_LOG_DIR/job.user\" <<'{delim}'\n".encode()
+        + f"cat >{USER_SCRIPT} <<'{delim}'\n".encode()
         + body
         + f"{delim}\n".encode()
         + _RUN.format(args=args, env=env_lines, container=container,

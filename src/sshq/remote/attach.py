@@ -92,7 +92,7 @@ def hop_argv(exec_host: str, inner: list[str], *, tty: bool) -> list[str]:
     """The argv (for the login node) that runs ``inner`` on ``exec_host``.
 
     Args:
-        exec_host: the job's execution host (``SSHQ_JOB_HOST``).
+        exec_host: the job's execution host (``JobStatus.host``).
         inner: the argv to run there.
         tty: allocate a terminal on the second hop.
     """
