@@ -66,3 +66,19 @@ async def test_a_run_dir_no_script_can_hold_verbatim_is_rendered_again(
         (job,) = await c.wait([job.id], timeout=120, interval=0.5)
         assert job.state is JobState.SUCCEEDED, job.message
         assert (await c.cat_log(job.id)).decode().strip().endswith("/with space/work/sp")
+
+
+async def test_a_spec_the_runner_cannot_express_sends_nothing_and_records_nothing(
+        slurm_testbed: dict[str, str], tmp_path: Path, state_dir: Path, run_id: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from sshq import InvalidInputError
+
+    conf = tmp_path / "p.toml"
+    conf.write_text(platform_toml(slurm_testbed, "p", job_runner="background",
+                                  transport="asyncssh", run_dir=f"~/sshq-test/{run_id}"))
+    ops = count_calls(monkeypatch)
+    async with AsyncClient(conf, state_dir=state_dir) as c:
+        with pytest.raises(InvalidInputError, match="queue"):
+            await c.submit([JobSpec(command="true", name="ok"),
+                            JobSpec(command="true", name="q", queue="debug")], platform="p")
+        assert ops == [] and await c.jobs() == []

@@ -81,8 +81,10 @@ class Jobs:
         for s in specs:
             n = s.normalized()
             handler.check_array(n)
-            handler.directives(n, "/")  # refuses what the runner cannot express
             normalized.append(n)
+        # (the directives are rendered once, with the job's real paths, by
+        # _submit_on: what the runner cannot express is refused there, before
+        # anything is sent, and the jobs reserved for the batch are forgotten)
         if not normalized:
             return []
 

@@ -13,7 +13,6 @@ from ..client import AsyncClient
 from ..exceptions import InvalidInputError, WaitTimeoutError
 from ..model import Job, JobSpec, JobState
 from ..model.job_spec import default_name
-from ..model.resources import parse_memory, parse_walltime
 from .common import (
     JOB_FIELDS_HELP,
     common,
@@ -105,9 +104,9 @@ def submit(ctx: click.Context, scripts: tuple[str, ...], platform: str, command:
     fields: dict[str, Any] = {
         "arguments": tuple(args),
         "environment": _parse_env(envs),
-        "walltime": parse_walltime(walltime) if walltime else None,
+        "walltime": walltime or None,
         "nodes": nodes, "tasks": tasks, "cpus": cpus,
-        "memory": parse_memory(memory) if memory else None,
+        "memory": memory or None,
         "queue": queue, "account": account, "mail_user": mail_user,
         "mail_events": tuple(e for e in (mail_events or "").split(",") if e),
         "directives": tuple(directives), "work_dir": work_dir,

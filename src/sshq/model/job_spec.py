@@ -87,9 +87,10 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         # Accept the forms people write ("0:10:00", 600, "2G"); store the types.
-        if self.walltime is not None and not isinstance(self.walltime, timedelta):
+        # The one place walltime and memory are parsed (and checked).
+        if self.walltime is not None:
             object.__setattr__(self, "walltime", parse_walltime(self.walltime))
-        if self.memory is not None and not isinstance(self.memory, int):
+        if self.memory is not None:
             object.__setattr__(self, "memory", parse_memory(self.memory))
         if isinstance(self.script, str):
             object.__setattr__(self, "script", self.script.encode("utf-8", "surrogateescape"))
@@ -187,16 +188,8 @@ class JobSpec:
             value = getattr(self, fname)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise InvalidInputError(f"{fname} must be a positive integer, got {value!r}")
-        walltime = self.walltime
-        if walltime is not None:
-            walltime = parse_walltime(walltime)
-        memory = self.memory
-        if memory is not None:
-            memory = parse_memory(memory)
         return replace(
             self,
-            walltime=walltime,
-            memory=memory,
             mail_events=events,
             environment=dict(self.environment),
             arguments=tuple(self.arguments),
