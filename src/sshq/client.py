@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
     Callable,
     Coroutine,
     Iterator,
-    Sequence,
 )
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar
@@ -36,17 +36,14 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar
 from ._client.core import HostPool
 from ._client.farm import Farm
 from ._client.jobs import Jobs
-from ._client.logs import LOG_FILES, LogFile, Logs
+from ._client.logs import LOG_FILES, Logs
 from ._client.staging import Staging
 from .config import Config, Platform, default_state_dir, load_config
-from .model import Job, JobSpec, JobState
-from .remote.staging import Installation
 from .store import Store
-from .transport import CommandResult, Transport
+from .transport import Transport
 
 if TYPE_CHECKING:  # (the farm is imported only when used: CLI start-up)
-    from .farm.engine import FarmStats
-    from .farm.output import ResultSink
+    pass
 
 __all__ = ["AsyncClient", "Client", "LOG_FILES"]
 
@@ -155,6 +152,32 @@ class AsyncClient:
     farm_attach = _part("_farm", Farm.farm_attach)
 
 
+def _sync(method: Callable[Concatenate[AsyncClient, _P], Coroutine[Any, Any, _R]]
+          ) -> Callable[Concatenate[Client, _P], _R]:
+    """An AsyncClient ``method`` run to completion on the Client's loop."""
+
+    def call(self: Client, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return self._run(method(self._async, *args, **kwargs))
+
+    functools.update_wrapper(call, method)  # name, docstring, signature
+    return call
+
+
+def _sync_iter(method: Callable[Concatenate[AsyncClient, _P], AsyncIterator[_R]]
+               ) -> Callable[Concatenate[Client, _P], Iterator[_R]]:
+    """An async-iterator AsyncClient ``method`` as a plain iterator (see ``_iterate``)."""
+
+    def call(self: Client, /, *args: _P.args, **kwargs: _P.kwargs) -> Iterator[_R]:
+        return self._iterate(method(self._async, *args, **kwargs))
+
+    functools.update_wrapper(call, method)
+    sig = inspect.signature(method)
+    ret = str(sig.return_annotation)
+    call.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        return_annotation=ret[len("Async"):] if ret.startswith("AsyncIterator[") else ret)
+    return call
+
+
 class Client:
     """Synchronous facade over :class:`AsyncClient`: every public method, same signature.
 
@@ -231,103 +254,18 @@ class Client:
             self._closed = True
             self._runner.close()
 
-    # ---- jobs (see sshq._client.jobs)
-
-    def submit(
-        self, specs: JobSpec | Sequence[JobSpec], *, platform: str = "localhost"
-    ) -> list[Job]:
-        """See :meth:`AsyncClient.submit`."""
-        return self._run(self._async.submit(specs, platform=platform))
-
-    def poll(self, ids: Sequence[int] | None = None, *, all: bool = False) -> list[Job]:
-        """See :meth:`AsyncClient.poll`."""
-        return self._run(self._async.poll(ids, all=all))
-
-    def kill(self, ids: Sequence[int], *, settle: float = 5.0) -> list[Job]:
-        """See :meth:`AsyncClient.kill`."""
-        return self._run(self._async.kill(ids, settle=settle))
-
-    def wait(
-        self,
-        ids: Sequence[int],
-        *,
-        timeout: float | None = None,
-        interval: float = 1.0,
-        max_interval: float = 10.0,
-        on_poll: Callable[[list[Job]], None] | None = None,
-    ) -> list[Job]:
-        """See :meth:`AsyncClient.wait`."""
-        return self._run(self._async.wait(ids, timeout=timeout, interval=interval,
-                                          max_interval=max_interval, on_poll=on_poll))
-
-    def jobs(
-        self, ids: Sequence[int] | None = None, *, platform: str | None = None,
-        state: JobState | str | None = None, limit: int | None = None,
-    ) -> list[Job]:
-        """See :meth:`AsyncClient.jobs`."""
-        return self._run(self._async.jobs(ids, platform=platform, state=state, limit=limit))
-
-    # ---- logs and ssh to job (see sshq._client.logs)
-
-    def cat_log(self, id: int, file: LogFile = "out", *, offset: int = 0) -> bytes:
-        """See :meth:`AsyncClient.cat_log`."""
-        return self._run(self._async.cat_log(id, file, offset=offset))
-
-    def follow_log(
-        self, id: int, files: Sequence[LogFile] = ("out", "err"), *, poll_every: float = 10.0
-    ) -> Iterator[tuple[str, bytes]]:
-        """See :meth:`AsyncClient.follow_log`; a plain iterator of ``(file, bytes)``.
-
-        Nothing is sent until the first item is asked for.  Other methods of
-        this client may be called between items.
-        """
-        return self._iterate(self._async.follow_log(id, files, poll_every=poll_every))
-
-    def ssh_to_job(self, id: int, command: str, *,
-                   timeout: float | None = None) -> CommandResult:
-        """See :meth:`AsyncClient.ssh_to_job`."""
-        return self._run(self._async.ssh_to_job(id, command, timeout=timeout))
-
-    def ssh_to_job_argv(self, id: int) -> list[str]:
-        """See :meth:`AsyncClient.ssh_to_job_argv`."""
-        return self._run(self._async.ssh_to_job_argv(id))
-
-    # ---- run files and results (see sshq._client.staging)
-
-    def retrieve(self, ids: Sequence[int], *, dest: str | Path = ".") -> list[Path]:
-        """See :meth:`AsyncClient.retrieve`."""
-        return self._run(self._async.retrieve(ids, dest=dest))
-
-    def install(self, src_dir: str | Path, *, platform: str,
-                excludes: Sequence[str] = ()) -> Installation:
-        """See :meth:`AsyncClient.install`."""
-        return self._run(self._async.install(src_dir, platform=platform, excludes=excludes))
-
-    def tidy(self, *, platform: str) -> list[str]:
-        """See :meth:`AsyncClient.tidy`."""
-        return self._run(self._async.tidy(platform=platform))
-
-    # ---- task farm (see sshq._client.farm)
-
-    def farm(
-        self, batch_file: str | Path | None = None, *, hosts: Sequence[str] = (),
-        out: ResultSink, run: str | None = None, resume: str | None = None,
-        slots: int | None = None, retries: int = 0, timeout: float | None = None,
-        speculate: bool = True, keep_order: bool = False,
-        output_dir: str | Path | None = None, deps: str | Path | None = None,
-        detach: bool = False, via: str | None = None, nodes: int = 1,
-        walltime: str | None = None, fmt: str = "jsonl",
-        on_name: Callable[[str], None] | None = None,
-        warn: Callable[[str], None] | None = None,
-    ) -> tuple[str, FarmStats]:
-        """See :meth:`AsyncClient.farm`."""
-        return self._run(self._async.farm(
-            batch_file, hosts=hosts, out=out, run=run, resume=resume, slots=slots,
-            retries=retries, timeout=timeout, speculate=speculate, keep_order=keep_order,
-            output_dir=output_dir, deps=deps, detach=detach, via=via, nodes=nodes,
-            walltime=walltime, fmt=fmt, on_name=on_name, warn=warn))
-
-    def farm_attach(self, name: str, *, out: ResultSink, fmt: str | None = None,
-                    warn: Callable[[str], None] | None = None) -> FarmStats:
-        """See :meth:`AsyncClient.farm_attach`."""
-        return self._run(self._async.farm_attach(name, out=out, fmt=fmt, warn=warn))
+    # ---- every method of AsyncClient but transport, run to completion
+    submit = _sync(AsyncClient.submit)
+    poll = _sync(AsyncClient.poll)
+    kill = _sync(AsyncClient.kill)
+    wait = _sync(AsyncClient.wait)
+    jobs = _sync(AsyncClient.jobs)
+    cat_log = _sync(AsyncClient.cat_log)
+    follow_log = _sync_iter(AsyncClient.follow_log)
+    ssh_to_job = _sync(AsyncClient.ssh_to_job)
+    ssh_to_job_argv = _sync(AsyncClient.ssh_to_job_argv)
+    retrieve = _sync(AsyncClient.retrieve)
+    install = _sync(AsyncClient.install)
+    tidy = _sync(AsyncClient.tidy)
+    farm = _sync(AsyncClient.farm)
+    farm_attach = _sync(AsyncClient.farm_attach)
