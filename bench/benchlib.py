@@ -20,20 +20,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-TESTBED_ENV = os.environ.get("SSHQ_TESTBED_ENV", "/var/lib/sshq-testbed/testbed.env")
+# The test bed's facts have one home, shared with the tests: tests/testbed.py.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import testbed
+
 SUBMITTED_RE = re.compile(r"Submitted batch job (\d+)")
 
 
 def load_testbed() -> dict[str, str]:
-    try:
-        text = Path(TESTBED_ENV).read_text()
-    except OSError:
-        sys.exit(f"no test bed: {TESTBED_ENV} is missing (run .ci/setup-testbed.sh as root)")
-    env = {}
-    for line in text.splitlines():
-        k, sep, v = line.partition("=")
-        if sep:
-            env[k.strip()] = v.strip()
+    """The test bed's facts (tests/testbed.py); exits with a message if there is none."""
+    env = testbed.load_testbed()
+    if env is None:
+        sys.exit(f"no test bed: {testbed.TESTBED_ENV} is missing ({testbed.SETUP_HINT})")
     return env
 
 

@@ -10,56 +10,42 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import SSHQ, stop_control_masters
+from testbed import SETUP_HINT, TESTBED_ENV, load_testbed, require_part, skip_or_fail
 
 from sshq import AsyncClient
-
-TESTBED_ENV = os.environ.get("SSHQ_TESTBED_ENV", "/var/lib/sshq-testbed/testbed.env")
-
-
-def _load_testbed() -> dict[str, str] | None:
-    try:
-        text = Path(TESTBED_ENV).read_text()
-    except OSError:
-        return None
-    env = {}
-    for line in text.splitlines():
-        k, sep, v = line.partition("=")
-        if sep:
-            env[k.strip()] = v.strip()
-    return env
 
 
 @pytest.fixture(scope="session")
 def testbed() -> dict[str, str]:
-    """The test bed's facts (host, port, user, key, known_hosts, ...)."""
-    env = _load_testbed()
+    """The test bed's facts (host, port, user, key, known_hosts, ...): tests/testbed.py."""
+    env = load_testbed()
     if env is None:
-        if os.environ.get("SSHQ_REQUIRE_TESTBED") == "1":
-            pytest.fail(f"test bed required but {TESTBED_ENV} is missing")
-        pytest.skip("no test bed (run .ci/setup-testbed.sh as root)")
+        skip_or_fail(f"no test bed ({SETUP_HINT})",
+                     f"test bed required but {TESTBED_ENV} is missing")
     return env
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def slurm_testbed(testbed: dict[str, str]) -> dict[str, str]:
     """The test bed, with Slurm."""
-    if testbed.get("SSHQ_TEST_SLURM") != "1":
-        if os.environ.get("SSHQ_REQUIRE_TESTBED") == "1":
-            pytest.fail("Slurm test bed required")
-        pytest.skip("no Slurm in the test bed")
+    require_part(testbed, "SSHQ_TEST_SLURM", "Slurm")
     return testbed
 
 
 def platform_toml(testbed: dict[str, str], name: str, *, job_runner: str, transport: str,
-                  run_dir: str, **extra: object) -> str:
-    """One [platforms.NAME] table pointing at the test bed's sshd."""
+                  run_dir: str, user: str | None = None, **extra: object) -> str:
+    """One [platforms.NAME] table pointing at the test bed's sshd.
+
+    ``user``: the login user (default: the test bed's ``SSHQ_TEST_USER``);
+    ``extra``: more keys (strings quoted, other values as Python ``repr``).
+    """
     lines = [f"[platforms.{name}]"]
     if transport == "local":
         lines += ['hosts = ["localhost"]']
@@ -67,7 +53,7 @@ def platform_toml(testbed: dict[str, str], name: str, *, job_runner: str, transp
         lines += [
             f'hosts = ["{testbed["SSHQ_TEST_HOST"]}"]',
             f"port = {testbed['SSHQ_TEST_PORT']}",
-            f'user = "{testbed["SSHQ_TEST_USER"]}"',
+            f'user = "{user or testbed["SSHQ_TEST_USER"]}"',
             f'identity_file = "{testbed["SSHQ_TEST_KEY"]}"',
             f'known_hosts = "{testbed["SSHQ_TEST_KNOWN_HOSTS"]}"',
         ]
@@ -84,27 +70,33 @@ def run_id() -> str:
     return uuid.uuid4().hex[:10]
 
 
+def bed_platforms_toml(testbed: dict[str, str], run_dir: str, local_run_dir: str) -> str:
+    """The platforms every test bed test may use (:func:`config_file`'s).
+
+    ``slurm`` (asyncssh), ``slurm-openssh``, ``bg`` (asyncssh, background),
+    ``bg-openssh``, all with ``run_dir``; ``local`` (local transport,
+    background) with ``local_run_dir``.
+    """
+    return "".join([
+        platform_toml(testbed, "slurm", job_runner="slurm", transport="asyncssh",
+                      run_dir=run_dir),
+        platform_toml(testbed, "slurm-openssh", job_runner="slurm", transport="openssh",
+                      run_dir=run_dir),
+        platform_toml(testbed, "bg", job_runner="background", transport="asyncssh",
+                      run_dir=run_dir),
+        platform_toml(testbed, "bg-openssh", job_runner="background", transport="openssh",
+                      run_dir=run_dir),
+        platform_toml(testbed, "local", job_runner="background", transport="local",
+                      run_dir=local_run_dir),
+    ])
+
+
 @pytest.fixture
 def config_file(tmp_path: Path, testbed: dict[str, str], run_id: str) -> Path:
-    """A platforms file with every combination the tests use.
-
-    Platforms: ``slurm`` (asyncssh), ``slurm-openssh``, ``bg`` (asyncssh,
-    background), ``bg-openssh``, ``local`` (local transport, background).
-    """
-    rd = f"~/sshq-test/{run_id}"
-    text = "".join([
-        platform_toml(testbed, "slurm", job_runner="slurm", transport="asyncssh", run_dir=rd),
-        platform_toml(testbed, "slurm-openssh", job_runner="slurm", transport="openssh",
-                      run_dir=rd),
-        platform_toml(testbed, "bg", job_runner="background", transport="asyncssh",
-                      run_dir=rd),
-        platform_toml(testbed, "bg-openssh", job_runner="background", transport="openssh",
-                      run_dir=rd),
-        platform_toml(testbed, "local", job_runner="background", transport="local",
-                      run_dir=str(tmp_path / "local-run")),
-    ])
+    """A platforms file with every combination the tests use (:func:`bed_platforms_toml`)."""
     p = tmp_path / "platforms.toml"
-    p.write_text(text)
+    p.write_text(bed_platforms_toml(testbed, f"~/sshq-test/{run_id}",
+                                    str(tmp_path / "local-run")))
     return p
 
 
@@ -119,11 +111,7 @@ def state_dir() -> Iterator[Path]:
     """
     d = Path(tempfile.mkdtemp(prefix="sq-", dir="/tmp"))
     yield d
-    cm = d / "cm"
-    if cm.is_dir():
-        for sock in cm.iterdir():
-            subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "sshq-test"],
-                           capture_output=True, timeout=30)
+    stop_control_masters(d)
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -148,13 +136,17 @@ def cli_env(config_file: Path, state_dir: Path) -> dict[str, str]:
 
 @pytest.fixture
 def sshq(cli_env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess[bytes]]:
-    """Run the real ``sshq`` command (as a user would), capturing its output."""
+    """Run the real ``sshq`` command (as a user would), capturing its output.
+
+    ``run(*args, input=None, timeout=180, env=None)``: stdin is ``input``, or
+    /dev/null.
+    """
 
     def run(*args: str, input: bytes | None = None, timeout: float = 180,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
-            [sys.executable, "-m", "sshq", *args],
-            input=input, capture_output=True, timeout=timeout, env=env or cli_env,
+            [*SSHQ, *args], input=input, capture_output=True, timeout=timeout,
+            env=env or cli_env, stdin=subprocess.DEVNULL if input is None else None,
         )
 
     return run

@@ -58,10 +58,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 
-import pytest
+from testbed import SETUP_HINT, TESTBED_ENV, load_testbed, skip_or_fail
 
-#: ``testbed.env`` written by ``.ci/setup-testbed.sh`` (same override as conftest).
-TESTBED_ENV = os.environ.get("SSHQ_TESTBED_ENV", "/var/lib/sshq-testbed/testbed.env")
 SSHD = "/usr/sbin/sshd"
 LOCK_DIR = Path("/run/sshq-netns")
 #: Hosts per slot (subnets 10.200.16s+1 ... 10.200.16s+15) and number of slots.
@@ -159,13 +157,6 @@ def _toml_str(value: str) -> str:
     return json.dumps(value)
 
 
-def skip_or_fail(reason: str) -> None:
-    """``pytest.skip(reason)``, or ``pytest.fail`` when ``SSHQ_REQUIRE_TESTBED=1``."""
-    if os.environ.get("SSHQ_REQUIRE_TESTBED") == "1":
-        pytest.fail(f"network-namespace hosts required but unavailable: {reason}")
-    pytest.skip(f"no network-namespace hosts: {reason}")
-
-
 def unavailable_reason() -> str | None:
     """Why network-namespace hosts cannot be made here, or None if they can."""
     if os.geteuid() != 0:
@@ -182,20 +173,6 @@ def unavailable_reason() -> str | None:
     if not os.access(SSHD, os.X_OK):
         return f"{SSHD} missing"
     return None
-
-
-def load_testbed(path: str | Path = TESTBED_ENV) -> dict[str, str] | None:
-    """The test bed's facts from ``testbed.env``, or None if there is none."""
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        return None
-    env = {}
-    for line in text.splitlines():
-        k, sep, v = line.partition("=")
-        if sep:
-            env[k.strip()] = v.strip()
-    return env
 
 
 def _slot_names(slot: int) -> tuple[str, str]:
@@ -525,9 +502,10 @@ class NetnsHosts:
         if reason is None and self._testbed is None:
             self._testbed = load_testbed()
             if self._testbed is None:
-                reason = f"no test bed ({TESTBED_ENV}; run .ci/setup-testbed.sh as root)"
+                reason = f"no test bed ({TESTBED_ENV}; {SETUP_HINT})"
         if reason is not None:
-            skip_or_fail(reason)
+            skip_or_fail(f"no network-namespace hosts: {reason}",
+                         f"network-namespace hosts required but unavailable: {reason}")
         assert self._testbed is not None
         try:
             self._setup(self._testbed)

@@ -30,7 +30,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -40,8 +39,8 @@ from typing import Any
 
 import pytest
 from conftest import platform_toml
-
-SSHQ = [sys.executable, "-m", "sshq"]
+from helpers import SshqCli, Tmux, exit_and_status, open_job_terminal
+from testbed import require_part
 
 #: A --command argument with quotes, $(), ; and printf formats.
 HOSTILE_COMMAND = ('printf "%s\\n" "$HOSTILE"; echo "$(echo ok)"; printf "[%s]\\n" "$MYVAR";'
@@ -56,18 +55,15 @@ def _hostile_value(canary: str) -> str:
 
 def _require_podman(testbed: dict[str, str]) -> str:
     """The test image, or skip (fail under SSHQ_REQUIRE_TESTBED=1) without podman."""
-    if testbed.get("SSHQ_TEST_PODMAN") != "1":
-        if os.environ.get("SSHQ_REQUIRE_TESTBED") == "1":
-            pytest.fail("podman test bed required (SSHQ_TEST_PODMAN is not 1)")
-        pytest.skip("no podman in the test bed (SSHQ_TEST_PODMAN != 1)")
+    require_part(testbed, "SSHQ_TEST_PODMAN", "podman")
     return testbed.get("SSHQ_TEST_PODMAN_IMAGE") or "localhost/sshq-test:latest"
 
 
 # ---------------------------------------------------------------- the test bed
 
 
-class Bed:
-    """This test's platforms, and helpers.
+class Bed(SshqCli):
+    """``sshq`` on this test's platforms, and helpers.
 
     ``pod``: podman; ``slowpod``: podman through a shim that takes
     :data:`SLOW_START` seconds to start a container; ``fakeapp``: the fake
@@ -109,31 +105,9 @@ class Bed:
                             run_dir=f"~/sshq-test/{self.run_id}", container_runtime="podman",
                             path_prepend=[str(self.slow_dir)])
         )
-        self.env = dict(os.environ, SSHQ_CONFIG=str(self.config), SSHQ_STATE_DIR=str(state))
-        #: every job started here, to kill (and remove its container) at the end
-        self.started: list[dict[str, Any]] = []
-
-    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
-        """Run the real ``sshq`` command."""
-        return subprocess.run([*SSHQ, *args], capture_output=True, timeout=timeout,
-                              env=self.env, stdin=subprocess.DEVNULL)
-
-    def submit(self, platform: str, *args: str, wait: bool = False) -> dict[str, Any]:
-        r = self.run("submit", "-p", platform, "--json", *(["--wait"] if wait else []), *args,
-                     timeout=180)
-        assert r.stdout, r.stderr.decode()
-        (job,) = json.loads(r.stdout)
-        assert isinstance(job, dict)
-        self.started.append(job)
-        assert job["state"] != "submit-failed", job["message"]
-        return job
-
-    def poll(self, sid: int) -> dict[str, Any]:
-        r = self.run("poll", "--json", str(sid))
-        assert r.returncode == 0, r.stderr.decode()
-        (job,) = json.loads(r.stdout)
-        assert isinstance(job, dict)
-        return job
+        # Every job started here is killed (and its container removed) at the end.
+        super().__init__(dict(os.environ, SSHQ_CONFIG=str(self.config),
+                              SSHQ_STATE_DIR=str(state)))
 
     def wait_output(self, job: dict[str, Any], text: str, timeout: float = 60) -> None:
         """Wait until the job's stdout has ``text`` (the job really runs its script)."""
@@ -224,7 +198,7 @@ def bed(testbed: dict[str, str], state_dir: Path) -> Iterator[Bed]:
         yield b
     finally:
         if b.started:
-            b.run("kill", "--settle", "1", *(str(j["id"]) for j in b.started), timeout=120)
+            b.kill_started()
             names = [n for j in b.started
                      if (n := _status(j).get("SSHQ_JOB_CONTAINER_NAME"))]
             if names:
@@ -405,45 +379,6 @@ def test_ssh_to_job_while_the_container_starts_is_not_silently_wrong(bed: Bed) -
 # ---------------------------------------------------------------- podman: a terminal
 
 
-class Tmux:
-    """A private tmux server with one pane: a person's terminal (as test_ssh_to_job.py)."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.socket = f"sshq-test-{uuid.uuid4().hex[:12]}"
-        self._tmux("new-session", "-d", "-s", "main", "-x", "200", "-y", "50",
-                   *[a for k in ("SSHQ_CONFIG", "SSHQ_STATE_DIR") for a in ("-e", f"{k}={env[k]}")],
-                   "env PS1='local$ ' bash --norc --noprofile")
-
-    def _tmux(self, *args: str) -> str:
-        r = subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", *args],
-                           capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, f"tmux {args[0]}: {r.stderr}"
-        return r.stdout
-
-    def type(self, text: str) -> None:
-        self._tmux("send-keys", "-t", "main", "-l", text)
-        self._tmux("send-keys", "-t", "main", "Enter")
-
-    def screen(self) -> str:
-        return self._tmux("capture-pane", "-p", "-J", "-t", "main", "-S", "-500").rstrip()
-
-    def wait_for(self, pattern: str, timeout: float = 20.0, *, start: int = 0) -> re.Match[str]:
-        rx = re.compile(pattern, re.MULTILINE)
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.screen()
-            m = rx.search(text, start)
-            if m:
-                return m
-            if time.monotonic() > deadline:
-                pytest.fail(f"no {pattern!r} on the terminal after {timeout} s; screen:\n{text}")
-            time.sleep(0.2)
-
-    def kill(self) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True,
-                       timeout=30)
-
-
 @pytest.fixture
 def tmux(bed: Bed) -> Iterator[Tmux]:
     t = Tmux(bed.env)
@@ -458,27 +393,14 @@ def test_terminal_in_the_jobs_container(
     bed: Bed, marker_job: tuple[dict[str, Any], str, str], tmux: Tmux,
 ) -> None:
     job, path, text = marker_job
-    cmd = " ".join(shlex.quote(a) for a in SSHQ)
-    tmux.type(f"{cmd} ssh-to-job {job['id']}; echo SSHQ_RC=$?")
-    # The probe prints what only the job's environment has ($SSHQ_ID); it is
-    # retyped if keys typed before the remote shell started were lost.
-    deadline = time.monotonic() + 45
-    while True:
-        tmux.type('echo "READY<$SSHQ_ID>"')
-        try:
-            tmux.wait_for(rf"^READY<{job['id']}>$", timeout=8)
-            break
-        except pytest.fail.Exception:
-            if re.search(r"^SSHQ_RC=\d+$", tmux.screen(), re.M) or time.monotonic() > deadline:
-                raise
+    open_job_terminal(tmux, job["id"])
     mark = len(tmux.screen())
     tmux.type(f'cat {path}; pwd; test -e /run/.containerenv && echo "IN-""CONTAINER"')
     tmux.wait_for(r"^IN-CONTAINER$", start=mark)
     screen = tmux.screen()[mark:]
     assert re.search(rf"^{re.escape(text)}$", screen, re.M), screen
     assert re.search(rf"^{re.escape(job['work_dir'])}$", screen, re.M), screen
-    tmux.type("exit 4")
-    assert tmux.wait_for(r"^SSHQ_RC=(\d+)$").group(1) == "4"
+    assert exit_and_status(tmux, 4) == 4
     assert bed.poll(job["id"])["state"] == "running"
 
 

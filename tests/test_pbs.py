@@ -27,23 +27,28 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pwd
 import random
 import re
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import platform_toml
-from helpers import expand_ids, wait_for_state
+from helpers import (
+    check_forgotten,
+    copy_fake,
+    expand_ids,
+    forgotten_specs,
+    status_of,
+    wait_for_state,
+)
+from testbed import TESTBED_DIR
 
 from sshq import AsyncClient, InvalidInputError, JobSpec, JobState
 from sshq.exceptions import JobRunnerError
@@ -51,13 +56,10 @@ from sshq.job_runners import get_handler
 from sshq.job_runners.base import RunnerJobState
 from sshq.job_runners.pbs import HANDLER, POLL_MARK, POLL_PROGRAM
 from sshq.jobscript import render_job_script
-from sshq.remote.status import parse_status
 
 HERE = Path(__file__).parent
 FIXTURES = HERE / "fixtures" / "pbs"
-FAKES = HERE / "fakes" / "pbs"
 LOG = "/home/u/sshq-run/log/job/sim/01"
-TESTBED_DIR = Path("/var/lib/sshq-testbed")
 TEST_USER = "sshqtest"
 KINDS = ("documentation", "captured")
 
@@ -486,22 +488,10 @@ class FakePbs:
                         pass
 
 
-def _make_fake(parent: Path) -> FakePbs:
-    root = Path(tempfile.mkdtemp(prefix="fakes-", dir=parent))
-    root.chmod(0o755)
-    shutil.copytree(FAKES, root / "bin", ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "bin").chmod(0o755)
-    for p in (root / "bin").iterdir():
-        p.chmod(0o755)
-    (root / "state").mkdir()
-    return FakePbs(root)
-
-
 @pytest.fixture
 def local_fake(tmp_path: Path) -> Iterator[FakePbs]:
     """A fake for this machine's user (no sshd): checks of the fake itself."""
-    fake = _make_fake(tmp_path)
-    fake.user = None
+    fake = FakePbs(copy_fake("pbs", tmp_path), user=None)
     fake.configure(queue_delay=0.3, history_seconds=2.0, kill_delay=1.0)
     try:
         yield fake
@@ -514,9 +504,7 @@ def fake_pbs(testbed: dict[str, str]) -> Iterator[FakePbs]:
     """A fake in a fresh directory the test user can read, removed at the end."""
     if os.geteuid() != 0:
         pytest.skip("needs root: the fake's state directory belongs to the test user")
-    fake = _make_fake(TESTBED_DIR)
-    pw = pwd.getpwnam(testbed["SSHQ_TEST_USER"])
-    os.chown(fake.state, pw.pw_uid, pw.pw_gid)
+    fake = FakePbs(copy_fake("pbs", TESTBED_DIR, owner=testbed["SSHQ_TEST_USER"]))
     fake.configure(queue_delay=0.5, history_seconds=3.0, kill_delay=2.0)
     try:
         yield fake
@@ -598,21 +586,13 @@ def test_fake_torque_flavour_replays_torque(local_fake: FakePbs, tmp_path: Path)
 # ---------------------------------------------------------------- end to end on the fake
 
 
-@pytest.fixture(autouse=True)
-def _close_ssh_masters(state_dir: Path) -> Iterator[None]:
-    yield
-    cm = state_dir / "cm"
-    if cm.is_dir():
-        for sock in cm.iterdir():
-            subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "sshq-test"],
-                           capture_output=True, timeout=30)
-
-
 @pytest.fixture
-def pbs_config(tmp_path: Path, testbed: dict[str, str], run_id: str,
-               fake_pbs: FakePbs) -> Path:
+def config_file(tmp_path: Path, testbed: dict[str, str], run_id: str,
+                fake_pbs: FakePbs) -> Path:
     """Platforms ``pbs`` (asyncssh) and ``pbs-openssh`` with the fake first on PATH;
-    the job runner is asked on every poll (no rate limit: the tests wait on it)."""
+    the job runner is asked on every poll (no rate limit: the tests wait on it).
+
+    conftest's ``client`` and ``sshq`` use it."""
     rd = f"~/sshq-test/{run_id}"
     text = "".join(
         platform_toml(testbed, name, job_runner="pbs", transport=transport, run_dir=rd,
@@ -623,27 +603,12 @@ def pbs_config(tmp_path: Path, testbed: dict[str, str], run_id: str,
     return p
 
 
-@pytest.fixture
-async def client(pbs_config: Path, state_dir: Path) -> Any:
-    c = AsyncClient(pbs_config, state_dir=state_dir)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
-
-
 async def wait_started(client: AsyncClient, sid: int, timeout: float = 60.0) -> None:
     """Wait until the job wrapper recorded its start (its traps are set)."""
     deadline = time.monotonic() + timeout
     while "SSHQ_JOB_INIT_TIME" not in await status_of(client, sid):
         assert time.monotonic() < deadline, f"job {sid} never started"
         await asyncio.sleep(0.2)
-
-
-async def status_of(client: AsyncClient, sid: int) -> dict[str, str]:
-    return parse_status((await client.cat_log(sid, "status")).decode())
 
 
 async def wait_forgotten(fake: FakePbs, ids: list[str], timeout: float = 60.0) -> None:
@@ -749,24 +714,10 @@ async def test_fake_pbs_deleted_while_queued_never_started(fake_pbs: FakePbs,
 async def test_fake_pbs_jobs_forgotten_before_first_poll(fake_pbs: FakePbs,
                                                          client: AsyncClient) -> None:
     """Jobs never polled while the fake knew them: the job status file decides."""
-    specs = [
-        JobSpec(command="echo ok", name="forgot-ok"),
-        JobSpec(command="echo five; exit 5", name="forgot-five"),
-        # The user's script kills the job wrapper (its parent) with SIGKILL.
-        JobSpec(command="echo dying; kill -9 $PPID; sleep 1", name="forgot-sigkill"),
-    ]
-    jobs = await client.submit(specs, platform="pbs")
+    jobs = await client.submit(forgotten_specs(sleep_after_kill=1), platform="pbs")
     assert [j.state for j in jobs] == [JobState.SUBMITTED] * 3, [j.message for j in jobs]
     await wait_forgotten(fake_pbs, [j.job_id for j in jobs])
-    stored = await client.jobs(ids=[j.id for j in jobs])
-    assert [j.state for j in stored] == [JobState.SUBMITTED] * 3
-
-    ok, five, killed = await client.poll([j.id for j in jobs])
-    assert ok.state is JobState.SUCCEEDED and ok.exit_status == 0, ok.message
-    assert five.state is JobState.FAILED and five.exit_status == 5, five.message
-    assert killed.state is JobState.FAILED, killed.message
-    assert killed.exit_status is None and killed.signal is None
-    assert "no longer knows" in killed.message
+    _ok, _five, killed = await check_forgotten(client, jobs)
     st = await status_of(client, killed.id)
     assert "SSHQ_JOB_INIT_TIME" in st and "SSHQ_JOB_EXIT_STATUS" not in st
 
@@ -873,14 +824,8 @@ async def test_fake_torque_flavour_polls_with_text_qstat(fake_pbs: FakePbs,
     assert six.state is JobState.FAILED and six.exit_status == 6
 
 
-def test_fake_pbs_cli_submit_wait(fake_pbs: FakePbs, pbs_config: Path,
-                                  state_dir: Path) -> None:
-    env = dict(os.environ, SSHQ_CONFIG=str(pbs_config), SSHQ_STATE_DIR=str(state_dir))
-
-    def sshq(*args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([sys.executable, "-m", "sshq", *args], capture_output=True,
-                              timeout=180, env=env)
-
+def test_fake_pbs_cli_submit_wait(
+        fake_pbs: FakePbs, sshq: Callable[..., subprocess.CompletedProcess[bytes]]) -> None:
     r = sshq("submit", "-p", "pbs", "--wait", "--json", "--name", "cli",
              "--command", "echo from-cli")
     assert r.returncode == 0, r.stderr

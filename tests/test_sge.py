@@ -20,24 +20,29 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import expand_ids, wait_for_state
+from conftest import platform_toml
+from helpers import (
+    check_forgotten,
+    expand_ids,
+    forgotten_specs,
+    record_agent_calls,
+    status_of,
+    wait_for_state,
+)
+from testbed import require_part
 
-import sshq._client.core as sshq_client  # where agent calls are made
 from sshq import AsyncClient, HostUnreachableError, InvalidInputError, Job, JobSpec, JobState
-from sshq.config import Platform
 from sshq.exceptions import JobRunnerError
 from sshq.job_runners import get_handler
 from sshq.jobscript import render_job_script
-from sshq.remote.status import parse_status
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SGE = get_handler("sge")
@@ -354,11 +359,7 @@ SGE_PLATFORMS = ["sge", "sge-openssh"]
 @pytest.fixture
 def sge_testbed(testbed: dict[str, str]) -> dict[str, str]:
     """The test bed, with Grid Engine and its tcsh user."""
-    if testbed.get("SSHQ_TEST_SGE") != "1":
-        if os.environ.get("SSHQ_REQUIRE_TESTBED") == "1":
-            pytest.fail("Grid Engine test bed required (SSHQ_TEST_SGE=1 missing in testbed.env)")
-        pytest.skip("no Grid Engine in the test bed (testbed.env lacks SSHQ_TEST_SGE=1;"
-                    " run .ci/setup-testbed.sh as root)")
+    require_part(testbed, "SSHQ_TEST_SGE", "Grid Engine")
     user = testbed["SSHQ_TEST_SGE_USER"]
     shell = subprocess.run(["getent", "passwd", user], capture_output=True, text=True,
                            timeout=30).stdout.strip().split(":")[-1]
@@ -377,51 +378,17 @@ def sge_home(sge_user: str) -> str:
                           timeout=30).stdout.split(":")[5]
 
 
-def sge_platform(t: dict[str, str], name: str, transport: str, run_dir: str) -> str:
-    lines = [
-        f"[platforms.{name}]",
-        f'hosts = ["{t["SSHQ_TEST_HOST"]}"]',
-        f"port = {t['SSHQ_TEST_PORT']}",
-        f'user = "{t["SSHQ_TEST_SGE_USER"]}"',
-        f'identity_file = "{t["SSHQ_TEST_KEY"]}"',
-        f'known_hosts = "{t["SSHQ_TEST_KNOWN_HOSTS"]}"',
-        'job_runner = "sge"',
-        f'transport = "{transport}"',
-        f'run_dir = "{run_dir}"',
-    ]
-    if "min_poll_interval" in Platform.__dataclass_fields__:
-        lines.append("min_poll_interval = 0")  # these tests poll Grid Engine often
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture
-def sge_config(sge_testbed: dict[str, str], tmp_path: Path, run_id: str) -> Path:
+def config_file(sge_testbed: dict[str, str], tmp_path: Path, run_id: str) -> Path:
+    """Platforms ``sge`` (asyncssh) and ``sge-openssh`` for the tcsh user; Grid Engine
+    is asked on every poll (conftest's ``client`` and ``sshq`` use it)."""
     rd = f"~/sshq-test/{run_id}"
     p = tmp_path / "sge-platforms.toml"
-    p.write_text(sge_platform(sge_testbed, "sge", "asyncssh", rd)
-                 + sge_platform(sge_testbed, "sge-openssh", "openssh", rd))
+    p.write_text("".join(
+        platform_toml(sge_testbed, name, job_runner="sge", transport=transport, run_dir=rd,
+                      user=sge_testbed["SSHQ_TEST_SGE_USER"], min_poll_interval=0)
+        for name, transport in (("sge", "asyncssh"), ("sge-openssh", "openssh"))))
     return p
-
-
-@pytest.fixture
-async def client(sge_config: Path, state_dir: Path) -> AsyncIterator[AsyncClient]:
-    c = AsyncClient(sge_config, state_dir=state_dir)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
-@pytest.fixture
-def sshq(sge_config: Path, state_dir: Path) -> Callable[..., subprocess.CompletedProcess[bytes]]:
-    """Run the real ``sshq`` command on the SGE platforms."""
-    env = dict(os.environ, SSHQ_CONFIG=str(sge_config), SSHQ_STATE_DIR=str(state_dir))
-
-    def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([sys.executable, "-m", "sshq", *args], capture_output=True,
-                              timeout=timeout, env=env, stdin=subprocess.DEVNULL)
-
-    return run
 
 
 @pytest.fixture
@@ -482,10 +449,6 @@ def pgrep(user: str, pattern: str) -> list[str]:
     return r.stdout.split()
 
 
-
-
-async def status_of(client: AsyncClient, sid: int) -> dict[str, str]:
-    return parse_status((await client.cat_log(sid, "status")).decode())
 
 
 # ================================================================ end to end: life
@@ -590,25 +553,11 @@ async def test_kill_pending_job_is_submit_failed(client: AsyncClient, sge_user: 
 async def test_first_poll_after_sge_forgot_the_jobs(client: AsyncClient, sge_user: str,
                                                     qdel_at_end: list[str]) -> None:
     """Jobs never polled while Grid Engine knew them: job.status decides."""
-    specs = [
-        JobSpec(command="echo ok", name="forgot-ok"),
-        JobSpec(command="echo five; exit 5", name="forgot-five"),
-        # The user's script SIGKILLs the wrapper: a start and no exit.
-        JobSpec(command="echo dying; kill -9 $PPID; sleep 5", name="forgot-sigkill"),
-    ]
-    jobs = await client.submit(specs, platform="sge")
+    jobs = await client.submit(forgotten_specs(), platform="sge")
     qdel_at_end.extend(j.job_id for j in jobs)
     assert [j.state for j in jobs] == [JobState.SUBMITTED] * 3, [j.message for j in jobs]
     await wait_forgotten(sge_user, [j.job_id for j in jobs])
-    stored = await client.jobs(ids=[j.id for j in jobs])
-    assert [j.state for j in stored] == [JobState.SUBMITTED] * 3
-
-    ok, five, killed = await client.poll([j.id for j in jobs])
-    assert ok.state is JobState.SUCCEEDED and ok.exit_status == 0, ok.message
-    assert five.state is JobState.FAILED and five.exit_status == 5, five.message
-    assert killed.state is JobState.FAILED, killed.message
-    assert killed.exit_status is None and killed.signal is None
-    assert "no longer knows" in killed.message
+    _ok, _five, killed = await check_forgotten(client, jobs)
     assert killed.start_time is not None
     # Accounting is written as the job ends: qacct knows them all by now.
     assert [qacct(j.job_id).get("exit_status", "").split()[:1]
@@ -648,20 +597,12 @@ async def test_walltime_is_enforced_by_sge(client: AsyncClient, qdel_at_end: lis
 @pytest.mark.sshd
 async def test_name_starting_with_a_digit_is_refused_before_sending(
         client: AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-    real = sshq_client.call_agent
-
-    async def counting(transport: Any, python: str, op: str, payload: dict[str, Any],
-                       **kw: Any) -> dict[str, Any]:
-        calls.append(op)
-        return await real(transport, python, op, payload, **kw)
-
-    monkeypatch.setattr(sshq_client, "call_agent", counting)
+    calls = record_agent_calls(monkeypatch)
     with pytest.raises(InvalidInputError, match="name"):
         await client.submit(JobSpec(command="true", name="01_prep"), platform="sge")
     with pytest.raises(InvalidInputError, match="nodes"):
         await client.submit(JobSpec(command="true", name="n", nodes=2), platform="sge")
-    assert [c for c in calls if c != "init"] == []
+    assert [c["op"] for c in calls if c["op"] != "init"] == []
 
 
 @pytest.mark.sshd
@@ -674,16 +615,7 @@ async def test_qmaster_unreachable_poll_changes_nothing(
     points SGE at a port where nothing listens, as a dead qmaster looks to a
     client; the real qmaster stays up for everyone else.
     """
-    replies: list[dict[str, Any]] = []
-    real = sshq_client.call_agent
-
-    async def recording(transport: Any, python: str, op: str, payload: dict[str, Any],
-                        **kw: Any) -> dict[str, Any]:
-        reply = await real(transport, python, op, payload, **kw)
-        replies.append({"op": op, **reply})
-        return reply
-
-    monkeypatch.setattr(sshq_client, "call_agent", recording)
+    calls = record_agent_calls(monkeypatch)
     (job,) = await client.submit(JobSpec(command="sleep 300", name="steady"), platform="sge")
     qdel_at_end.append(job.job_id)
     job = await wait_for_state(client, job.id, JobState.RUNNING)
@@ -693,10 +625,10 @@ async def test_qmaster_unreachable_poll_changes_nothing(
     try:
         with rc.open("a") as fh:
             fh.write("setenv SGE_QMASTER_PORT 1  # sshq test: qmaster unreachable\n")
-        replies.clear()
+        calls.clear()
         (after,) = await client.poll([job.id])
         assert after.state is JobState.RUNNING
-        (poll_reply,) = [r for r in replies if r["op"] == "poll"]
+        (poll_reply,) = [c["reply"] for c in calls if c["op"] == "poll"]
         (res,) = poll_reply["runners"]["sge"]
         assert res["exit"] == 1 and "Connection refused" in res["stderr"], res
     finally:

@@ -18,27 +18,32 @@ import contextlib
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import bed_platforms_toml
+from helpers import (
+    SSHQ,
+    SshqCli,
+    Tmux,
+    exit_and_status,
+    open_job_terminal,
+    stop_control_masters,
+)
+from testbed import require_part
 
 from sshq import AsyncClient
 from sshq.job_runners import HANDLERS
-
-SSHQ = [sys.executable, "-m", "sshq"]
 
 #: Canary files: a hostile environment value tries to create them.
 CANARY = f"/tmp/sshq-canary-{uuid.uuid4().hex}"
@@ -57,40 +62,19 @@ HOSTILE_COMMAND = 'printf "%s\\n" "$HOSTILE"; echo "$(echo ok)"; printf "[%s]\\n
 # ---------------------------------------------------------------- the test bed
 
 
-@dataclass
-class Bed:
-    """A platforms file and a short state directory shared by this module."""
+class Bed(SshqCli):
+    """``sshq`` on a platforms file and a short state directory shared by this module."""
 
-    config: Path
-    state_dir: Path
-    env: dict[str, str]
-    slurm: bool
-    #: (platform, sshq id) of every job started here, to kill at the end.
-    started: list[tuple[str, int]] = field(default_factory=list)
-    #: Slurm job ids to scancel at the end (as root).
-    slurm_ids: list[str] = field(default_factory=list)
+    def __init__(self, config: Path, state_dir: Path, testbed: dict[str, str]) -> None:
+        super().__init__(dict(os.environ, SSHQ_CONFIG=str(config),
+                              SSHQ_STATE_DIR=str(state_dir)))
+        self.config = config
+        self.state_dir = state_dir
+        self.testbed = testbed
 
-    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
-        """Run the real ``sshq`` command."""
-        return subprocess.run([*SSHQ, *args], capture_output=True, timeout=timeout,
-                              env=self.env, stdin=subprocess.DEVNULL)
-
-    def submit(self, platform: str, *args: str, wait: bool = False) -> dict[str, Any]:
-        r = self.run("submit", "-p", platform, "--json", *(["--wait"] if wait else []), *args,
-                     timeout=180)
-        assert r.stdout, r.stderr.decode()
-        (job,) = json.loads(r.stdout)
-        self.started.append((platform, job["id"]))
-        if job["job_runner"] == "slurm" and job["job_id"]:
-            self.slurm_ids.append(job["job_id"])
-        assert job["state"] != "submit-failed", job["message"]
-        return job
-
-    def poll(self, sid: int) -> dict[str, Any]:
-        r = self.run("poll", "--json", str(sid))
-        assert r.returncode == 0, r.stderr.decode()
-        (job,) = json.loads(r.stdout)
-        return job
+    def slurm_ids(self) -> list[str]:
+        """Slurm job ids of the jobs started here (to scancel at the end, as root)."""
+        return [j["job_id"] for j in self.started if j["job_runner"] == "slurm" and j["job_id"]]
 
     def wait_running(self, sid: int, timeout: float = 90.0) -> dict[str, Any]:
         """Poll until the job runs and its wrapper has written job.env."""
@@ -111,28 +95,6 @@ class Bed:
         self.run("kill", "--settle", "1", str(sid), timeout=120)
 
 
-def _platforms_toml(testbed: dict[str, str], run_dir: str, local_run_dir: str) -> str:
-    out = []
-    for name, runner, transport in [("slurm", "slurm", "asyncssh"),
-                                    ("slurm-openssh", "slurm", "openssh"),
-                                    ("bg", "background", "asyncssh"),
-                                    ("bg-openssh", "background", "openssh"),
-                                    ("local", "background", "local")]:
-        out.append(f"[platforms.{name}]")
-        if transport == "local":
-            out.append('hosts = ["localhost"]')
-            out.append(f'run_dir = "{local_run_dir}"')
-        else:
-            out += [f'hosts = ["{testbed["SSHQ_TEST_HOST"]}"]',
-                    f"port = {testbed['SSHQ_TEST_PORT']}",
-                    f'user = "{testbed["SSHQ_TEST_USER"]}"',
-                    f'identity_file = "{testbed["SSHQ_TEST_KEY"]}"',
-                    f'known_hosts = "{testbed["SSHQ_TEST_KNOWN_HOSTS"]}"',
-                    f'run_dir = "{run_dir}"']
-        out += [f'job_runner = "{runner}"', f'transport = "{transport}"', ""]
-    return "\n".join(out)
-
-
 @pytest.fixture(scope="module")
 def bed(testbed: dict[str, str]) -> Iterator[Bed]:
     """This module's platforms (as conftest's) and a SHORT private state dir."""
@@ -141,22 +103,15 @@ def bed(testbed: dict[str, str]) -> Iterator[Bed]:
     state.mkdir()
     config = top / "platforms.toml"
     run_id = uuid.uuid4().hex[:10]
-    config.write_text(_platforms_toml(testbed, f"~/sshq-test/{run_id}", str(top / "local")))
-    env = dict(os.environ, SSHQ_CONFIG=str(config), SSHQ_STATE_DIR=str(state))
-    b = Bed(config, state, env, slurm=testbed.get("SSHQ_TEST_SLURM") == "1")
+    config.write_text(bed_platforms_toml(testbed, f"~/sshq-test/{run_id}", str(top / "local")))
+    b = Bed(config, state, testbed)
     try:
         yield b
     finally:
-        if b.slurm_ids:
-            subprocess.run(["scancel", *b.slurm_ids], capture_output=True, timeout=60)
-        active = [str(sid) for _p, sid in b.started]
-        if active:
-            b.run("kill", "--settle", "1", *active, timeout=120)
-        cm = state / "cm"
-        if cm.is_dir():
-            for sock in cm.iterdir():
-                subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "sshq-test"],
-                               capture_output=True, timeout=30)
+        if slurm_ids := b.slurm_ids():
+            subprocess.run(["scancel", *slurm_ids], capture_output=True, timeout=60)
+        b.kill_started()
+        stop_control_masters(state)
         shutil.rmtree(top, ignore_errors=True)
         for c in (CANARY, CANARY_BT):
             if os.path.exists(c):
@@ -164,10 +119,7 @@ def bed(testbed: dict[str, str]) -> Iterator[Bed]:
 
 
 def _need_slurm(bed: Bed) -> None:
-    if not bed.slurm:
-        if os.environ.get("SSHQ_REQUIRE_TESTBED") == "1":
-            pytest.fail("Slurm test bed required")
-        pytest.skip("no Slurm in the test bed")
+    require_part(bed.testbed, "SSHQ_TEST_SLURM", "Slurm")
 
 
 def _long_job(bed: Bed, platform: str) -> dict[str, Any]:
@@ -219,71 +171,6 @@ def fresh_job(bed: Bed) -> Iterator[Callable[..., dict[str, Any]]]:
 # ---------------------------------------------------------------- tmux, as a person
 
 
-class Tmux:
-    """A private tmux server with one pane: a terminal a person types into."""
-
-    def __init__(self, env: dict[str, str], *, width: int = 200, height: int = 50) -> None:
-        self.socket = f"sshq-test-{uuid.uuid4().hex[:12]}"
-        self.target = "main"
-        self._tmux("new-session", "-d", "-s", self.target, "-x", str(width), "-y", str(height),
-                   *[a for k in ("SSHQ_CONFIG", "SSHQ_STATE_DIR") for a in ("-e", f"{k}={env[k]}")],
-                   "env PS1='local$ ' bash --norc --noprofile")
-        try:
-            self.socket_path = self._tmux("display-message", "-p", "#{socket_path}").strip()
-        except BaseException:
-            self.socket_path = ""
-            self.kill()
-            raise
-
-    def _tmux(self, *args: str) -> str:
-        r = subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", *args],
-                           capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, f"tmux {args[0]}: {r.stderr}"
-        return r.stdout
-
-    def type(self, text: str) -> None:
-        """Type a line (literally) and press Enter."""
-        self._tmux("send-keys", "-t", self.target, "-l", text)
-        self._tmux("send-keys", "-t", self.target, "Enter")
-
-    def key(self, key: str) -> None:
-        self._tmux("send-keys", "-t", self.target, key)
-
-    def screen(self) -> str:
-        """The pane's text, scrollback included, wrapped lines joined.
-
-        Trailing blank lines are dropped, so that the length of a capture
-        marks where later output starts.
-        """
-        return self._tmux("capture-pane", "-p", "-J", "-t", self.target, "-S", "-500").rstrip()
-
-    def pane_size(self) -> tuple[int, int]:
-        rows, cols = self._tmux("display-message", "-p", "-t", self.target,
-                                "#{pane_height} #{pane_width}").split()
-        return int(rows), int(cols)
-
-    def wait_for(self, pattern: str, timeout: float = 20.0, *, start: int = 0) -> re.Match[str]:
-        """Poll the pane until ``pattern`` (a regex, per line) appears after char ``start``."""
-        rx = re.compile(pattern, re.MULTILINE)
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.screen()
-            m = rx.search(text, start)
-            if m:
-                return m
-            if time.monotonic() > deadline:
-                pytest.fail(f"no {pattern!r} on the terminal after {timeout} s; screen:\n{text}")
-            time.sleep(0.2)
-
-    def kill(self) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True,
-                       timeout=30)
-        # Ours: leave no stale socket file behind.
-        if self.socket_path and self.socket_path.endswith(self.socket):
-            with contextlib.suppress(OSError):
-                os.unlink(self.socket_path)
-
-
 @pytest.fixture
 def tmux(bed: Bed) -> Iterator[Callable[..., Tmux]]:
     servers: list[Tmux] = []
@@ -296,33 +183,6 @@ def tmux(bed: Bed) -> Iterator[Callable[..., Tmux]]:
     yield start
     for t in servers:
         t.kill()
-
-
-def open_job_terminal(t: Tmux, job: dict[str, Any]) -> None:
-    """Run ``sshq ssh-to-job ID`` in the pane; return once the job's shell answers.
-
-    The probe prints a value only the job's environment has ($SSHQ_ID from
-    job.env), so the local shell cannot answer it; it is retyped if keys
-    typed before the remote shell started were lost.
-    """
-    cmd = " ".join(shlex.quote(a) for a in SSHQ)
-    t.type(f"{cmd} ssh-to-job {job['id']}; echo SSHQ_RC=$?")
-    deadline = time.monotonic() + 45
-    while True:
-        t.type('echo "READY<$SSHQ_ID>"')
-        try:
-            t.wait_for(rf"^READY<{job['id']}>$", timeout=8)
-            return
-        except pytest.fail.Exception:
-            if re.search(r"^SSHQ_RC=\d+$", t.screen(), re.MULTILINE) or \
-                    time.monotonic() > deadline:
-                raise
-
-
-def exit_and_status(t: Tmux, code: int) -> int:
-    """Type ``exit CODE`` in the job's shell; sshq's exit status as the pane shows it."""
-    t.type(f"exit {code}")
-    return int(t.wait_for(r"^SSHQ_RC=(\d+)$").group(1))
 
 
 # ---------------------------------------------------------------- interactive
@@ -342,7 +202,7 @@ def test_terminal_in_slurm_job_env_cwd_and_exit_status(
         job = bed.wait_running(job["id"])
         assert job["platform"] == "slurm-openssh"
     t = tmux()
-    open_job_terminal(t, job)
+    open_job_terminal(t, job["id"])
     mark = len(t.screen())
     t.type('echo "ID=$SLURM_JOB_ID"; pwd; echo "V=[$MYVAR]"; echo "STEP=$SLURM_STEP_ID"')
     t.wait_for(r"^V=\[a b\]$", start=mark)
@@ -361,13 +221,13 @@ def test_terminal_window_size_changes_reach_the_job(
     bed: Bed, slurm_job: dict[str, Any], tmux: Callable[..., Tmux],
 ) -> None:
     t = tmux(width=120, height=40)
-    open_job_terminal(t, slurm_job)
+    open_job_terminal(t, slurm_job["id"])
     rows, cols = t.pane_size()
     mark = len(t.screen())
     t.type('echo "SIZE=$(stty size)"')
     t.wait_for(rf"^SIZE={rows} {cols}$", start=mark)
 
-    t._tmux("resize-window", "-t", t.target, "-x", "97", "-y", "31")
+    t.resize(97, 31)
     new_rows, new_cols = t.pane_size()
     assert (new_rows, new_cols) != (rows, cols)
     # The remote side may see the change a moment later: ask until it does.
@@ -388,7 +248,7 @@ def test_terminal_ctrl_c_goes_to_the_remote_shell(
     bed: Bed, slurm_job: dict[str, Any], tmux: Callable[..., Tmux],
 ) -> None:
     t = tmux()
-    open_job_terminal(t, slurm_job)
+    open_job_terminal(t, slurm_job["id"])
     mark = len(t.screen())
     t.type("echo SLEEPING; sleep 100")
     t.wait_for(r"^SLEEPING$", start=mark)
@@ -412,7 +272,7 @@ def test_terminal_in_background_job(
     bed: Bed, bg_job: dict[str, Any], tmux: Callable[..., Tmux],
 ) -> None:
     t = tmux()
-    open_job_terminal(t, bg_job)
+    open_job_terminal(t, bg_job["id"])
     mark = len(t.screen())
     t.type('pwd; echo "V=[$MYVAR]"; echo "H=$(hostname)"')
     t.wait_for(r"^V=\[a b\]$", start=mark)
