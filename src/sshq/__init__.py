@@ -16,17 +16,21 @@ from .exceptions import (
     AuthenticationError,
     CommandError,
     ConfigError,
+    EnvironmentMismatchError,
     HostKeyError,
     HostUnreachableError,
     InvalidInputError,
+    JobFailedError,
     JobNotRunningError,
     JobRunnerError,
     RemoteError,
+    RemoteFunctionError,
     SshqError,
     TransportError,
     UnknownJobError,
     WaitTimeoutError,
 )
+from .executor import CallFuture, Executor
 from .model import Job, JobSpec, JobState
 
 #: The one version source (pyproject.toml reads it; ``sshq --version`` prints it).
@@ -54,4 +58,9 @@ __all__ = [
     "RemoteError",
     "JobRunnerError",
     "WaitTimeoutError",
+    "EnvironmentMismatchError",
+    "RemoteFunctionError",
+    "JobFailedError",
+    "Executor",
+    "CallFuture",
 ]

@@ -20,10 +20,19 @@ with.  A failure of one job inside a batch is data in the result (its
     │   └── CommandError            exit 3   the remote command could not be started
     ├── RemoteError                 exit 6   the remote agent failed or replied nonsense
     │   └── JobRunnerError          exit 6   the job runner's command failed for the batch
-    └── WaitTimeoutError            exit 124 ``sshq wait --timeout`` ran out
+    ├── WaitTimeoutError            exit 124 ``sshq wait --timeout`` ran out
+    ├── EnvironmentMismatchError    exit 2   Executor: the remote Python or cloudpickle differs
+    ├── RemoteFunctionError         exit 1   Executor: a remote call raised an exception
+    │                                        that cannot be rebuilt here
+    └── JobFailedError              exit 1   Executor: a call's job ended without a result
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .model import Job
 
 __all__ = [
     "SshqError",
@@ -39,6 +48,9 @@ __all__ = [
     "RemoteError",
     "JobRunnerError",
     "WaitTimeoutError",
+    "EnvironmentMismatchError",
+    "RemoteFunctionError",
+    "JobFailedError",
 ]
 
 
@@ -155,3 +167,80 @@ class WaitTimeoutError(SshqError):
     """Jobs were still not final when the wait timeout ran out."""
 
     exit_code = 124
+
+
+class EnvironmentMismatchError(SshqError):
+    """The remote interpreter of :class:`sshq.Executor` cannot run this client's calls.
+
+    Raised by the pre-flight check, before anything is queued: the remote
+    Python's major.minor version or its cloudpickle version differs from this
+    client's (or it cannot be started, or has no cloudpickle).
+
+    Attributes:
+        host: the host checked (as the transport labels it).
+        python: the remote interpreter (as configured or given).
+        remote_python: its version (``"3.11.2"``), '' if unknown.
+        remote_cloudpickle: its cloudpickle version, '' if none.
+        local_python: this client's Python version.
+        local_cloudpickle: this client's cloudpickle version.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, host: str = "", python: str = "",
+                 remote_python: str = "", remote_cloudpickle: str = "",
+                 local_python: str = "", local_cloudpickle: str = "") -> None:
+        super().__init__(message)
+        self.host = host
+        self.python = python
+        self.remote_python = remote_python
+        self.remote_cloudpickle = remote_cloudpickle
+        self.local_python = local_python
+        self.local_cloudpickle = local_cloudpickle
+
+
+class RemoteFunctionError(SshqError):
+    """A call run by :class:`sshq.Executor` raised, and its exception could
+    not be rebuilt here (not picklable there, or its class not importable here);
+    also a return value that could not be pickled or passed the size limit.
+
+    Attributes:
+        remote_type: the remote exception's class, ``module.QualName``.
+        remote_message: ``str()`` of the remote exception.
+        remote_traceback: the remote traceback, as text.
+    """
+
+    def __init__(self, message: str, *, remote_type: str = "", remote_message: str = "",
+                 remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+
+
+class JobFailedError(SshqError):
+    """A call of :class:`sshq.Executor` ended without a result: its job was
+    refused, killed, ran out of walltime or memory, or its node failed (or,
+    with ``hosts``, its farm task failed).
+
+    Attributes:
+        id: the sshq id of the job (None for a farm task).
+        state: the job's final state (``failed``, ``submit-failed``, ...).
+        exit_status: the job's exit status, None when a signal ended it or
+            none was recorded.
+        signal: the signal's name (``TERM``, ``KILL``, ``XCPU``) or None.
+        err_tail: the last bytes of the job's ``job.err`` (the task's stderr),
+            decoded with replacement characters; '' if none could be read.
+        job: the latest :class:`~sshq.model.Job` (None for a farm task).
+    """
+
+    def __init__(self, message: str, *, id: int | None = None, state: str = "",
+                 exit_status: int | None = None, signal: str | None = None,
+                 err_tail: str = "", job: Job | None = None) -> None:
+        super().__init__(message)
+        self.id = id
+        self.state = state
+        self.exit_status = exit_status
+        self.signal = signal
+        self.err_tail = err_tail
+        self.job = job
