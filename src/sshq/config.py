@@ -17,6 +17,10 @@ also honours ``SSHQ_CONFIG`` and ``--config``)::
     path_prepend = []             # remote dirs put before PATH, e.g. ["/opt/slurm/bin"]
     min_poll_interval = 10        # seconds between job runner status queries per host
     container_runtime = "apptainer"  # apptainer | singularity | podman (--container-image)
+    agent = "shipped"             # installed: run ~/.sshq's agent (`sshq agent install`)
+    certificate_file = "~/.ssh/id_ed25519-cert.pub"  # an SSH user certificate for identity_file
+    identity_command = ["step", "ssh", "login"]  # renews key and certificate (no shell)
+    certificate_min_validity = 60  # seconds a certificate must have left, else renewed
 
 Every key is optional; ``hosts`` defaults to ``[NAME]`` (an ~/.ssh/config
 alias works).  The built-in platform ``localhost`` (transport ``local``,
@@ -26,6 +30,7 @@ job runner ``background``) needs no configuration.
 from __future__ import annotations
 
 import os
+import shlex
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -84,6 +89,19 @@ class Platform:
         min_poll_interval: seconds between two job runner status queries on
             one host, however many sshq processes poll (job status files are
             read on every poll).
+        agent: ``shipped`` (default: the agent travels with every call) or
+            ``installed``: the agent ``sshq agent install`` put in ``~/.sshq``
+            runs, and only requests are sent; the platform is treated as
+            restricted (the key's forced command may refuse anything but job
+            management under the run directory): direct farms, ``farm
+            find``/``killall`` and ssh-to-job are refused before connecting.
+        certificate_file: an OpenSSH user certificate for ``identity_file``
+            (short-lived, signed by a site CA).
+        identity_command: a local command (argv, run without a shell) that
+            renews ``identity_file`` and ``certificate_file``; run before a new
+            connection when the certificate is missing or has less than
+            ``certificate_min_validity`` seconds left.
+        certificate_min_validity: seconds, see ``identity_command``.
     """
 
     name: str
@@ -104,6 +122,15 @@ class Platform:
     container_runtime: str = "apptainer"
     path_prepend: tuple[str, ...] = ()
     min_poll_interval: float = 10.0
+    agent: str = "shipped"
+    certificate_file: str | None = None
+    identity_command: tuple[str, ...] = ()
+    certificate_min_validity: float = 60.0
+
+    @property
+    def restricted(self) -> bool:
+        """True when the platform's agent is installed (its key may be restricted)."""
+        return self.agent == "installed"
 
     def host_params(self, host: str) -> HostParams:
         """Connection parameters for one of the platform's hosts."""
@@ -114,6 +141,9 @@ class Platform:
             identity_file=self.identity_file,
             known_hosts=self.known_hosts,
             connect_timeout=self.connect_timeout,
+            certificate_file=self.certificate_file,
+            identity_command=self.identity_command,
+            certificate_min_validity=self.certificate_min_validity,
         )
 
 
@@ -124,8 +154,12 @@ _KEYS = {
     "hosts", "port", "user", "identity_file", "known_hosts", "job_runner", "run_dir",
     "transport", "python", "connect_timeout", "bad_host_seconds", "batch_mode",
     "submit_concurrency", "login_shell", "path_prepend", "min_poll_interval",
-    "container_runtime",
+    "container_runtime", "agent", "certificate_file", "identity_command",
+    "certificate_min_validity",
 }
+
+#: Values of a platform's ``agent`` key.
+AGENT_MODES = ("shipped", "installed")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -186,7 +220,7 @@ def _platform(name: str, table: Any, source: str) -> Platform:
             if not isinstance(table[key], str) or not table[key]:
                 raise ConfigError(f"{where}: {key} must be a non-empty string")
             kw[key] = table[key]
-    for key in ("identity_file", "known_hosts"):
+    for key in ("identity_file", "known_hosts", "certificate_file"):
         if key in table:
             kw[key] = _expand(table[key], f"{where}: {key}")
     if "port" in table:
@@ -211,7 +245,8 @@ def _platform(name: str, table: Any, source: str) -> Platform:
         raise ConfigError(f"{where}: unknown container_runtime {runtime!r}; known:"
                           f" {', '.join(CONTAINER_RUNTIMES)}")
     kw["container_runtime"] = runtime
-    for key in ("connect_timeout", "bad_host_seconds", "min_poll_interval"):
+    for key in ("connect_timeout", "bad_host_seconds", "min_poll_interval",
+                "certificate_min_validity"):
         if key in table:
             v = table[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
@@ -236,7 +271,41 @@ def _platform(name: str, table: Any, source: str) -> Platform:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"{where}: submit_concurrency must be a positive integer")
         kw["submit_concurrency"] = n
+    kw.update(_credentials_and_agent(table, where, kw))
     return Platform(**kw)
+
+
+def _credentials_and_agent(table: dict[str, Any], where: str,
+                           kw: dict[str, Any]) -> dict[str, Any]:
+    """The ``agent``, ``certificate_file`` and ``identity_command`` keys, checked."""
+    out: dict[str, Any] = {}
+    agent = table.get("agent", "shipped")
+    if agent not in AGENT_MODES:
+        raise ConfigError(f"{where}: agent must be one of {', '.join(AGENT_MODES)},"
+                          f" not {agent!r}")
+    ssh = kw["transport"] != "local"
+    if agent == "installed" and not ssh:
+        raise ConfigError(f"{where}: agent = \"installed\" needs an SSH transport")
+    out["agent"] = agent
+    if "identity_command" in table:
+        cmd = table["identity_command"]
+        if isinstance(cmd, str):
+            cmd = shlex.split(cmd)  # a command line read as words, never run by a shell
+        if (not isinstance(cmd, list) or not cmd
+                or not all(isinstance(w, str) and w and "\0" not in w for w in cmd)):
+            raise ConfigError(f"{where}: identity_command must be a non-empty list of"
+                              " strings (a command and its arguments; no shell runs it)")
+        out["identity_command"] = (os.path.expanduser(cmd[0]), *cmd[1:])
+    if ("certificate_file" in kw or "identity_command" in out) and not ssh:
+        raise ConfigError(f"{where}: certificate_file and identity_command need an SSH"
+                          " transport")
+    if "identity_command" in out and "certificate_file" not in kw:
+        raise ConfigError(f"{where}: identity_command needs certificate_file (the"
+                          " certificate it renews)")
+    if "certificate_file" in kw and not kw.get("identity_file"):
+        raise ConfigError(f"{where}: certificate_file needs identity_file (the key it"
+                          " certifies)")
+    return out
 
 
 def parse_config(text: str, source: str = "<string>") -> dict[str, Platform]:

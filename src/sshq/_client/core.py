@@ -170,14 +170,17 @@ class HostPool:
     @staticmethod
     async def agent(platform: Platform, t: Transport, op: str, payload: dict[str, Any],
                     timeout: float = 120.0) -> dict[str, Any]:
-        """One agent call with the platform's interpreter, login shell and PATH."""
+        """One agent call with the platform's interpreter, login shell, PATH and
+        agent (the shipped one, or the one ``sshq agent install`` installed)."""
         return await call_agent(t, platform.python, op, payload, timeout=timeout,
                                 login_shell=platform.login_shell,
-                                path_prepend=platform.path_prepend)
+                                path_prepend=platform.path_prepend,
+                                installed=platform.agent == "installed")
 
     @staticmethod
     def agent_stream(platform: Platform, t: Transport, op: str,
                      payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """A streaming agent call (``follow``), with the platform's settings as :meth:`agent`."""
         return stream_agent(t, platform.python, op, payload, login_shell=platform.login_shell,
-                            path_prepend=platform.path_prepend)
+                            path_prepend=platform.path_prepend,
+                            installed=platform.agent == "installed")

@@ -19,6 +19,7 @@ from ..exceptions import (
 from ..job_runners import HANDLERS
 from ..model import Job, JobState
 from ..remote.attach import HOP_MARK, NO_ENV_MARK, hop_argv, launch_argv
+from ..remote.installed import refuse_if_restricted
 from ..remote.protocol import LOGIN_SHELL
 from ..remote.status import JobStatus
 from ..shipped import sshq_jobstatus as js
@@ -170,6 +171,8 @@ class Logs:
         await self.jobs.poll([id])
 
     async def _running_job(self, id: int) -> tuple[Job, Platform, Transport]:
+        (known,) = self.store.get([id])
+        refuse_if_restricted(self.pool.config.platform(known.platform), "ssh-to-job")
         (job,) = await self.jobs.poll([id])
         if job.state is not JobState.RUNNING:
             detail = f" ({job.message})" if job.message else ""

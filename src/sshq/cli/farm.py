@@ -338,11 +338,14 @@ def _procs_cmd(kill: bool) -> Any:
     def cmd(pattern: str, hosts: tuple[str, ...], sig: str, as_json: bool,
             config_path: str | None) -> None:
         from ..farm import procs
-        from ..farm.run import resolve_hosts
+        from ..farm.run import resolve_hosts, split_specs
+        from ..remote.installed import refuse_restricted_hosts
 
         async def body() -> list[Any]:
             client = _client(config_path)
             try:
+                refuse_restricted_hosts(client.config.platforms, split_specs(list(hosts)),
+                                        "farm find/killall")
                 fh = resolve_hosts(client, list(hosts))
                 if kill:
                     lists = await asyncio.gather(*(procs.kill_processes(

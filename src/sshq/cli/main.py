@@ -59,11 +59,13 @@ def cli(ctx: click.Context, config: str | None) -> None:
 
 
 from . import hosts, jobs, logs, staging  # noqa: E402  (after the group they join)
+from .agent import agent  # noqa: E402
 from .farm import farm  # noqa: E402
 
 for _command in (jobs.submit, jobs.poll, jobs.wait, jobs.kill, logs.cat_log, logs.ssh_to_job,
                  staging.retrieve, jobs.jobs, staging.install, staging.tidy, hosts.hosts, farm):
     cli.add_command(_command)
+cli.add_command(agent)  # sshq agent install (cli/agent.py)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..config import Platform
 from ..exceptions import ConfigError
+from ..remote.installed import refuse_restricted_hosts
 from ..remote.staging import rsync_push
 from ..transport.local import LocalTransport
 from .batch import count_tasks, read_batch
@@ -211,6 +212,8 @@ async def run_farm(
             raise ConfigError("give a batch file, or --resume NAME")
         rd = RunDir(client.state_dir, req.run or new_run_name())
         specs = split_specs([req.via] if req.via else req.hosts)
+        if not req.via:  # tasks on a restricted platform's login node: refused
+            refuse_restricted_hosts(client.config.platforms, specs, "a direct farm (--hosts)")
         resolve_hosts(client, specs)  # refuse bad specs before creating the run
         rd.create(req.batch, _options_record(req, specs))
     rd.lock()

@@ -18,6 +18,13 @@ The agent's operations (``OPS`` in :mod:`sshq.shipped.agent`):
   optionally remote-init's facts (:class:`sshq.Executor`'s pre-flight check);
 - ``read_many``: bounded bytes of several files in one call (the results of
   :class:`sshq.Executor`'s calls and the tails of their ``job.err``).
+- ``install_agent``: write the installed agent's files into ``~/.sshq``,
+  checked by sha256 (``sshq agent install``, :mod:`sshq.remote.installed`).
+
+With ``installed`` (a platform's ``agent = "installed"``) each call runs the
+agent installed by ``sshq agent install`` and sends only the request; behind
+a restricted key (:mod:`sshq.shipped.sshq_restricted`) it refuses what is not
+job management under its run directory, and the error says so.
 
 Inputs and outputs are plain data; deciding states is
 :mod:`sshq.remote.status`'s job.
@@ -32,15 +39,20 @@ from typing import Any
 from ..exceptions import CommandError, RemoteError
 from ..job_runners import JobRunnerHandler
 from ..transport import Transport
-from .protocol import MAX_REPLY, FrameParser, agent_argv, encode_request
+from .protocol import INSTALLED_AGENT, MAX_REPLY, FrameParser, agent_argv, encode_request
 
 __all__ = ["call_agent", "stream_agent", "runner_templates"]
 
 log = logging.getLogger(__name__)
 
 
-def _no_reply(transport: Transport, python: str, exit_status: int, stderr: bytes) -> Exception:
+def _no_reply(transport: Transport, python: str, exit_status: int, stderr: bytes,
+              installed: bool = False) -> Exception:
     err = stderr.decode("utf-8", "replace").strip()
+    if installed and INSTALLED_AGENT in err and ("No such file" in err or "can't open" in err):
+        return CommandError(
+            f"{transport.host}: no sshq agent is installed ({err or 'no output'}); run"
+            " `sshq agent install` for the platform", host=transport.host)
     if exit_status == 127 or "not found" in err.lower() or "No such file" in err:
         return CommandError(
             f"{transport.host}: cannot start the remote agent with {python!r}"
@@ -63,6 +75,7 @@ async def call_agent(
     timeout: float | None = 300.0,
     login_shell: bool = False,
     path_prepend: Sequence[str] = (),
+    installed: bool = False,
 ) -> dict[str, Any]:
     """Run one agent operation and return its single reply frame.
 
@@ -76,24 +89,27 @@ async def call_agent(
         login_shell: start the agent from ``bash -l``.
         path_prepend: absolute remote directories the agent puts before its PATH
             (the platform's ``path_prepend``).
+        installed: call the installed agent, sending only the request.
 
     Raises:
         TransportError: the host could not be reached.
         CommandError: the agent could not start (no Python).
         RemoteError: the agent failed or replied nonsense, or its reply passed
             :data:`~sshq.remote.protocol.MAX_REPLY` bytes (the error names the
-            host and the cap).
+            host and the cap); a restricted agent refused the request, or an
+            installed agent is older than this client needs (the error says to
+            run ``sshq agent install``).
     """
-    nonce, stdin = encode_request(op, payload, path_prepend=path_prepend)
+    nonce, stdin = encode_request(op, payload, path_prepend=path_prepend, installed=installed)
     result = await transport.run(
-        agent_argv(python, login_shell=login_shell), stdin=stdin, timeout=timeout,
-        max_output=MAX_REPLY,
+        agent_argv(python, login_shell=login_shell, installed=installed), stdin=stdin,
+        timeout=timeout, max_output=MAX_REPLY,
     )
     parser = FrameParser(nonce, host=transport.host)
     frames = list(parser.feed(result.stdout))
     if not parser.finished or not frames:
         if not parser.started:
-            raise _no_reply(transport, python, result.exit_status, result.stderr)
+            raise _no_reply(transport, python, result.exit_status, result.stderr, installed)
         raise RemoteError(f"{transport.host}: the remote agent's reply was cut short")
     log.debug("%s: agent %s ok", transport.host, op)
     return frames[0]
@@ -101,7 +117,7 @@ async def call_agent(
 
 async def stream_agent(
     transport: Transport, python: str, op: str, payload: dict[str, Any],
-    *, login_shell: bool = False, path_prepend: Sequence[str] = (),
+    *, login_shell: bool = False, path_prepend: Sequence[str] = (), installed: bool = False,
 ) -> AsyncIterator[dict[str, Any]]:
     """Run a streaming agent operation (``follow``), yielding frames as they come.
 
@@ -110,10 +126,10 @@ async def stream_agent(
     Raises:
         the same errors as :func:`call_agent`.
     """
-    nonce, stdin = encode_request(op, payload, path_prepend=path_prepend)
+    nonce, stdin = encode_request(op, payload, path_prepend=path_prepend, installed=installed)
     parser = FrameParser(nonce, host=transport.host)
     async for chunk in transport.stream(
-        agent_argv(python, login_shell=login_shell), stdin=stdin
+        agent_argv(python, login_shell=login_shell, installed=installed), stdin=stdin
     ):
         for frame in parser.feed(chunk):
             yield frame

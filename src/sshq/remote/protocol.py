@@ -10,6 +10,13 @@ shipped modules the agent imports, then ``agent.py``), compressed.
 The remote command is fixed (:data:`BOOTSTRAP`): it reads the agent source
 from stdin and runs it; nothing user-supplied is ever on the command line.
 
+With an installed agent (platform ``agent = "installed"``, ``sshq agent
+install``; :mod:`sshq.shipped.sshq_restricted`) the command is
+``python3 .sshq/sshq-agent`` (or the key's forced command) and stdin is the
+JSON request alone, one line, with the protocol version the client needs::
+
+    <JSON request>\n
+
 Reply (stdout), after whatever a login shell printed::
 
     SSHQ-BEGIN-<nonce>\\n  (<len>\\n<JSON frame>)*  0\\n  SSHQ-END-<nonce>\\n
@@ -30,9 +37,11 @@ from importlib import resources
 from typing import Any
 
 from ..exceptions import RemoteError
+from ..shipped.sshq_restricted import ENTRY, INSTALL_DIR, PROTOCOL
 
-__all__ = ["BOOTSTRAP", "BUNDLED_MODULES", "MAX_REPLY", "agent_source", "agent_argv",
-           "encode_request", "FrameParser", "shipped_file", "skip_to_fence"]
+__all__ = ["BOOTSTRAP", "BUNDLED_MODULES", "INSTALLED_AGENT", "MAX_REPLY", "PROTOCOL",
+           "agent_source", "agent_argv", "encode_request", "FrameParser", "shipped_file",
+           "skip_to_fence"]
 
 #: The remote command's program: one line, no ``!``, no newline, no single
 #: quote, so that any login shell (sh, bash, tcsh) passes it unchanged.
@@ -94,33 +103,47 @@ def agent_program() -> bytes:
 LOGIN_SHELL = ["bash", "-l", "-c", 'exec "$0" "$@"']
 
 
-def agent_argv(python: str = "python3", *, login_shell: bool = False) -> list[str]:
+#: The installed agent's entry, relative to the home directory (where SSH
+#: commands start).
+INSTALLED_AGENT = f"{INSTALL_DIR}/{ENTRY}"
+
+
+def agent_argv(python: str = "python3", *, login_shell: bool = False,
+               installed: bool = False) -> list[str]:
     """The remote argv that starts the agent with interpreter ``python``.
 
     Args:
         python: the remote Python 3.6+ interpreter.
         login_shell: run it from ``bash -l`` (Cylc's "use login shell").
+        installed: run the installed agent (:data:`INSTALLED_AGENT`) instead of
+            the bootstrap that reads the shipped program.
     """
-    argv = [python, "-c", BOOTSTRAP]
+    argv = [python, INSTALLED_AGENT] if installed else [python, "-c", BOOTSTRAP]
     return [*LOGIN_SHELL, *argv] if login_shell else argv
 
 
 def encode_request(op: str, payload: dict[str, Any], *,
-                   path_prepend: Sequence[str] = ()) -> tuple[str, bytes]:
+                   path_prepend: Sequence[str] = (), installed: bool = False
+                   ) -> tuple[str, bytes]:
     """Build the stdin for one agent call.
 
     Args:
         op: the agent operation; payload: its fields.
         path_prepend: directories the agent puts before its PATH.
+        installed: for an installed agent: the request alone (one line, with
+            :data:`PROTOCOL`), no program.
 
     Returns:
         ``(nonce, stdin_bytes)``.
     """
     nonce = secrets.token_hex(12)
-    src = agent_program()
     req = dict(payload, op=op, nonce=nonce)
     if path_prepend:
         req["path_prepend"] = list(path_prepend)
+    if installed:
+        req["protocol"] = PROTOCOL
+        return nonce, json.dumps(req).encode("utf-8") + b"\n"
+    src = agent_program()
     return nonce, b"%d\n" % len(src) + src + json.dumps(req).encode("utf-8")
 
 
@@ -212,5 +235,19 @@ class FrameParser:
             if not isinstance(frame, dict):
                 raise RemoteError("malformed agent reply (frame is not a JSON object)")
             if "agent_error" in frame:
-                raise RemoteError(f"remote agent failed: {frame['agent_error']}")
+                raise _agent_error(self._host, frame)
             yield frame
+
+
+def _agent_error(host: str, frame: dict[str, Any]) -> RemoteError:
+    """The error of an agent's error frame (a restricted agent's refusal, an
+    installed agent too old for this client, or a failure)."""
+    why = str(frame["agent_error"])[:1000]
+    if frame.get("restricted"):
+        return RemoteError(f"{host}: refused by the restricted sshq agent: {why}")
+    theirs = frame.get("agent_protocol")
+    if isinstance(theirs, int) and not isinstance(theirs, bool):
+        return RemoteError(f"{host}: the installed sshq agent speaks protocol {theirs}, this"
+                           f" sshq needs {PROTOCOL}: run `sshq agent install` for the"
+                           " platform again")
+    return RemoteError(f"remote agent failed: {why}")

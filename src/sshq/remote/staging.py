@@ -230,6 +230,7 @@ async def rsync_pull(t: Transport, remote_path: str, local: Path, *,
         shutil.copytree(remote_path, local, dirs_exist_ok=True, symlinks=True)
         return
     src = remote_path if relative else remote_path.rstrip("/") + "/"
+    await t.ensure_credentials()  # rsync's ssh is a new connection
     opts, location = t.rsync_args(src)
     await _run_rsync(["rsync", "-a", *(["--relative"] if relative else []), *opts, location,
                       str(local) + os.sep], t.host)
@@ -248,6 +249,8 @@ async def rsync_push(t: Transport | None, src_dir: Path, remote_dir: str,
     Raises:
         RemoteError: rsync failed.
     """
+    if t is not None:
+        await t.ensure_credentials()  # rsync's ssh is a new connection
     opts, dest = ([], remote_dir) if t is None else t.rsync_args(remote_dir)
     argv = ["rsync", "-a", "--stats", *(f"--exclude={e}" for e in excludes), *opts,
             str(src_dir).rstrip("/") + "/", dest.rstrip("/") + "/"]

@@ -14,7 +14,8 @@
 #     SSHQ-BEGIN-<nonce>\n  (<length>\n<json>)*  0\n  SSHQ-END-<nonce>\n
 #
 # Operations (the "op" field): init, submit, poll, kill, read, follow,
-# listing, tidy, procs, pyenv, read_many.
+# listing, tidy, procs, pyenv, read_many, install_agent (`sshq agent install`:
+# the installed agent's files, which sshq_restricted.py describes).
 # Nothing here builds shell text: every command is an argument vector run
 # without a shell.  The job status file, its keys, the job log layout (Cylc's,
 # seed 001: <run_dir>/log/job/<name>/<NN>/{job,job.out,...}, NN -> latest) and
@@ -594,25 +595,116 @@ def op_read_many(req, w):
     w.frame({"files": out})
 
 
+# ---- `sshq agent install`: the installed agent's files (see sshq_restricted.py)
+
+_INSTALL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
+_INSTALL_VERSION = re.compile(r"[0-9a-f]{12,64}\Z")
+
+
+def _installed_ok(vdir, files):
+    """Whether ``vdir`` holds exactly ``files``, each with its sha256."""
+    import hashlib
+    try:
+        if sorted(os.listdir(vdir)) != sorted(files):
+            return False
+        for name, item in files.items():
+            with open(os.path.join(vdir, name), "rb") as fh:
+                if hashlib.sha256(fh.read()).hexdigest() != item["sha256"]:
+                    return False
+    except OSError:
+        return False
+    return True
+
+
+def op_install_agent(req, w):
+    """Install req["files"] ({name: {"data_b64", "sha256", "mode"}}) into
+    ~/<dir>/agent-<version>/ (written aside, each checked against its sha256,
+    then renamed into place), point ~/<dir>/<entry> at that directory's entry
+    with one rename, and remove older versions but the one it replaces.
+    Re-running it with the same files changes nothing."""
+    import hashlib
+    name_ok = _INSTALL_NAME.match
+    if not (name_ok(req["dir"]) and name_ok(req["entry"])
+            and _INSTALL_VERSION.match(req["version"])):
+        raise ValueError("malformed install request")
+    files = req["files"]
+    top = os.path.join(os.path.expanduser("~"), req["dir"])
+    make_dirs(top, PRIVATE_DIR_MODE)
+    os.chmod(top, PRIVATE_DIR_MODE)
+    version = "agent-" + req["version"]
+    vdir = os.path.join(top, version)
+    changed = False
+    if not _installed_ok(vdir, files):
+        tmp = "%s.tmp-%s" % (vdir, os.urandom(6).hex())
+        os.mkdir(tmp, PRIVATE_DIR_MODE)
+        try:
+            for name, item in sorted(files.items()):
+                data = base64.b64decode(item["data_b64"])
+                if not name_ok(name) or hashlib.sha256(data).hexdigest() != item["sha256"]:
+                    raise ValueError("%s: sha256 mismatch or bad name" % name)
+                fd = os.open(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                             int(item["mode"]) & 0o755)
+                try:
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            if os.path.isdir(vdir):  # a damaged copy
+                shutil.rmtree(vdir)
+            os.rename(tmp, vdir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        changed = True
+    link = os.path.join(top, req["entry"])
+    target = os.path.join(version, req["entry"])
+    try:
+        current = os.readlink(link)
+    except OSError:
+        current = None
+    if current != target:
+        tmp = "%s.tmp-%s" % (link, os.urandom(6).hex())
+        os.symlink(target, tmp)
+        os.rename(tmp, link)
+        changed = True
+    keep = (version, (current or "").split("/")[0])
+    for name in os.listdir(top):
+        if name.startswith("agent-") and name not in keep:
+            shutil.rmtree(os.path.join(top, name), ignore_errors=True)
+    if not _installed_ok(vdir, files):
+        raise ValueError("the installed files do not read back with their sha256")
+    w.frame({"home": os.path.expanduser("~"), "python": sys.executable, "dir": top,
+             "version": req["version"], "changed": changed,
+             "rsync": bool(shutil.which("rsync")), "rrsync": bool(shutil.which("rrsync"))})
+
+
 OPS = {"init": op_init, "submit": op_submit, "poll": op_poll, "kill": op_kill,
        "read": op_read, "follow": op_follow, "listing": op_listing, "tidy": op_tidy,
-       "procs": op_procs, "pyenv": op_pyenv, "read_many": op_read_many}
+       "procs": op_procs, "pyenv": op_pyenv, "read_many": op_read_many,
+       "install_agent": op_install_agent}
 
 
-def main():
-    raw = sys.stdin.buffer.read()
-    req = json.loads(raw.decode("utf-8"))
-    w = Writer(req["nonce"])
+def handle(req, w):
+    """Run one request's operation into Writer ``w`` (an error frame if it
+    fails) and close the reply; False if the client went away.  (The installed
+    agent, sshq_restricted.py, serves its requests through here too.)"""
     if req.get("path_prepend"):
         os.environ["PATH"] = os.pathsep.join(
             list(req["path_prepend"]) + [os.environ.get("PATH", os.defpath)])
     try:
         OPS[req["op"]](req, w)
     except BrokenPipeError:
-        return
+        return False
     except Exception as exc:  # reported, not hidden: the client raises RemoteError
         w.frame({"agent_error": "%s: %s" % (type(exc).__name__, exc)})
     w.close()
+    return True
+
+
+def main():
+    raw = sys.stdin.buffer.read()
+    req = json.loads(raw.decode("utf-8"))
+    handle(req, Writer(req["nonce"]))
 
 
 if __name__ == "__main__":

@@ -98,6 +98,8 @@ class AsyncSSHTransport(Transport):
             if not os.path.exists(p.identity_file):
                 raise ConfigError(f"identity file {p.identity_file} does not exist")
             opts["client_keys"] = [p.identity_file]
+            if p.certificate_file:  # renewed (if need be) before this connection
+                opts["client_keys"] = [(p.identity_file, p.certificate_file)]
         if p.known_hosts and not os.path.exists(p.known_hosts):
             raise ConfigError(
                 f"known_hosts file {p.known_hosts} does not exist; create it with"
@@ -212,6 +214,7 @@ class AsyncSSHTransport(Transport):
 
     async def _connect_once(self) -> asyncssh.SSHClientConnection:
         p = self.params
+        await self.ensure_credentials()  # a short-lived certificate: renewed first
         opts = self._connect_options()
         resolved = await self._resolve(p.host, opts, p.label)
         known = self._known_hosts(resolved)

@@ -53,6 +53,12 @@ class HostParams:
         known_hosts: known_hosts path; None for ~/.ssh/known_hosts.
         connect_timeout: seconds to wait for a connection.
         keepalive_interval: seconds between keepalives on an idle connection.
+        certificate_file: an OpenSSH user certificate for ``identity_file``.
+        identity_command: argv run (no shell) to renew the key and certificate
+            before a connection when the certificate is missing or has less
+            than ``certificate_min_validity`` seconds left
+            (:mod:`~sshq.transport.certificates`).
+        certificate_min_validity: seconds.
     """
 
     host: str
@@ -62,6 +68,9 @@ class HostParams:
     known_hosts: str | None = None
     connect_timeout: float = 10.0
     keepalive_interval: float = 15.0
+    certificate_file: str | None = None
+    identity_command: tuple[str, ...] = ()
+    certificate_min_validity: float = 60.0
 
     @property
     def label(self) -> str:
@@ -110,6 +119,8 @@ def _cmdline_options(p: HostParams, batch_mode: bool) -> list[str]:
         opts += ["-l", p.user]
     if p.identity_file:
         opts += ["-i", p.identity_file, "-o", "IdentitiesOnly=yes"]
+    if p.certificate_file:
+        opts += ["-o", f"CertificateFile={p.certificate_file}"]
     if p.known_hosts:
         opts += ["-o", f"UserKnownHostsFile={p.known_hosts}"]
     return opts
@@ -175,6 +186,20 @@ class Transport(abc.ABC):
     def host(self) -> str:
         """The host label, for messages and the job store."""
         return self.params.label
+
+    async def ensure_credentials(self) -> None:
+        """Renew the platform's SSH certificate before a new connection, if it
+        is missing or expires soon (:func:`~sshq.transport.certificates.ensure_certificate`);
+        nothing without ``certificate_file``.
+
+        Raises:
+            AuthenticationError: the certificate expired (saying when) and no
+                ``identity_command`` renews it, or the command failed.
+            ConfigError: the certificate file cannot be read as one.
+        """
+        from .certificates import ensure_certificate
+
+        await ensure_certificate(self.params, label=self.host)
 
     def sftp(self) -> AbstractAsyncContextManager[Any]:
         """An SFTP client session (``async with t.sftp() as sftp``), where

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from ..exceptions import AuthenticationError, ConfigError, HostKeyError, HostUnreachableError
 from ..quoting import join
 from .base import CommandResult, HostParams, ssh_known_hosts, ssh_options
+from .certificates import is_fresh
 from .hostkeys import Failure, host_key_error, known_hosts_entry_name, split_entry_name
 from .ssh_config import private_dir
 from .subprocess_base import SubprocessTransport
@@ -121,6 +122,35 @@ class OpenSSHTransport(SubprocessTransport):
 
     def local_argv(self, argv: Sequence[str]) -> list[str]:
         return ["ssh", *self.ssh_options(), "--", self.params.host, join(argv)]
+
+    async def _spawn(self, argv: Sequence[str]) -> asyncio.subprocess.Process:
+        await self.ensure_credentials()
+        return await super()._spawn(argv)
+
+    async def ensure_credentials(self) -> None:
+        """As :meth:`Transport.ensure_credentials`, only when a new connection
+        is coming: a live ControlMaster authenticated already, and keeps
+        working after its certificate expires."""
+        if is_fresh(self.params) or await self._master_alive():
+            return
+        await super().ensure_credentials()
+
+    async def _master_alive(self) -> bool:
+        """Whether the host's ControlMaster runs (``ssh -O check``)."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "ssh", *self.ssh_options(), "-O", "check", "--", self.params.host,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+        except OSError:
+            return False
+        try:
+            return await asyncio.wait_for(proc.wait(), 30) == 0
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            return False
 
     async def check_result(self, result: CommandResult) -> CommandResult:
         """Tell ssh's own failures (exit 255 with an ssh message) from the command's.
