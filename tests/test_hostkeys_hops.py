@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -93,20 +94,22 @@ def target(testbed: dict[str, str]) -> Sshd:
                 fingerprint_of(pub))
 
 
-@pytest.fixture(scope="module")
-def jump(testbed: dict[str, str]) -> Iterator[Sshd]:
-    """A second sshd on 127.0.0.2 (root starts it; stopped at the end)."""
+@contextmanager
+def running_sshd(address: str, extra_config: str = "", *, prefix: str = "sq-sshd-"
+                 ) -> Iterator[Sshd]:
+    """A second real sshd on loopback ``address`` (a free port, its own host key),
+    with ``extra_config`` lines; stopped and removed at the end.  Needs root."""
     if os.geteuid() != 0:
         pytest.skip("starting a second sshd needs root")
-    d = Path(tempfile.mkdtemp(prefix="sq-jump-", dir="/tmp"))
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     keygen(d / "hostkey")
     with socket.socket() as s:
-        s.bind(("127.0.0.2", 0))
+        s.bind((address, 0))
         port = int(s.getsockname()[1])
     (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.2\nHostKey {d / 'hostkey'}\n"
+        f"Port {port}\nListenAddress {address}\nHostKey {d / 'hostkey'}\n"
         f"PidFile {d / 'sshd.pid'}\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n")
+        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n" + extra_config)
     log = (d / "sshd.log").open("wb")
     proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
                             stdout=log, stderr=log)
@@ -114,18 +117,25 @@ def jump(testbed: dict[str, str]) -> Iterator[Sshd]:
         for _ in range(200):  # until it listens (bounded: 10 s)
             assert proc.poll() is None, (d / "sshd.log").read_text()
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.2", port)) == 0:
+                if s.connect_ex((address, port)) == 0:
                     break
             time.sleep(0.05)
         else:
-            pytest.fail("the jump host's sshd did not start listening")
+            pytest.fail(f"the sshd on {address} did not start listening")
         pub = d / "hostkey.pub"
-        yield Sshd("127.0.0.2", port, pub, fingerprint_of(pub))
+        yield Sshd(address, port, pub, fingerprint_of(pub))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def jump(testbed: dict[str, str]) -> Iterator[Sshd]:
+    """A second sshd on 127.0.0.2 (root starts it; stopped at the end)."""
+    with running_sshd("127.0.0.2", prefix="sq-jump-") as sshd:
+        yield sshd
 
 
 @pytest.fixture
