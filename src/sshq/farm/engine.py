@@ -1,23 +1,19 @@
-"""The farm's scheduler and its per-host dispatcher sessions.
+"""The farm's driver: one dispatcher session per host, over asyncio.
 
 One SSH channel and one dispatcher (:mod:`sshq.shipped.dispatcher`) per
-host.  Each host takes at most ``slots + prefetch`` tasks at a time, so
-what is in flight is bounded on both sides.  Fault handling:
+host.  What to run where, retries, stragglers, the host-failure counter and
+exactly-once reporting are decided by :class:`~sshq.farm.scheduler.Scheduler`
+(no I/O); :class:`Farm` feeds it the dispatchers' frames, lost sessions and
+the time, and carries out its actions: it writes task, kill and pause frames,
+holds each copy's output, writes the reports.  What it adds itself:
 
 * a host whose session dies (connection lost, dispatcher killed, no
-  heartbeat for :data:`SILENCE` seconds) gets its tasks back in the queue,
-  at the front, and is reconnected with exponential backoff and jitter;
-  new connections are paced (sshd's ``MaxStartups`` punishes bursts);
+  heartbeat for :data:`SILENCE` seconds) is reconnected after the
+  scheduler's back-off, with jitter; new connections are paced (sshd's
+  ``MaxStartups`` punishes bursts);
 * a result is only taken once its ``d`` frame arrived complete: output
   received before a connection died is thrown away with its copy;
-* a failed task is re-run ``retries`` times, on a host where it has not
-  failed yet when there is one;
-* a host that fails ``max_host_failures`` times in a row is dropped with
-  a warning, and the run goes on with the others;
-* stragglers: once no task is waiting and a host has an idle slot, a task
-  that has run longer than ``max(2 x median, median + 1 s)`` on another
-  host is started again there; the first copy to succeed is reported, the
-  others are killed.  Exactly one result is reported per task.
+* everything a dispatcher sends is checked before it becomes an event.
 """
 
 from __future__ import annotations
@@ -26,10 +22,8 @@ import asyncio
 import logging
 import os
 import random
-import statistics
 import tempfile
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +34,25 @@ from ..remote.protocol import agent_argv
 from ..transport import Session, Transport
 from ..transport.local import LocalTransport
 from .output import Budget, TaskOutput, TaskResult, output_paths, result_fields
+from .scheduler import (
+    Action,
+    Counts,
+    DiscardOutput,
+    DropHost,
+    HostLost,
+    HostUp,
+    Journal,
+    KillCopy,
+    PauseHost,
+    Reconnect,
+    Report,
+    Scheduler,
+    SendTask,
+    TaskDone,
+    TaskStarted,
+    Tick,
+    Warn,
+)
 from .wire import FrameReader, dispatcher_stdin, encode
 
 __all__ = ["FarmHost", "FarmOptions", "Farm", "FarmStats"]
@@ -131,7 +144,7 @@ class FarmOptions:
 
 
 @dataclass(slots=True)
-class FarmStats:
+class FarmStats(Counts):
     """Counts for progress display and the final summary.
 
     Attributes:
@@ -145,17 +158,12 @@ class FarmStats:
         paused: dispatching is paused.
         started: ``time.monotonic()`` at the start.
         earlier: tasks reported by earlier invocations (``attach``).
+
+    The scheduler keeps the fields of :class:`~sshq.farm.scheduler.Counts`
+    up to date.
     """
 
     total: int = 0
-    done: int = 0
-    failed: int = 0
-    running: int = 0
-    speculative: int = 0
-    retried: int = 0
-    hosts_alive: int = 0
-    hosts_dropped: int = 0
-    paused: bool = False
     started: float = field(default_factory=time.monotonic)
     earlier: int = 0
 
@@ -167,50 +175,29 @@ class FarmStats:
                 f" {self.speculative} speculative copies, {wall:.1f} s, {n / wall:.1f} tasks/s")
 
 
-class _Task:
-    __slots__ = ("attempts", "command", "copies", "failed_hosts", "failures", "lost", "seq")
-
-    def __init__(self, seq: int, command: str) -> None:
-        self.seq = seq
-        self.command = command
-        self.attempts = 0
-        self.failures = 0
-        self.failed_hosts: set[str] = set()
-        self.lost = 0
-        self.copies: dict[int, _Copy] = {}
-
-
-class _Copy:
-    __slots__ = ("dispatched", "host", "id", "output", "started", "task")
-
-    def __init__(self, cid: int, task: _Task, host: _Host, output: TaskOutput) -> None:
-        self.id = cid
-        self.task = task
-        self.host = host
-        self.dispatched = time.monotonic()
-        self.started: float | None = None
-        self.output = output
-
-
 class _Host:
+    """What the driver keeps per host: its session and what waits to be written."""
+
+    __slots__ = ("dropped", "label", "outbox", "retry_after", "session", "spec", "wake",
+                 "writer")
+
     def __init__(self, spec: FarmHost) -> None:
         self.spec = spec
         self.label = spec.label
-        self.copies: dict[int, _Copy] = {}
-        self.slots = 0
-        self.capacity = 0
         self.session: Session | None = None
-        self.failures = 0
-        self.completed = 0
-        self.dropped = False
+        self.outbox: list[bytes] = []
         self.wake = asyncio.Event()
-
-    def running(self) -> int:
-        return len(self.copies)
+        self.writer: asyncio.Task[None] | None = None
+        self.dropped = False
+        self.retry_after = 1.0
 
 
 class Farm:
     """Runs the tasks of one batch over a set of hosts.
+
+    The policy (what goes where, retries, stragglers, reporting) is
+    :class:`~sshq.farm.scheduler.Scheduler`'s; this class turns dispatcher
+    frames and time into its events and carries out its actions.
 
     Args:
         hosts: the hosts (at least one).
@@ -224,6 +211,9 @@ class Farm:
         order: with ``keep_order``, the seqs of ``tasks`` in input order.
         warn: called with a message for the user (a host dropped, ...).
         paused: returns True while dispatching new tasks is paused.
+
+    Raises:
+        ValueError: no hosts, or two with the same label.
     """
 
     def __init__(
@@ -242,31 +232,26 @@ class Farm:
         if not hosts:
             raise ValueError("a farm needs at least one host")
         self.hosts = [_Host(h) for h in hosts]
-        self._fresh = tasks
-        self._fresh_done = False
-        self._retry: deque[_Task] = deque()
-        self._active: dict[int, _Task] = {}
-        self._report_cb = report
+        self._by_label = {h.label: h for h in self.hosts}
         self.opts = options
+        self.stats = FarmStats(total=total)
+        self._sched = Scheduler([h.label for h in self.hosts], tasks, total, options,
+                                order=order, paused=paused(), counts=self.stats)
+        self._report_cb = report
         self._journal = journal
         self._warn = warn
         self._paused_cb = paused
-        self._order = order
-        self._held: dict[int, tuple[TaskResult, TaskOutput | None]] = {}
         self._budget = Budget()
-        self._next_in_order: int | None = None
-        self._durations: deque[float] = deque(maxlen=1001)
-        self._next_id = 0
-        self._remaining = total
+        #: output of copies not done yet, by copy id, with the host running them
+        self._live: dict[int, tuple[_Host, TaskOutput]] = {}
+        #: output of copies done, until the scheduler reports or drops it
+        self._ended: dict[int, TaskOutput] = {}
         self._finished = asyncio.Event()
         self._fatal: BaseException | None = None
-        self._bg: set[asyncio.Future[None]] = set()
-        self._paused = paused()
         self._connect_gate = asyncio.Semaphore(4)
         self._connect_lock = asyncio.Lock()
         self._last_connect = 0.0
-        self.stats = FarmStats(total=total, hosts_alive=len(hosts))
-        if total == 0:
+        if self._sched.finished:
             self._finished.set()
 
     # ------------------------------------------------------------ public
@@ -277,9 +262,8 @@ class Farm:
         Raises:
             SshqError: every host was dropped; unreported tasks are left for
                 a resume.
+            Exception: whatever ``report`` raised (the run stops at once).
         """
-        if self.opts.keep_order and self._order is not None:
-            self._next_in_order = next(self._order, None)
         runners = [asyncio.create_task(self._host_main(h)) for h in self.hosts]
         ticker = asyncio.create_task(self._tick())
         all_gone = asyncio.create_task(self._all_hosts_gone(runners))
@@ -290,92 +274,110 @@ class Farm:
             for t in [*runners, ticker, all_gone, finished]:
                 t.cancel()
             await asyncio.gather(*runners, ticker, all_gone, finished, return_exceptions=True)
-            for h in self.hosts:
-                for c in list(h.copies.values()):
-                    c.output.discard()
-            for _r, held in self._held.values():
-                if held is not None:
-                    held.discard()
+            for _h, output in self._live.values():
+                output.discard()
+            for output in self._ended.values():
+                output.discard()
+            self._live.clear()
+            self._ended.clear()
         if self._fatal is not None:
             raise self._fatal
         if not self._finished.is_set():
-            raise SshqError(f"every host failed; {self._remaining} task(s) have no result")
+            raise SshqError(f"every host failed; {self._sched.unreported} task(s) have no"
+                            " result")
         return self.stats
 
-    # ------------------------------------------------------------ queue
+    # ------------------------------------------------------------ actions
 
-    def _take(self, h: _Host) -> tuple[_Task, bool] | None:
-        """The next task for host ``h`` and whether it is a speculative copy."""
-        if self._paused:
-            return None
-        if self._retry:
-            for i, t in enumerate(self._retry):
-                if h.label not in t.failed_hosts:
-                    del self._retry[i]
-                    return t, False
-            others = [o for o in self.hosts if not o.dropped and o is not h]
-            t = self._retry[0]
-            if not any(o.label not in t.failed_hosts for o in others):
-                return self._retry.popleft(), False
-        if not self._fresh_done:
-            nxt = next(self._fresh, None)
-            if nxt is not None:
-                t = _Task(*nxt)
-                self._active[t.seq] = t
-                return t, False
-            self._fresh_done = True
-        if self.opts.speculate and h.running() < h.slots:
-            s = self._straggler(h)
-            if s is not None:
-                return s, True
-        return None
+    def _apply(self, actions: list[Action]) -> None:
+        """Carry out the scheduler's actions, in order (nothing here awaits)."""
+        for a in actions:
+            if isinstance(a, SendTask):
+                h = self._by_label[a.host]
+                self._live[a.copy] = (h, self._new_output(a.seq, a.copy))
+                self._post(h, encode({"t": "task", "id": a.copy, "seq": a.seq,
+                                      "cmd": a.command, "timeout": self.opts.timeout,
+                                      "attempt": a.attempt}))
+            elif isinstance(a, Journal):
+                self._journal(a.event, **a.fields)
+            elif isinstance(a, Report):
+                self._report(a)
+            elif isinstance(a, DiscardOutput):
+                self._discard(a.copy)
+            elif isinstance(a, KillCopy):
+                self._discard(a.copy)
+                self._post(self._by_label[a.host], encode({"t": "kill", "id": a.copy}))
+            elif isinstance(a, PauseHost):
+                self._post(self._by_label[a.host],
+                           encode({"t": "pause" if a.paused else "resume"}))
+            elif isinstance(a, Warn):
+                self._warn(a.message)
+            elif isinstance(a, DropHost):
+                self._by_label[a.host].dropped = True
+            elif isinstance(a, Reconnect):
+                self._by_label[a.host].retry_after = a.after
+        if self._sched.finished:
+            self._finished.set()
 
-    def _straggler(self, h: _Host) -> _Task | None:
-        if len(self._durations) < 3 or not self._active:
-            return None
-        med = statistics.median(self._durations)
-        limit = max(2 * med, med + self.opts.speculate_min)
-        now = time.monotonic()
-        multi = sum(1 for o in self.hosts if not o.dropped) > 1
-        best: tuple[float, _Task] | None = None
-        for t in self._active.values():
-            if len(t.copies) != 1:
-                continue
-            (c,) = t.copies.values()
-            if multi and c.host is h:
-                continue
-            age = now - (c.started if c.started is not None else c.dispatched)
-            if age > limit and (best is None or age > best[0]):
-                best = (age, t)
-        return best[1] if best else None
-
-    def _wake_all(self) -> None:
-        for h in self.hosts:
+    def _post(self, h: _Host, frame: bytes) -> None:
+        """Queue a frame for ``h``'s dispatcher (dropped if it has no session)."""
+        if h.session is not None:
+            h.outbox.append(frame)
             h.wake.set()
 
-    async def _tick(self) -> None:
-        """Re-check pause and stragglers twice a second.
+    def _discard(self, cid: int) -> None:
+        live = self._live.pop(cid, None)
+        if live is not None:
+            live[1].discard()
+        ended = self._ended.pop(cid, None)
+        if ended is not None:
+            ended.discard()
 
-        A pause is also sent to every dispatcher, which then holds the tasks
-        it has queued but not started.
-        """
+    def _new_output(self, seq: int, cid: int) -> TaskOutput:
+        o = self.opts
+        if o.output_dir is not None:
+            return TaskOutput(o.output_dir, f"{seq}.{cid}", self._budget, to_files=True)
+        if o.spill_dir is None:
+            o.spill_dir = Path(tempfile.mkdtemp(prefix="sshq-farm-output-"))
+        return TaskOutput(o.spill_dir, f"{seq}.{cid}", self._budget)
+
+    def _spill_dir(self) -> Path:
+        assert self.opts.spill_dir is not None   # set by _new_output
+        return self.opts.spill_dir
+
+    def _report(self, a: Report) -> None:
+        r = a.result
+        output = self._ended.pop(a.copy, None) if a.copy is not None else None
+        if self._fatal is not None:   # the results' destination failed: report no more
+            if output is not None:
+                output.discard()
+            return
+        try:
+            if output is not None:
+                output.settle(r, self.opts.output_dir or self._spill_dir())
+                output.fill(r)
+            elif self.opts.output_dir is not None:
+                out, err = output_paths(self.opts.output_dir, r.seq)
+                out.write_bytes(b"")
+                err.write_bytes(b"")
+                r.stdout_file, r.stderr_file = str(out), str(err)
+            self._report_cb(r)
+        except BaseException as exc:  # the output is gone: stop everything
+            if output is not None:
+                output.discard()
+            self._fatal = exc
+            self._finished.set()
+
+    # ------------------------------------------------------------ time
+
+    async def _tick(self) -> None:
+        """Tell the scheduler the time and the pause flag twice a second (a
+        pause is also sent to every dispatcher, which then holds the tasks it
+        has queued but not started)."""
         while True:
             await asyncio.sleep(0.5)
-            paused = self._paused_cb()
-            if paused != self._paused:
-                self._paused = paused
-                self.stats.paused = paused
-                self._journal("pause" if paused else "resume")
-                msg = encode({"t": "pause" if paused else "resume"})
-                for h in self.hosts:
-                    if h.session is not None:
-                        self._background(_quiet_write(h.session, msg))
-            self._wake_all()
-
-    def _background(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
+            self._apply(self._sched.handle(Tick(now=time.monotonic(),
+                                                paused=self._paused_cb())))
 
     async def _all_hosts_gone(self, runners: list[asyncio.Task[None]]) -> None:
         await asyncio.gather(*runners, return_exceptions=True)
@@ -383,34 +385,13 @@ class Farm:
     # ------------------------------------------------------------ hosts
 
     async def _host_main(self, h: _Host) -> None:
-        backoff = 1.0
         while not self._finished.is_set():
-            progress = h.completed
-            try:
-                await self._session(h)
+            exc = await self._session(h)
+            if exc is None or h.dropped:
                 return
-            except (SshqError, OSError, TimeoutError) as exc:
-                fatal = isinstance(exc, SshqError) and not exc.transient \
-                    and not isinstance(exc, RemoteError)
-                self._host_lost(h, str(exc))
-                if h.completed > progress:   # this host did work before failing
-                    h.failures = 0
-                    backoff = 1.0
-                h.failures += 1
-                if fatal or h.failures >= self.opts.max_host_failures:
-                    h.dropped = True
-                    self.stats.hosts_alive -= 1
-                    self.stats.hosts_dropped += 1
-                    self._journal("host", host=h.label, dropped=True, reason=str(exc))
-                    self._warn(f"{h.label}: dropped ({exc}); the run goes on with the"
-                               " other hosts" if self.stats.hosts_alive else
-                               f"{h.label}: dropped ({exc})")
-                    self._wake_all()
-                    return
-                delay = backoff * (0.5 + random.random())
-                log.info("%s: %s; reconnecting in %.1f s", h.label, exc, delay)
-                await asyncio.sleep(delay)
-                backoff = min(backoff * 2, 30.0)
+            delay = h.retry_after * (0.5 + random.random())
+            log.info("%s: %s; reconnecting in %.1f s", h.label, exc, delay)
+            await asyncio.sleep(delay)
 
     async def _paced_open(self, h: _Host) -> Session:
         async with self._connect_gate:
@@ -422,118 +403,103 @@ class Farm:
             return await h.spec.transport.open_session(
                 agent_argv(h.spec.python, login_shell=h.spec.login_shell))
 
-    async def _session(self, h: _Host) -> None:
+    async def _session(self, h: _Host) -> BaseException | None:
+        """One session with ``h``'s dispatcher, until the run is finished (None)
+        or the session fails (the error, already given to the scheduler)."""
+        session: Session | None = None
+        try:
+            session = await self._paced_open(h)
+            await self._serve(h, session)
+            return None
+        except (SshqError, OSError, TimeoutError) as exc:
+            self._lost(h, exc)   # before anything awaits: no task goes to a dead host
+            return exc
+        finally:
+            h.session = None
+            h.outbox.clear()
+            if h.writer is not None:
+                h.writer.cancel()
+                await asyncio.gather(h.writer, return_exceptions=True)
+                h.writer = None
+            if session is not None:
+                await session.close()
+
+    def _lost(self, h: _Host, exc: BaseException) -> None:
+        h.session = None
+        h.outbox.clear()
+        fatal = (isinstance(exc, SshqError) and not exc.transient
+                 and not isinstance(exc, RemoteError))
+        self._apply(self._sched.handle(HostLost(host=h.label, reason=str(exc), fatal=fatal,
+                                                now=time.monotonic())))
+
+    async def _serve(self, h: _Host, session: Session) -> None:
+        """Start the dispatcher, then read its frames until the run is finished.
+
+        Raises:
+            RemoteError: it did not start, or sent something malformed.
+            HostUnreachableError: the channel closed, or went silent.
+            TimeoutError: no hello within 60 s.
+            SshqError, OSError: the channel failed.
+        """
         env = dict(self.opts.env, SSHQ_FARM_HOST=h.label)
         nonce, stdin = dispatcher_stdin({"slots": self.opts.slots, "env": env,
                                          "cwd": task_dir(h.spec, self.opts)})
-        session = await self._paced_open(h)
+        await session.write(stdin)
+        reader = FrameReader(nonce)
+        hello: dict[str, Any] | None = None
+        while hello is None:
+            async with asyncio.timeout(60.0):   # not wait_for: see below
+                data = await session.read()
+            if not data:
+                err = session.stderr_tail().decode("utf-8", "replace").strip()
+                raise RemoteError(f"the dispatcher did not start: {err or 'no output'}")
+            for head, _ in reader.feed(data):
+                if head.get("t") == "hello":
+                    hello = head
+        slots = hello.get("slots")
+        if not isinstance(slots, int) or isinstance(slots, bool) or not 0 < slots <= 65536:
+            raise RemoteError(f"{h.label}: the dispatcher's hello is malformed"
+                              f" (slots {str(slots)[:40]!r})")
+        h.session = session
+        h.outbox.clear()
+        h.wake.clear()
+        log.info("%s: dispatcher up (%d slots)", h.label, slots)
+        self._apply(self._sched.handle(HostUp(host=h.label, slots=slots,
+                                              now=time.monotonic())))
+        h.writer = asyncio.create_task(self._writer(h, session))
         try:
-            await session.write(stdin)
-            reader = FrameReader(nonce)
-            hello: dict[str, Any] | None = None
-            while hello is None:
-                async with asyncio.timeout(60.0):   # not wait_for: see below
+            while True:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow
+                # the cancellation that ends the run (CPython gh-86296)
+                async with asyncio.timeout(SILENCE):
                     data = await session.read()
+                if self._finished.is_set():
+                    return
                 if not data:
                     err = session.stderr_tail().decode("utf-8", "replace").strip()
-                    raise RemoteError(f"the dispatcher did not start: {err or 'no output'}")
-                for head, _ in reader.feed(data):
-                    if head.get("t") == "hello":
-                        hello = head
-            if self._paused:
-                await session.write(encode({"t": "pause"}))
-            slots = hello.get("slots")
-            if not isinstance(slots, int) or isinstance(slots, bool) or not 0 < slots <= 65536:
-                raise RemoteError(f"{h.label}: the dispatcher's hello is malformed"
-                                  f" (slots {str(slots)[:40]!r})")
-            h.slots = slots
-            h.capacity = h.slots + max(1, h.slots)
-            h.session = session
-            log.info("%s: dispatcher up (%d slots)", h.label, h.slots)
-            feeder = asyncio.create_task(self._feed(h, session))
-            try:
-                while True:
-                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow
-                    # the cancellation that ends the run (CPython gh-86296)
-                    async with asyncio.timeout(SILENCE):
-                        data = await session.read()
-                    if self._finished.is_set():
-                        return
-                    if not data:
-                        err = session.stderr_tail().decode("utf-8", "replace").strip()
-                        raise HostUnreachableError(
-                            f"{h.label}: the dispatcher's channel closed"
-                            + (f": {err[-300:]}" if err else ""), host=h.label)
-                    for head, payload in reader.feed(data):
-                        self._on_frame(h, head, payload)
-                    if feeder.done():
-                        feeder.result()  # a write failure
-            except TimeoutError:
-                raise HostUnreachableError(
-                    f"{h.label}: no word from the dispatcher for {SILENCE:.0f} s",
-                    host=h.label) from None
-            finally:
-                feeder.cancel()
-                await asyncio.gather(feeder, return_exceptions=True)
-        finally:
-            h.session = None
-            await session.close()
+                    raise HostUnreachableError(
+                        f"{h.label}: the dispatcher's channel closed"
+                        + (f": {err[-300:]}" if err else ""), host=h.label)
+                for head, payload in reader.feed(data):
+                    self._on_frame(h, head, payload)
+                if h.writer.done():
+                    h.writer.result()  # a write failure
+        except TimeoutError:
+            raise HostUnreachableError(
+                f"{h.label}: no word from the dispatcher for {SILENCE:.0f} s",
+                host=h.label) from None
 
-    async def _feed(self, h: _Host, session: Session) -> None:
+    async def _writer(self, h: _Host, session: Session) -> None:
+        """Write what is queued for ``h`` (task, kill, pause frames), in order."""
         while True:
-            frames = []
-            while h.running() < h.capacity:
-                got = self._take(h)
-                if got is None:
-                    break
-                t, speculative = got
-                c = _Copy(self._next_id, t, h, self._new_output(t.seq, self._next_id))
-                self._next_id += 1
-                t.copies[c.id] = c
-                h.copies[c.id] = c
-                if speculative:
-                    self.stats.speculative += 1
-                    self._journal("speculate", seq=t.seq, host=h.label)
-                frames.append(encode({"t": "task", "id": c.id, "seq": t.seq, "cmd": t.command,
-                                      "timeout": self.opts.timeout, "attempt": t.attempts + 1}))
-            if frames:
-                await session.write(b"".join(frames))
-                continue
             await h.wake.wait()
             h.wake.clear()
-
-    def _host_lost(self, h: _Host, reason: str) -> None:
-        """Put the tasks the host held back in the queue."""
-        copies = list(h.copies.values())
-        h.copies.clear()
-        for c in copies:
-            self.stats.running -= c.started is not None
-            c.output.discard()
-            t = c.task
-            t.copies.pop(c.id, None)
-            if t.seq not in self._active or t.copies:
-                continue
-            t.lost += 1
-            self._journal("lost", seq=t.seq, host=h.label)
-            if t.lost >= self.opts.lost_limit:
-                self._final(t, TaskResult(
-                    seq=t.seq, command=t.command, host=h.label, exit_status=None, signal=None,
-                    attempts=t.attempts,
-                    error=f"lost its host {t.lost} times (last: {reason})"))
-            else:
-                self._retry.appendleft(t)
-        if copies:
-            self._wake_all()
+            if h.outbox:
+                data = b"".join(h.outbox)
+                h.outbox.clear()
+                await session.write(data)
 
     # ------------------------------------------------------------ frames
-
-    def _new_output(self, seq: int, cid: int) -> TaskOutput:
-        o = self.opts
-        if o.output_dir is not None:
-            return TaskOutput(o.output_dir, f"{seq}.{cid}", self._budget, to_files=True)
-        if o.spill_dir is None:
-            o.spill_dir = Path(tempfile.mkdtemp(prefix="sshq-farm-output-"))
-        return TaskOutput(o.spill_dir, f"{seq}.{cid}", self._budget)
 
     def _on_frame(self, h: _Host, head: dict[str, Any], payload: bytes) -> None:
         """One frame from ``h``'s dispatcher (untrusted: checked here).
@@ -546,128 +512,41 @@ class Farm:
         if kind == "hb" or kind == "bye":
             return
         cid = head.get("id")
-        c = h.copies.get(cid) if isinstance(cid, int) else None
-        if c is None:
+        if not isinstance(cid, int) or isinstance(cid, bool):
             return
         if kind == "s":
-            if c.started is not None:
-                return
-            c.started = time.monotonic()
-            self.stats.running += 1
-        elif kind == "d":
-            del h.copies[c.id]
-            self.stats.running -= c.started is not None
-            h.wake.set()
-        if c.task.seq not in self._active:   # decided already: a loser's output
-            if kind == "d":
-                c.output.discard()
-            return
-        if kind == "s":
-            c.task.attempts += 1
-            self._journal("start", seq=c.task.seq, host=h.label, attempt=c.task.attempts)
+            self._apply(self._sched.handle(TaskStarted(host=h.label, copy=cid,
+                                                       now=time.monotonic())))
         elif kind == "o":
+            live = self._live.get(cid)
+            if live is None or live[0] is not h:   # not a copy of h's, or a loser's
+                return
             stream = head.get("s", 1)
             if stream not in (1, 2) or isinstance(stream, bool):
                 raise RemoteError(f"{h.label}: malformed dispatcher frame (stream {stream!r})")
-            c.output.add(stream, payload)
+            live[1].add(stream, payload)
         elif kind == "d":
-            h.completed += 1
-            n1 = head.get("n1", 0)
-            if not isinstance(n1, int) or isinstance(n1, bool) or not 0 <= n1 <= len(payload):
-                c.output.discard()
-                raise RemoteError(f"{h.label}: malformed dispatcher frame (n1 {n1!r})")
-            c.output.add(1, payload[:n1])
-            c.output.add(2, payload[n1:])
-            c.output.close()
-            self._copy_done(c, head)
-
-    def _copy_done(self, c: _Copy, head: dict[str, Any]) -> None:
-        t = c.task
-        t.copies.pop(c.id, None)
-        f = result_fields(head)
-        if t.seq not in self._active or f["killed"]:
-            c.output.discard()
-            return
-        r = TaskResult(
-            seq=t.seq, command=t.command, host=c.host.label, exit_status=f["exit_status"],
-            signal=f["signal"], start=f["start"], end=f["end"], attempts=t.attempts,
-            timed_out=f["timed_out"])
-        if r.ok:
-            if c.started is not None:
-                self._durations.append(time.monotonic() - c.started)
-            self._final(t, r, c)
-            return
-        t.failures += 1
-        t.failed_hosts.add(c.host.label)
-        if t.copies:   # another copy may still succeed
-            c.output.discard()
-            return
-        if t.failures <= self.opts.retries:
-            c.output.discard()
-            self.stats.retried += 1
-            self._journal("retry", seq=t.seq, host=c.host.label)
-            self._retry.append(t)
-            self._wake_all()
-            return
-        self._final(t, r, c)
-
-    def _final(self, t: _Task, r: TaskResult, winner: _Copy | None = None) -> None:
-        """The task's result is decided: kill other copies and report it."""
-        del self._active[t.seq]
-        for other in list(t.copies.values()):
-            other.output.discard()
-            if other.host.session is not None:
-                frame = encode({"t": "kill", "id": other.id})
-                self._background(_quiet_write(other.host.session, frame))
-        t.copies.clear()
-        output = winner.output if winner is not None else None
-        if output is not None:
-            output.settle(r, self.opts.output_dir or self._spill_dir())
-        elif self.opts.output_dir is not None:
-            out, err = output_paths(self.opts.output_dir, t.seq)
-            out.write_bytes(b"")
-            err.write_bytes(b"")
-            r.stdout_file, r.stderr_file = str(out), str(err)
-        if r.ok:
-            self.stats.done += 1
-        else:
-            self.stats.failed += 1
-        if self.opts.keep_order:
-            # held results keep their output in buffers: counted in the budget,
-            # spilled to files past it
-            self._held[t.seq] = (r, output)
-            while self._next_in_order is not None and self._next_in_order in self._held:
-                self._report(*self._held.pop(self._next_in_order))
-                assert self._order is not None
-                self._next_in_order = next(self._order, None)
-        else:
-            self._report(r, output)
-
-    def _spill_dir(self) -> Path:
-        assert self.opts.spill_dir is not None   # set by _new_output
-        return self.opts.spill_dir
-
-    def _report(self, r: TaskResult, output: TaskOutput | None) -> None:
-        try:
-            if output is not None:
-                output.fill(r)
-            self._report_cb(r)
-        except BaseException as exc:  # the output is gone: stop everything
-            self._fatal = exc
-            self._finished.set()
-            return
-        self._remaining -= 1
-        if self._remaining <= 0:
-            self._finished.set()
+            live = self._live.get(cid)
+            if live is not None and live[0] is h:
+                del self._live[cid]
+                output = live[1]
+                n1 = head.get("n1", 0)
+                if (not isinstance(n1, int) or isinstance(n1, bool)
+                        or not 0 <= n1 <= len(payload)):
+                    output.discard()
+                    raise RemoteError(
+                        f"{h.label}: malformed dispatcher frame (n1 {n1!r})")
+                output.add(1, payload[:n1])
+                output.add(2, payload[n1:])
+                output.close()
+                self._ended[cid] = output
+            f = result_fields(head)
+            self._apply(self._sched.handle(TaskDone(
+                host=h.label, copy=cid, now=time.monotonic(), exit_status=f["exit_status"],
+                signal=f["signal"], start=f["start"], end=f["end"],
+                timed_out=f["timed_out"], killed=f["killed"])))
 
 
 def task_dir(host: FarmHost, opts: FarmOptions) -> str | None:
     """The tasks' working directory on ``host`` (None: the login directory)."""
     return host.path("farm-deps", opts.deps) if opts.deps else None
-
-
-async def _quiet_write(session: Session, data: bytes) -> None:
-    try:
-        await session.write(data)
-    except (SshqError, OSError):
-        pass  # the session's reader will notice
