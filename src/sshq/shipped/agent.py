@@ -597,7 +597,7 @@ def op_read_many(req, w):
 
 # ---- `sshq agent install`: the installed agent's files (see sshq_restricted.py)
 
-_INSTALL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
+_INSTALL_NAME = re.compile(r"\.?[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")  # never ".."
 _INSTALL_VERSION = re.compile(r"[0-9a-f]{12,64}\Z")
 
 

@@ -455,9 +455,7 @@ def serve(opts, program):
         raise Refused("malformed request")
     if "op" in req:
         return agent_request(opts, req)
-    if "mode" in req:
-        return farm_request(opts, req, MAX_REQUEST - len(line))
-    raise Refused("malformed request (no op)")
+    return farm_request(opts, req, MAX_REQUEST - len(line))  # the dispatcher's header
 
 
 class _Recorder(object):
@@ -517,7 +515,7 @@ def agent_request(opts, req):
 
 def farm_request(opts, header, left):
     """A pilot farm's prepare and collect calls (the dispatcher's, installed)."""
-    mode = header.get("mode")
+    mode = header.get("mode", "stream")
     spools = [header.get("spool")] if mode == "prepare" else \
         [s.get("spool") if isinstance(s, dict) else None for s in header.get("spools") or ()]
     if mode not in ("prepare", "collect"):
