@@ -9,6 +9,10 @@ Tables: ``jobs`` (every submitted job and its latest state), ``remote_init``
 (per platform: the absolute run directory and home found by remote-init),
 ``bad_hosts`` (hosts skipped until a time, after a connection failure),
 ``runner_queries`` (when each host's job runner was last asked for job states).
+Step 2 adds the tables of ``sshq serve`` (``api_*``: tokens, API requests and
+their idempotency keys, which request reserved which job, job state events,
+the last successful poll of each job, pending webhook deliveries); they are
+read and written by :mod:`sshq.server.state`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +32,14 @@ from .exceptions import ConfigError, UnknownJobError
 from .model import Job, JobState
 from .shipped import sshq_jobstatus as js
 
-__all__ = ["Store", "RemoteInit"]
+__all__ = ["Store", "RemoteInit", "API_REQUEST"]
+
+#: The ``sshq serve`` API request (an ``api_requests`` id) on whose behalf
+#: jobs are being submitted, or None: set around a submit, it makes
+#: :meth:`Store.reserve_jobs` link the reserved rows to that request in the
+#: same transaction (table ``api_jobs``), so that a server killed mid-submit
+#: knows, after a restart, which jobs a retried request already reserved.
+API_REQUEST: ContextVar[int | None] = ContextVar("sshq_api_request", default=None)
 
 #: The schema, as migration steps: step N (1-based) brings a database from
 #: version N-1 to N.  Append new steps; never edit one that has shipped.
@@ -76,7 +88,56 @@ CREATE TABLE IF NOT EXISTS bad_hosts (
     reason TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (platform, host)
 );
-""",)
+""", """
+CREATE TABLE api_tokens (
+    name TEXT PRIMARY KEY,
+    hash TEXT NOT NULL UNIQUE,
+    platforms TEXT NOT NULL DEFAULT '[]',
+    webhook_secret TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL
+);
+CREATE TABLE api_requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    token TEXT NOT NULL,
+    idempotency_key TEXT,
+    body_hash TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    callback_url TEXT,
+    created REAL NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (token, idempotency_key)
+);
+CREATE TABLE api_jobs (
+    job INTEGER PRIMARY KEY,
+    request INTEGER NOT NULL
+);
+CREATE INDEX api_jobs_request ON api_jobs (request);
+CREATE TABLE api_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job INTEGER NOT NULL,
+    platform TEXT NOT NULL,
+    state TEXT NOT NULL,
+    time REAL NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE TABLE api_seen (
+    job INTEGER PRIMARY KEY,
+    state TEXT NOT NULL,
+    polled REAL
+);
+CREATE TABLE api_deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event INTEGER NOT NULL,
+    url TEXT NOT NULL,
+    token TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    done REAL
+);
+CREATE INDEX api_deliveries_due ON api_deliveries (done, next_try);
+""")
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLS = (
@@ -211,6 +272,8 @@ class Store:
         records the outcome.  If sshq dies in between, a later poll reads the
         job status file of the reserved job log directory and adopts the job
         (or finds it was never sent): a job is never submitted twice.
+        With :data:`API_REQUEST` set, the rows are linked to that request
+        (``api_jobs``) in the same transaction.
 
         Args:
             elements: rows per job (an array job has one per element, all
@@ -243,6 +306,10 @@ class Store:
                     )
                     assert cur.lastrowid is not None
                     out.append((cur.lastrowid, nums[name]))
+            request = API_REQUEST.get()
+            if request is not None:
+                db.executemany("INSERT INTO api_jobs (job, request) VALUES (?,?)",
+                               [(row_id, request) for row_id, _ in out])
         return out
 
     def update_job(self, sshq_id: int, /, **fields: Any) -> None:

@@ -61,11 +61,14 @@ def cli(ctx: click.Context, config: str | None) -> None:
 from . import hosts, jobs, logs, staging  # noqa: E402  (after the group they join)
 from .agent import agent  # noqa: E402
 from .farm import farm  # noqa: E402
+from .serve import serve, token  # noqa: E402
 
 for _command in (jobs.submit, jobs.poll, jobs.wait, jobs.kill, logs.cat_log, logs.ssh_to_job,
                  staging.retrieve, jobs.jobs, staging.install, staging.tidy, hosts.hosts, farm):
     cli.add_command(_command)
 cli.add_command(agent)  # sshq agent install (cli/agent.py)
+for _command in (serve, token):  # sshq serve, sshq token (cli/serve.py)
+    cli.add_command(_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
