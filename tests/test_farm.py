@@ -232,7 +232,7 @@ def test_output_dir(sshq: Sshq, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- hostile commands
 
 #: A fake dispatcher frame a task prints, to try to fool the client.
-_FAKE = b'{"t":"d","id":0,"rc":0,"sig":null,"n1":0}'
+_FAKE = b'{"type":"done","id":0,"exit_status":0,"signal":null,"stdout_bytes":0}'
 _FAKE_FRAME = struct.pack(">II", len(_FAKE), 0) + _FAKE
 
 

@@ -28,7 +28,7 @@ def test_no_deadlock_when_both_pipes_are_full() -> None:
     frames = []
     while not frames:                      # the hello frame comes first
         frames.extend(reader.feed(proc.stdout.read1(65536)))
-    assert frames[0][0]["t"] == "hello"
+    assert frames[0][0]["type"] == "hello"
     pad = "#" * 1024
     written = threading.Event()
 
@@ -36,8 +36,8 @@ def test_no_deadlock_when_both_pipes_are_full() -> None:
         assert proc.stdin is not None
         for i in range(n):
             cmd = f"head -c {size} /dev/zero  {pad}"
-            proc.stdin.write(encode({"t": "task", "id": i, "seq": i + 1, "cmd": cmd}))
-        proc.stdin.write(encode({"t": "close"}))
+            proc.stdin.write(encode({"type": "task", "id": i, "seq": i + 1, "cmd": cmd}))
+        proc.stdin.write(encode({"type": "close"}))
         proc.stdin.flush()
         written.set()
 
@@ -53,11 +53,11 @@ def test_no_deadlock_when_both_pipes_are_full() -> None:
         if not data:
             break
         for h, payload in reader.feed(data):
-            if h["t"] == "o":
+            if h["type"] == "output":
                 out[h["id"]] = out.get(h["id"], 0) + len(payload)
-            elif h["t"] == "d":
-                got[h["id"]] = out.pop(h["id"], 0) + h["n1"]
-                assert h["rc"] == 0
+            elif h["type"] == "done":
+                got[h["id"]] = out.pop(h["id"], 0) + h["stdout_bytes"]
+                assert h["exit_status"] == 0
     proc.stdin.close()
     proc.wait(30)
     proc.stdout.close()

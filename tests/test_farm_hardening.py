@@ -301,7 +301,8 @@ def test_bogus_results_in_a_spool_are_ignored_and_never_journalled(
         sshq: Sshq, tmp_path: Path, state_dir: Path, run_id: str) -> None:
     name = f"bogus-{uuid.uuid4().hex[:8]}"
     res = f'"$HOME/sshq-test/{run_id}/farm/$SSHQ_FARM_RUN/bg/results"'
-    meta = '{"seq": %d, "rc": 0, "sig": null, "t0": 1, "t1": 2, "to": false}'
+    meta = ('{"seq": %d, "exit_status": 0, "signal": null, "start": 1, "end": 2,'
+            ' "timed_out": false}')
     b = write_batch(tmp_path, [
         f"echo '{meta % 99999999999}' > {res}/99999999999.json; echo one",
         f"printf '{{{{{{' > {res}/5000.json; echo junk > {res}/abc.json; echo two",

@@ -50,33 +50,34 @@ def raw_frame(head: bytes, payload: bytes = b"") -> bytes:
 # ---------------------------------------------------------------- wire
 
 def test_encode_layout() -> None:
-    data = encode({"t": "task", "id": 3}, b"xyz")
+    data = encode({"type": "task", "id": 3}, b"xyz")
     hl, pl = struct.unpack(">II", data[:8])
     assert pl == 3 and data[-3:] == b"xyz"
-    assert json.loads(data[8:8 + hl]) == {"t": "task", "id": 3}
+    assert json.loads(data[8:8 + hl]) == {"type": "task", "id": 3}
 
 
 def test_frames_after_fence() -> None:
     r = FrameReader(NONCE)
-    got = feed_all(r, FENCE + encode({"t": "hello"}) + encode({"t": "o", "id": 1}, b"data"))
-    assert got == [({"t": "hello"}, b""), ({"t": "o", "id": 1}, b"data")]
+    got = feed_all(r, FENCE + encode({"type": "hello"})
+                   + encode({"type": "output", "id": 1}, b"data"))
+    assert got == [({"type": "hello"}, b""), ({"type": "output", "id": 1}, b"data")]
     assert r.started
 
 
 def test_banner_before_fence_is_skipped() -> None:
-    banner = (b"Welcome to the cluster!\n" + raw_frame(b'{"t":"bye"}')
-              + b"SSHQ-BEGIN-ffffffffffffffffffffffff\n" + raw_frame(b'{"t":"hb"}')
+    banner = (b"Welcome to the cluster!\n" + raw_frame(b'{"type":"bye"}')
+              + b"SSHQ-BEGIN-ffffffffffffffffffffffff\n" + raw_frame(b'{"type":"heartbeat"}')
               + b"SSHQ-BEGIN-" + NONCE[:5].encode() + b"\n\xff\xfe\0")
     r = FrameReader(NONCE)
     assert feed_all(r, banner) == []
     assert not r.started
-    got = feed_all(r, b"\n" + FENCE + encode({"t": "hello", "slots": 2}))
-    assert got == [({"t": "hello", "slots": 2}, b"")]
+    got = feed_all(r, b"\n" + FENCE + encode({"type": "hello", "slots": 2}))
+    assert got == [({"type": "hello", "slots": 2}, b"")]
 
 
 def test_fence_without_newline_is_not_the_fence() -> None:
     r = FrameReader(NONCE)
-    assert feed_all(r, FENCE[:-1] + b" " + encode({"t": "hb"})) == []
+    assert feed_all(r, FENCE[:-1] + b" " + encode({"type": "heartbeat"})) == []
     assert not r.started
 
 
@@ -85,13 +86,15 @@ def test_big_banner_does_not_grow_the_buffer() -> None:
     for _ in range(64):
         assert feed_all(r, b"motd " * 20000) == []
     assert len(r._buf) <= len(FENCE)
-    assert feed_all(r, FENCE + encode({"t": "hello"})) == [({"t": "hello"}, b"")]
+    assert feed_all(r, FENCE + encode({"type": "hello"})) == [({"type": "hello"}, b"")]
 
 
 @pytest.mark.parametrize("cut", [1, 2, 3, 7, 13])
 def test_split_feeds_any_boundary(cut: int) -> None:
-    frames = [({"t": "hello", "slots": 4}, b""), ({"t": "o", "id": 7, "s": 2}, bytes(range(256))),
-              ({"t": "d", "id": 7, "n1": 0}, b""), ({"t": "s", "id": 8, "cmd": "ü ✓"}, b"")]
+    frames = [({"type": "hello", "slots": 4}, b""),
+              ({"type": "output", "id": 7, "stream": 2}, bytes(range(256))),
+              ({"type": "done", "id": 7, "stdout_bytes": 0}, b""),
+              ({"type": "started", "id": 8, "cmd": "ü ✓"}, b"")]
     stream = b"banner\n" + FENCE + b"".join(encode(h, p) for h, p in frames)
     r = FrameReader(NONCE)
     got = feed_all(r, *(stream[i:i + cut] for i in range(0, len(stream), cut)))
@@ -100,23 +103,24 @@ def test_split_feeds_any_boundary(cut: int) -> None:
 
 def test_fence_split_across_feeds_after_long_banner() -> None:
     r = FrameReader(NONCE)
-    stream = b"x" * 5000 + FENCE + encode({"t": "hello"})
+    stream = b"x" * 5000 + FENCE + encode({"type": "hello"})
     assert feed_all(r, stream[:5010]) == []
-    assert feed_all(r, stream[5010:]) == [({"t": "hello"}, b"")]
+    assert feed_all(r, stream[5010:]) == [({"type": "hello"}, b"")]
 
 
 def test_fence_like_bytes_after_start_are_data() -> None:
     r = FrameReader(NONCE)
     payload = b"\n" + FENCE + b"SSHQ-BEGIN-x\n"
-    got = feed_all(r, FENCE + encode({"t": "o", "id": 1}, payload) + encode({"t": "bye"}))
-    assert got == [({"t": "o", "id": 1}, payload), ({"t": "bye"}, b"")]
+    got = feed_all(r, FENCE + encode({"type": "output", "id": 1}, payload)
+                   + encode({"type": "bye"}))
+    assert got == [({"type": "output", "id": 1}, payload), ({"type": "bye"}, b"")]
 
 
 def test_incomplete_frame_waits() -> None:
     r = FrameReader(NONCE)
-    data = encode({"t": "o", "id": 1}, b"p" * 1000)
+    data = encode({"type": "output", "id": 1}, b"p" * 1000)
     assert feed_all(r, FENCE + data[:-1]) == []
-    assert feed_all(r, data[-1:]) == [({"t": "o", "id": 1}, b"p" * 1000)]
+    assert feed_all(r, data[-1:]) == [({"type": "output", "id": 1}, b"p" * 1000)]
 
 
 @pytest.mark.parametrize(("bad", "what"), [
@@ -129,19 +133,19 @@ def test_incomplete_frame_waits() -> None:
 ])
 def test_malformed_frames(bad: bytes, what: str) -> None:
     r = FrameReader(NONCE)
-    good = encode({"t": "hello"})
+    good = encode({"type": "hello"})
     got = []
     with pytest.raises(RemoteError, match=what):
         for f in r.feed(FENCE + good + bad):
             got.append(f)
-    assert got == [({"t": "hello"}, b"")]
+    assert got == [({"type": "hello"}, b"")]
 
 
 def test_dispatcher_stdin_layout() -> None:
     nonce, data = dispatcher_stdin({"slots": 3, "env": {"A": "b"}, "cwd": None})
     n, _, rest = data.partition(b"\n")
     src = rest[:int(n)]
-    assert b"Dispatcher" in src and src.startswith(b"# sshq task-farm dispatcher")
+    assert b"class Runner" in src and src.startswith(b"# sshq task-farm dispatcher")
     header = rest[int(n):]
     assert header.endswith(b"\n") and header.count(b"\n") == 1
     assert json.loads(header) == {"slots": 3, "env": {"A": "b"}, "cwd": None, "nonce": nonce}
@@ -478,7 +482,7 @@ class LocalDispatcher:
         proc.stdin.write(data)
         await proc.stdin.drain()
         head, _ = await d.next(10)
-        assert head["t"] == "hello", head
+        assert head["type"] == "hello", head
         d.hello = head
         return d
 
@@ -508,7 +512,7 @@ class LocalDispatcher:
         deadline = time.monotonic() + timeout
         while True:
             head, payload = await self.next(max(0.01, deadline - time.monotonic()))
-            if head.get("t") == kind and (task_id is None or head.get("id") == task_id):
+            if head.get("type") == kind and (task_id is None or head.get("id") == task_id):
                 return seen, head, payload
             seen.append((head, payload))
 
@@ -522,7 +526,7 @@ class LocalDispatcher:
 
 
 def task(tid: int, cmd: str, **kw: Any) -> dict[str, Any]:
-    return {"t": "task", "id": tid, "seq": tid + 100, "cmd": cmd, "timeout": None,
+    return {"type": "task", "id": tid, "seq": tid + 100, "cmd": cmd, "timeout": None,
             "attempt": 1, **kw}
 
 
@@ -554,16 +558,16 @@ async def test_dispatcher_runs_tasks(spool: Any, tmp_path: Path) -> None:
         cmd = ('echo "$SSHQ_FARM_SEQ $SSHQ_FARM_SLOT $SSHQ_FARM_ATTEMPT $EXTRA $SSHQ_UNIT_MARK";'
                ' pwd; echo "it\'s $(echo sub)" >&2; exit 5')
         await d.send(task(1, cmd, attempt=3))
-        seen, head, payload = await d.until("d", 1)
-        assert [h["t"] for h, _ in seen] == ["s"]
+        seen, head, payload = await d.until("done", 1)
+        assert [h["type"] for h, _ in seen] == ["started"]
         s = seen[0][0]
-        assert s["id"] == 1 and s["pid"] > 0 and s["t0"] <= head["t1"]
-        assert head["rc"] == 5 and head["sig"] is None and head["to"] is False
-        assert head["k"] is False and head["t0"] <= head["t1"]
-        n1 = head["n1"]
+        assert s["id"] == 1 and s["pid"] > 0 and s["start"] <= head["end"]
+        assert head["exit_status"] == 5 and head["signal"] is None and head["timed_out"] is False
+        assert head["killed"] is False and head["start"] <= head["end"]
+        n1 = head["stdout_bytes"]
         assert payload[:n1] == f"101 1 3 x y ✓ inherited\n{cwd}\n".encode()
         assert payload[n1:] == b"it's sub\n"
-        await d.send({"t": "close"})
+        await d.send({"type": "close"})
         _, bye, _ = await d.until("bye")
         assert await asyncio.wait_for(d.proc.wait(), 10) == 0
         assert list(tmpdir.iterdir()) == []   # its spool is gone
@@ -578,8 +582,8 @@ async def test_dispatcher_banner_before_fence(spool: Any) -> None:
         prefix=["sh", "-c", 'printf "motd\\nSSHQ-BEGIN-nope\\n\\0\\0\\0\\1"; exec "$@"', "sh"])
     try:
         await d.send(task(0, "printf '\\0\\0\\0\\1x'"))
-        _, head, payload = await d.until("d", 0)
-        assert head["rc"] == 0 and payload == b"\0\0\0\1x"
+        _, head, payload = await d.until("done", 0)
+        assert head["exit_status"] == 0 and payload == b"\0\0\0\1x"
     finally:
         await d.close()
 
@@ -594,13 +598,13 @@ async def test_dispatcher_respects_slots(spool: Any) -> None:
         done = set()
         while len(done) < 5:
             head, _ = await d.next()
-            if head["t"] == "s":
+            if head["type"] == "started":
                 running += 1
                 peak = max(peak, running)
-            elif head["t"] == "d":
+            elif head["type"] == "done":
                 running -= 1
                 done.add(head["id"])
-                assert head["rc"] == 0
+                assert head["exit_status"] == 0
         assert peak == 2
     finally:
         await d.close()
@@ -611,19 +615,20 @@ async def test_dispatcher_kill_running_task(spool: Any) -> None:
     d = await LocalDispatcher.start({"slots": 2}, env=env)
     try:
         await d.send(task(1, "echo started; sleep 1000 & wait"))
-        _, s, _ = await d.until("s", 1)
+        _, s, _ = await d.until("started", 1)
         await asyncio.sleep(0.3)   # let it print
         t0 = time.monotonic()
-        await d.send({"t": "kill", "id": 1})
-        _, head, payload = await d.until("d", 1, timeout=5)
+        await d.send({"type": "kill", "id": 1})
+        _, head, payload = await d.until("done", 1, timeout=5)
         assert time.monotonic() - t0 < 1.5   # TERM, not the KILL 2 s later
-        assert head["k"] is True and head["rc"] is None and head["sig"] == signal.SIGTERM
-        assert payload[:head["n1"]] == b"started\n"
+        assert head["killed"] is True and head["exit_status"] is None
+        assert head["signal"] == signal.SIGTERM
+        assert payload[:head["stdout_bytes"]] == b"started\n"
         await asyncio.sleep(0.2)
         assert not pid_alive(s["pid"])
         # the whole process group went: no sleep 1000 left of this task
         await d.send(task(2, "echo next"))
-        _, head, payload = await d.until("d", 2)
+        _, head, payload = await d.until("done", 2)
         assert payload == b"next\n"
     finally:
         await d.close()
@@ -635,19 +640,19 @@ async def test_dispatcher_kill_pending_task(spool: Any) -> None:
     try:
         await d.send(task(1, "sleep 0.5"))
         await d.send(task(2, "echo never"))
-        await d.until("s", 1)
-        await d.send({"t": "kill", "id": 2})
-        seen, head, payload = await d.until("d", 2, timeout=5)
-        assert head["k"] is True and head["rc"] is None and payload == b""
-        seen2, head1, _ = await d.until("d", 1)
-        assert head1["rc"] == 0
-        assert not any(h["t"] == "s" and h["id"] == 2 for h, _ in seen + seen2)
+        await d.until("started", 1)
+        await d.send({"type": "kill", "id": 2})
+        seen, head, payload = await d.until("done", 2, timeout=5)
+        assert head["killed"] is True and head["exit_status"] is None and payload == b""
+        seen2, head1, _ = await d.until("done", 1)
+        assert head1["exit_status"] == 0
+        assert not any(h["type"] == "started" and h["id"] == 2 for h, _ in seen + seen2)
         # killing an unknown or finished task is harmless
-        await d.send({"t": "kill", "id": 99})
-        await d.send({"t": "kill", "id": 1})
-        await d.send({"t": "close"})
+        await d.send({"type": "kill", "id": 99})
+        await d.send({"type": "kill", "id": 1})
+        await d.send({"type": "close"})
         rest, _, _ = await d.until("bye")
-        assert not any(h["t"] == "s" for h, _ in rest)
+        assert not any(h["type"] == "started" for h, _ in rest)
     finally:
         await d.close()
 
@@ -658,15 +663,15 @@ async def test_dispatcher_pause_holds_queued_tasks(spool: Any) -> None:
     try:
         await d.send(task(1, "sleep 0.3"))
         await d.send(task(2, "echo two"))
-        await d.until("s", 1)
-        await d.send({"t": "pause"})
-        seen, _, _ = await d.until("d", 1)
-        assert not any(h["t"] == "s" for h, _ in seen)
+        await d.until("started", 1)
+        await d.send({"type": "pause"})
+        seen, _, _ = await d.until("done", 1)
+        assert not any(h["type"] == "started" for h, _ in seen)
         with pytest.raises(TimeoutError):
-            await d.until("s", 2, timeout=1.0)
-        await d.send({"t": "resume"})
-        _, head, payload = await d.until("d", 2)
-        assert head["rc"] == 0 and payload == b"two\n"
+            await d.until("started", 2, timeout=1.0)
+        await d.send({"type": "resume"})
+        _, head, payload = await d.until("done", 2)
+        assert head["exit_status"] == 0 and payload == b"two\n"
     finally:
         await d.close()
 
@@ -681,16 +686,18 @@ async def test_dispatcher_timeout(spool: Any) -> None:
         await d.send(task(3, "echo quick", timeout=0.5))
         results = {}
         while len(results) < 3:
-            _, head, payload = await d.until("d", timeout=10)
+            _, head, payload = await d.until("done", timeout=10)
             results[head["id"]] = (head, payload, time.monotonic() - t0)
         h1, _, el1 = results[1]
-        assert h1["to"] is True and h1["sig"] == signal.SIGTERM and h1["rc"] is None
-        assert h1["k"] is False and 0.4 < el1 < 2.0
+        assert h1["timed_out"] is True and h1["signal"] == signal.SIGTERM
+        assert h1["exit_status"] is None
+        assert h1["killed"] is False and 0.4 < el1 < 2.0
         h2, p2, el2 = results[2]
-        assert h2["to"] is True and h2["sig"] == signal.SIGKILL and h2["rc"] is None
-        assert 2.3 < el2 < 5 and p2[:h2["n1"]] == b"stubborn\n"
+        assert h2["timed_out"] is True and h2["signal"] == signal.SIGKILL
+        assert h2["exit_status"] is None
+        assert 2.3 < el2 < 5 and p2[:h2["stdout_bytes"]] == b"stubborn\n"
         h3, p3, _ = results[3]
-        assert h3["to"] is False and h3["rc"] == 0 and p3 == b"quick\n"
+        assert h3["timed_out"] is False and h3["exit_status"] == 0 and p3 == b"quick\n"
     finally:
         await d.close()
 
@@ -705,24 +712,24 @@ async def test_dispatcher_spills_big_output(spool: Any) -> None:
         await d.send(task(1, cmd))
         await d.send(task(2, "echo small; echo err >&2"))
         out = {1: bytearray(), 2: bytearray()}
-        seen, head, payload = await d.until("d", 1, timeout=30)
+        seen, head, payload = await d.until("done", 1, timeout=30)
         for h, p in seen:
-            if h["t"] == "o":
+            if h["type"] == "output":
                 assert h["id"] == 1 and len(p) <= 1 << 18
-                out[h["s"]] += p
-        n1 = head["n1"]
+                out[h["stream"]] += p
+        n1 = head["stdout_bytes"]
         out[1] += payload[:n1]
         out[2] += payload[n1:]
         assert len(out[1]) == n_out + 4 and out[1].endswith(b"atail")
         assert out[1].count(b"a") == n_out + 1
         assert bytes(out[2]) == b"e" * 1500000
-        assert head["rc"] == 0
-        await d.send({"t": "close"})
+        assert head["exit_status"] == 0
+        await d.send({"type": "close"})
         rest, _, _ = await d.until("bye", timeout=10)
-        small = [(h, p) for h, p in seen + rest if h["t"] == "d" and h["id"] == 2]
+        small = [(h, p) for h, p in seen + rest if h["type"] == "done" and h["id"] == 2]
         assert len(small) == 1
         h2, p2 = small[0]
-        assert p2[:h2["n1"]] == b"small\n" and p2[h2["n1"]:] == b"err\n"
+        assert p2[:h2["stdout_bytes"]] == b"small\n" and p2[h2["stdout_bytes"]:] == b"err\n"
         await asyncio.wait_for(d.proc.wait(), 10)
         assert list(tmpdir.iterdir()) == []
     finally:
@@ -734,7 +741,7 @@ async def test_dispatcher_dies_with_its_channel(spool: Any) -> None:
     d = await LocalDispatcher.start({"slots": 1}, env=env)
     try:
         await d.send(task(1, "sleep 1000"))
-        _, s, _ = await d.until("s", 1)
+        _, s, _ = await d.until("started", 1)
         assert pid_alive(s["pid"])
         assert d.proc.stdin is not None
         d.proc.stdin.close()
@@ -764,10 +771,49 @@ async def test_dispatcher_hostile_commands(spool: Any) -> None:
             await d.send(task(i, cmd))
         got: dict[int, bytes] = {}
         while len(got) < len(cases):
-            _, head, payload = await d.until("d", timeout=10)
-            assert head["rc"] == 0, payload
-            got[head["id"]] = payload[:head["n1"]]
+            _, head, payload = await d.until("done", timeout=10)
+            assert head["exit_status"] == 0, payload
+            got[head["id"]] = payload[:head["stdout_bytes"]]
         for i, (_, want) in cases.items():
             assert got[i] == want.encode(), i
     finally:
         await d.close()
+
+
+def collect_locally(spool: Path) -> list[tuple[dict[str, Any], bytes]]:
+    """The dispatcher's ``collect`` reply for one spool, run here."""
+    import subprocess
+
+    nonce, data = dispatcher_stdin({"mode": "collect",
+                                    "spools": [{"spool": str(spool), "ack": [], "tidy": False}]})
+    p = subprocess.run([sys.executable, "-c", BOOTSTRAP], input=data, capture_output=True,
+                       timeout=60, check=True)
+    return list(FrameReader(nonce).feed(p.stdout))
+
+
+def test_collect_reads_results_written_by_an_older_worker(tmp_path: Path) -> None:
+    # a run detached before the dispatcher's keys became whole words: its
+    # worker (the spool's own copy of the dispatcher) wrote rc/sig/t0/t1/to
+    spool = tmp_path / "spool"
+    (spool / "results").mkdir(parents=True)
+    (spool / "tasks.jsonl").write_text("".join(
+        json.dumps({"t": "task", "id": s, "seq": s, "cmd": "x"}) + "\n" for s in (1, 2, 3)))
+    old = {"seq": 1, "rc": 3, "sig": None, "t0": 10.0, "t1": 11.5, "to": True, "attempt": 2,
+           "node": "n1", "host": "h"}
+    new = {"seq": 2, "exit_status": None, "signal": 9, "start": 20.0, "end": 21.0,
+           "timed_out": False, "killed": False, "attempt": 1, "node": "n2", "host": "h"}
+    (spool / "results" / "1.json").write_text(json.dumps(old))
+    (spool / "results" / "1.out").write_bytes(b"one\n")
+    (spool / "results" / "2.json").write_text(json.dumps(new))
+    frames = collect_locally(spool)
+    done = {h["id"]: h for h, _ in frames if h["type"] == "done"}
+    assert set(done) == {1, 2}
+    assert [(h["type"], p) for h, p in frames if h["type"] == "output"] == [("output", b"one\n")]
+    assert {k: done[1][k] for k in ("exit_status", "signal", "start", "end", "timed_out",
+                                    "attempt")} == {
+        "exit_status": 3, "signal": None, "start": 10.0, "end": 11.5, "timed_out": True,
+        "attempt": 2}
+    assert {k: done[2][k] for k in ("exit_status", "signal", "start", "end", "timed_out")} == {
+        "exit_status": None, "signal": 9, "start": 20.0, "end": 21.0, "timed_out": False}
+    (state,) = [h for h, _ in frames if h["type"] == "state"]
+    assert (state["tasks"], state["results"]) == (3, 2)

@@ -89,16 +89,16 @@ async def prepare_spools(
     """
     chunks: list[list[bytes]] = [[] for _ in spools]
     for i, (seq, cmd) in enumerate(tasks):
-        chunks[i % len(spools)].append(encode({"t": "task", "id": seq, "seq": seq, "cmd": cmd,
+        chunks[i % len(spools)].append(encode({"type": "task", "id": seq, "seq": seq, "cmd": cmd,
                                                "timeout": opts.timeout, "attempt": 1}))
-    src = encode({"t": "source"}, dispatcher_source())
+    src = encode({"type": "source"}, dispatcher_source())
 
     async def one(sp: Spool, frames: list[bytes]) -> dict[str, Any]:
         sp.tasks = len(frames)
         got = await _call(sp.host, _worker_header(sp, opts, detach=detach),
-                          b"".join(frames) + src + encode({"t": "close"}))
+                          b"".join(frames) + src + encode({"type": "close"}))
         for head, _ in got:
-            if head.get("t") == "prepared":
+            if head.get("type") == "prepared":
                 sp.path = str(head["spool"])
                 return head
         raise RemoteError(f"{sp.host.label}: no reply from the dispatcher")
@@ -117,7 +117,7 @@ async def restart_worker(sp: Spool, opts: FarmOptions, host: FarmHost | None = N
             its workers' hosts).
     """
     await _call(host or sp.host, _worker_header(sp, opts, detach=True, host=host),
-                encode({"t": "close"}))
+                encode({"type": "close"}))
 
 
 async def _restart(sp: Spool, opts: FarmOptions, warn: Callable[[str], None]) -> bool:
@@ -220,7 +220,7 @@ class _Collector:
     A result is reported only if its seq is one of the run's tasks not
     reported yet; anything else is skipped with a warning and never
     journalled.  Output frames are taken for one result at a time (the
-    dispatcher sends a result's output, then its ``d`` frame), held in a
+    dispatcher sends a result's output, then its ``done`` frame), held in a
     :class:`~sshq.farm.output.TaskOutput`: bounded memory, long streams in
     files under the run's ``output`` directory.
     """
@@ -259,10 +259,10 @@ class _Collector:
             self.cur = None
 
     def frame(self, head: dict[str, Any], payload: bytes) -> None:
-        kind = head.get("t")
-        if kind == "o":
+        kind = head.get("type")
+        if kind == "output":
             seq = head.get("id")
-            stream = head.get("s", 1)
+            stream = head.get("stream", 1)
             if self.cur is None or self.cur[0] != seq:
                 self.drop()
                 if not self._task(seq):
@@ -273,13 +273,13 @@ class _Collector:
                 self.cur = (seq, TaskOutput(self.rd.output_dir, f"{seq}.attach", self.budget))
             if stream in (1, 2) and not isinstance(stream, bool):
                 self.cur[1].add(stream, payload)
-        elif kind == "d":
+        elif kind == "done":
             self.result(head)
         elif kind == "state":
             self.drop()
             self.states.append(head)
         elif kind == "warn":
-            self.warn(f"{self.sp.host.label}: {printable(head.get('msg'), 300)}")
+            self.warn(f"{self.sp.host.label}: {printable(head.get('message'), 300)}")
 
     def result(self, head: dict[str, Any]) -> None:
         seq = head.get("id")

@@ -11,7 +11,7 @@ holds each copy's output, writes the reports.  What it adds itself:
   heartbeat for :data:`SILENCE` seconds) is reconnected after the
   scheduler's back-off, with jitter; new connections are paced (sshd's
   ``MaxStartups`` punishes bursts);
-* a result is only taken once its ``d`` frame arrived complete: output
+* a result is only taken once its ``done`` frame arrived complete: output
   received before a connection died is thrown away with its copy;
 * everything a dispatcher sends is checked before it becomes an event.
 """
@@ -295,7 +295,7 @@ class Farm:
             if isinstance(a, SendTask):
                 h = self._by_label[a.host]
                 self._live[a.copy] = (h, self._new_output(a.seq, a.copy))
-                self._post(h, encode({"t": "task", "id": a.copy, "seq": a.seq,
+                self._post(h, encode({"type": "task", "id": a.copy, "seq": a.seq,
                                       "cmd": a.command, "timeout": self.opts.timeout,
                                       "attempt": a.attempt}))
             elif isinstance(a, Journal):
@@ -306,10 +306,10 @@ class Farm:
                 self._discard(a.copy)
             elif isinstance(a, KillCopy):
                 self._discard(a.copy)
-                self._post(self._by_label[a.host], encode({"t": "kill", "id": a.copy}))
+                self._post(self._by_label[a.host], encode({"type": "kill", "id": a.copy}))
             elif isinstance(a, PauseHost):
                 self._post(self._by_label[a.host],
-                           encode({"t": "pause" if a.paused else "resume"}))
+                           encode({"type": "pause" if a.paused else "resume"}))
             elif isinstance(a, Warn):
                 self._warn(a.message)
             elif isinstance(a, DropHost):
@@ -454,7 +454,7 @@ class Farm:
                 err = session.stderr_tail().decode("utf-8", "replace").strip()
                 raise RemoteError(f"the dispatcher did not start: {err or 'no output'}")
             for head, _ in reader.feed(data):
-                if head.get("t") == "hello":
+                if head.get("type") == "hello":
                     hello = head
         slots = hello.get("slots")
         if not isinstance(slots, int) or isinstance(slots, bool) or not 0 < slots <= 65536:
@@ -508,34 +508,34 @@ class Farm:
             RemoteError: a frame that makes no sense (the session is dropped).
             OSError: output could not be written to its file.
         """
-        kind = head.get("t")
-        if kind == "hb" or kind == "bye":
+        kind = head.get("type")
+        if kind == "heartbeat" or kind == "bye":
             return
         cid = head.get("id")
         if not isinstance(cid, int) or isinstance(cid, bool):
             return
-        if kind == "s":
+        if kind == "started":
             self._apply(self._sched.handle(TaskStarted(host=h.label, copy=cid,
                                                        now=time.monotonic())))
-        elif kind == "o":
+        elif kind == "output":
             live = self._live.get(cid)
             if live is None or live[0] is not h:   # not a copy of h's, or a loser's
                 return
-            stream = head.get("s", 1)
+            stream = head.get("stream", 1)
             if stream not in (1, 2) or isinstance(stream, bool):
                 raise RemoteError(f"{h.label}: malformed dispatcher frame (stream {stream!r})")
             live[1].add(stream, payload)
-        elif kind == "d":
+        elif kind == "done":
             live = self._live.get(cid)
             if live is not None and live[0] is h:
                 del self._live[cid]
                 output = live[1]
-                n1 = head.get("n1", 0)
+                n1 = head.get("stdout_bytes", 0)
                 if (not isinstance(n1, int) or isinstance(n1, bool)
                         or not 0 <= n1 <= len(payload)):
                     output.discard()
                     raise RemoteError(
-                        f"{h.label}: malformed dispatcher frame (n1 {n1!r})")
+                        f"{h.label}: malformed dispatcher frame (stdout_bytes {n1!r})")
                 output.add(1, payload[:n1])
                 output.add(2, payload[n1:])
                 output.close()

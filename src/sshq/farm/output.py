@@ -389,7 +389,7 @@ def _label(v: Any) -> str | None:
 
 
 def result_fields(head: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a ``d`` frame (from a dispatcher, untrusted), checked.
+    """The fields of a ``done`` frame (from a dispatcher, untrusted), checked.
 
     A value of the wrong type or out of range becomes None (``attempt``: 1);
     nothing raises.
@@ -398,15 +398,15 @@ def result_fields(head: dict[str, Any]) -> dict[str, Any]:
         ``{"exit_status", "signal" (name), "start", "end", "timed_out",
         "killed", "attempt", "node", "host"}``.
     """
-    sig = _int(head.get("sig"), 0, 255)
-    rc = _int(head.get("rc"), -(1 << 31), (1 << 31) - 1)
+    sig = _int(head.get("signal"), 0, 255)
+    rc = _int(head.get("exit_status"), -(1 << 31), (1 << 31) - 1)
     return {
         "exit_status": None if sig else rc,
         "signal": signal_name(sig),
-        "start": _time(head.get("t0")),
-        "end": _time(head.get("t1")),
-        "timed_out": head.get("to") is True,
-        "killed": head.get("k") is True,
+        "start": _time(head.get("start")),
+        "end": _time(head.get("end")),
+        "timed_out": head.get("timed_out") is True,
+        "killed": head.get("killed") is True,
         "attempt": _int(head.get("attempt"), 1, _MAX_INT) or 1,
         "node": _label(head.get("node")),
         "host": _label(head.get("host")),

@@ -4,7 +4,9 @@ The dispatcher (:mod:`sshq.shipped.dispatcher`, whose header comment is the
 specification) starts like the agent: the remote command is the fixed
 :data:`~sshq.remote.protocol.BOOTSTRAP`, and stdin carries the source, then
 one JSON header line, then frames.  A frame is a 4-byte big-endian header
-length, a 4-byte big-endian payload length, a JSON object and the payload.
+length, a 4-byte big-endian payload length, a JSON object and the payload;
+the object's ``type`` names the frame, and every key is a whole word
+(``exit_status``, ``stream``, ``stdout_bytes``, ...).
 The dispatcher's stdout starts with a fence line carrying the header's
 random nonce, so whatever a login shell prints cannot be taken for a frame.
 """
@@ -27,8 +29,8 @@ __all__ = ["Frame", "FrameReader", "encode", "dispatcher_stdin", "dispatcher_sou
 HEAD = struct.Struct(">II")
 #: Largest frame header or payload accepted from a dispatcher (bytes): what
 #: one host's reader may hold.  The dispatcher sends at most 2 MiB at once
-#: (a ``d`` frame with two streams of up to 1 MiB; longer output comes in
-#: 256 KiB ``o`` frames).
+#: (a ``done`` frame with two streams of up to 1 MiB; longer output comes in
+#: 256 KiB ``output`` frames).
 MAX_FRAME = 8 << 20
 
 Frame = tuple[dict[str, Any], bytes]

@@ -2,48 +2,76 @@
 #
 # One file, Python 3.6+ standard library only, sent over the SSH channel like
 # the agent (sshq.remote.protocol.BOOTSTRAP reads it from stdin and runs it);
-# nothing is installed on the host.  One dispatcher per host runs up to
-# `slots` shell commands at once and reports each result as soon as that task
-# ends.  After the source, stdin carries one JSON header line, then frames.
+# nothing is installed on the host.  After the source, stdin carries one JSON
+# header line; its "mode" says what this run of the file does:
+#
+#   "stream" (default)  run tasks the client sends as frames, and send back
+#                       each one's start and result as soon as they happen;
+#   "prepare"           write tasks to a spool directory (and start a
+#                       detached worker on it);
+#   "collect"           send a spool's results that the client has not
+#                       acknowledged yet.
+#
+# `python3 dispatcher.py worker SPOOL` (inside a pilot job) runs a spool's
+# tasks.  One task runner (Runner) serves both the stream and the spool: it
+# runs up to `slots` shell commands at once, each in its own session, with a
+# timeout, and hands each one, when it starts and when it ends, to its sink:
+# StreamSink (tasks from the client's frames, results to the client as
+# frames) or SpoolSink (tasks from the spool, results to files in it).
+#
+# Header: "nonce" (the fence's), "slots" (None: the core count), "env"
+# (extra environment variables for tasks), "cwd" (tasks' directory, "~"
+# expanded).
 #
 # Frame (both directions): 4-byte big-endian header length, 4-byte big-endian
 # payload length, a JSON object (the header), then the payload bytes.
 #
-#   client -> dispatcher                 dispatcher -> client (after the fence
-#                                        line "SSHQ-BEGIN-<nonce>\n")
-#   {"t":"task","id","seq","cmd",        {"t":"hello","slots","cores","pid"}
-#    "timeout","attempt"}                {"t":"s","id","t0","pid"}   started
-#   {"t":"kill","id"}                    {"t":"o","id","s":1|2} + bytes
-#   {"t":"close"}  finish, then exit     {"t":"d","id","rc","sig","t0","t1",
-#   {"t":"pause"}, {"t":"resume"}         "to","k","n1"} + stdout+stderr
-#     hold / start queued tasks
-#                                        {"t":"hb"}  every 5 s of silence
-#                                        {"t":"bye"}
+#   client -> dispatcher                   dispatcher -> client (after the fence
+#                                          line "SSHQ-BEGIN-<nonce>\n")
+#   {"type":"task","id","seq","cmd",       {"type":"hello","slots","cores","pid",
+#    "timeout","attempt"}                   "python"}
+#   {"type":"kill","id"}                   {"type":"started","id","start","pid"}
+#   {"type":"close"}  finish, then exit    {"type":"output","id","stream":1|2}
+#   {"type":"pause"}, {"type":"resume"}     + bytes
+#     hold / start queued tasks            {"type":"done","id","exit_status",
+#                                           "signal","start","end","timed_out",
+#                                           "killed","stdout_bytes"}
+#                                           + stdout then stderr
+#                                          {"type":"heartbeat"}  every 5 s of
+#                                           silence
+#                                          {"type":"bye"}
+#
+# In "done", exit_status is null when a signal (its number) ended the task;
+# start and end are epoch seconds; the payload's first stdout_bytes bytes are
+# stdout, the rest stderr.
 #
 # A task's output is kept in memory up to SPILL bytes per stream, then spilled
-# to a file in a private temporary directory and sent in chunks ("o" frames)
-# before its "d" frame, read from the file only as fast as the channel takes
-# it: memory stays bounded whatever a task prints.  Taking new frames from
-# stdin never waits on writing results, and writing results never waits on
-# stdin (one non-blocking loop over both), so neither side can deadlock.
+# to a file in a private temporary directory and sent in chunks ("output"
+# frames) before its "done" frame, read from the file only as fast as the
+# channel takes it: memory stays bounded whatever a task prints.  Taking new
+# frames from stdin never waits on writing results, and writing results never
+# waits on stdin (one non-blocking loop over both), so neither side can
+# deadlock.
 #
 # Detached runs and pilot jobs (the ANet seed's wish: the file system as the
-# mediator).  "mode":"prepare" reads task frames and the dispatcher's own
-# source ({"t":"source"} + bytes) until {"t":"close"}, writes them to a
-# spool directory (tasks.jsonl, header.json, dispatcher.py) and, with
-# "detach", starts a daemon "worker" on it; it replies {"t":"prepared",
-# "spool","pid"}.  A worker (that daemon, or `python3 dispatcher.py worker
-# SPOOL` inside a pilot job) runs the spool's tasks that have no result yet,
-# writes results/<seq>.out, .err and, last, .json, honours a "paused" file,
-# and writes "done" at the end.  "mode":"collect" sends the results of
-# several spools that the client has not reported yet, as "o" and "d" frames
-# with id = seq, then {"t":"state","spool","done","alive","tasks","results"}
-# per spool.  Tasks can write into their spool: a results/*.json that is not
-# the result of one of the spool's tasks (name, size up to META_MAX, JSON,
-# its "seq") is renamed to .bad and reported as {"t":"warn","msg"}.
+# mediator).  "prepare" reads task frames and the dispatcher's own source
+# ({"type":"source"} + bytes) until {"type":"close"}, writes them to a spool
+# directory (tasks.jsonl, header.json, dispatcher.py) and, with "detach",
+# starts a daemon worker on it; it replies {"type":"prepared","spool","pid"}.
+# A worker (that daemon, or `python3 dispatcher.py worker SPOOL` inside a
+# pilot job) runs the spool's tasks that have no result yet, writes
+# results/<seq>.out, .err and, last, .json (the "done" fields with "seq",
+# "attempt", "node", "host"), honours a "paused" file, and writes "done" at
+# the end.  "collect" sends the results of several spools that the client
+# has not reported yet, as "output" and "done" frames with id = seq, then
+# {"type":"state","spool","done","alive","exists","tasks","results"} per
+# spool.  Tasks can write into their spool: a results/*.json that is not the
+# result of one of the spool's tasks (name, size up to META_MAX, JSON, its
+# "seq") is renamed to .bad and reported as {"type":"warn","message"}.
 #
-# The dispatcher dies with its channel: on EOF of stdin or a broken stdout it
-# kills its tasks' process groups and exits; the client re-runs them.
+# The stream dispatcher dies with its channel: on EOF of stdin or a broken
+# stdout it kills its tasks' process groups and exits; the client re-runs
+# them.
 
 import errno
 import json
@@ -59,13 +87,16 @@ import tempfile
 import time
 
 SPILL = 1 << 20        # bytes of one stream kept in memory before spilling
-CHUNK = 1 << 18        # bytes per "o" frame
+CHUNK = 1 << 18        # bytes per "output" frame
 OUT_HIGH = 4 << 20     # stop pulling spilled output while this much is queued
 KILL_GRACE = 2.0       # seconds between SIGTERM and SIGKILL
-HEARTBEAT = 5.0        # seconds of silence after which {"t":"hb"} is sent
+HEARTBEAT = 5.0        # seconds of silence after which a heartbeat frame is sent
 SIGNAL_GRACE = 1.0     # seconds a task killed by someone else's signal waits to be
                        # reported: if the host (or pilot job) is going down, the
                        # dispatcher dies first and the task is re-run, not failed
+STALE = 60.0           # seconds without a heartbeat after which a worker is dead
+BEAT = 5.0             # seconds between a worker's heartbeats
+META_MAX = 65536       # bytes: a result's .json is larger only if it is not ours
 HEAD = struct.Struct(">II")
 
 
@@ -111,11 +142,19 @@ def core_count():
         return os.cpu_count() or 1
 
 
-class Stream(object):
+def task_env(header):
+    """The environment tasks start from: ours and the header's "env"."""
+    env = dict(os.environ)
+    for k, v in (header.get("env") or {}).items():
+        env[k] = v
+    return env
+
+
+class Capture(object):
     """One output stream of a task: memory, then a spill file."""
 
-    def __init__(self, spool, name):
-        self.spool = spool
+    def __init__(self, scratch, name):
+        self.scratch = scratch
         self.name = name
         self.buf = bytearray()
         self.path = None
@@ -128,7 +167,7 @@ class Stream(object):
             self.buf += data
             return
         if self.fh is None:
-            self.path = os.path.join(self.spool, self.name)
+            self.path = os.path.join(self.scratch, self.name)
             self.fh = open(self.path, "wb")
             self.fh.write(self.buf)
             self.buf = bytearray()
@@ -149,7 +188,7 @@ class Stream(object):
 
 
 class Task(object):
-    def __init__(self, head, slot, spool):
+    def __init__(self, head, slot, scratch):
         self.id = head["id"]
         self.head = head
         self.slot = slot
@@ -164,79 +203,44 @@ class Task(object):
         self.timed_out = False
         self.killed = False
         self.defer = None
-        self.out = Stream(spool, "%d.1" % self.id)
-        self.err = Stream(spool, "%d.2" % self.id)
+        self.out = Capture(scratch, "%d.1" % self.id)
+        self.err = Capture(scratch, "%d.2" % self.id)
+
+    def outcome(self):
+        """The fields of its result: the "done" frame's, a spool's .json's."""
+        return {"exit_status": None if self.sig else self.rc, "signal": self.sig,
+                "start": self.t0, "end": self.t1 or time.time(),
+                "timed_out": self.timed_out, "killed": self.killed}
 
 
-class Dispatcher(object):
-    def __init__(self, header):
-        self.nonce = header["nonce"]
+class Runner(object):
+    """Runs shell commands, up to `slots` at once, each in its own session.
+
+    Where tasks come from and where their results go is the sink's: the
+    runner takes `sink.next_task()` heads while it has a free slot, and
+    calls `sink.started(task)` and `sink.task_done(task)`.  Its loop
+    (`run`) also waits on what the sink registered in `sel` and asks it
+    `finished()` and `timeout(seconds)` each round.
+    """
+
+    def __init__(self, header, scratch, sink):
         self.slots = int(header.get("slots") or core_count())
-        self.env_base = dict(os.environ)
-        for k, v in (header.get("env") or {}).items():
-            self.env_base[k] = v
+        self.env_base = task_env(header)
         self.cwd = os.path.expanduser(header.get("cwd") or "~")
-        self.spool = tempfile.mkdtemp(prefix="sshq-farm-")
+        self.scratch = scratch
+        self.sink = sink
         self.sel = selectors.DefaultSelector()
-        self.inbuf = bytearray()
-        self.outq = []          # bytes and pending spilled-output readers
-        self.outq_bytes = 0
-        self.pending = []       # task headers not yet started (FIFO)
         self.running = {}       # id -> Task
-        self.by_fd = {}         # pipe fd -> (Task, Stream)
+        self.by_fd = {}         # pipe fd -> (Task, Capture)
         self.by_pid = {}        # pid -> running Task
         self.deferred = []      # tasks ended by a foreign signal, reported later
         self.free_slots = list(range(self.slots, 0, -1))
-        self.closing = False
-        self.paused = False
-        self.stdin_open = True
         self.wake_r, self.wake_w = os.pipe()
-        self.last_send = time.monotonic()
-
-    # ------------------------------------------------------------ output
-    def send(self, data):
-        self.last_send = time.monotonic()
-        self.outq.append(data)
-        self.outq_bytes += len(data)
-
-    def send_file(self, task_id, stream_no, path):
-        self.outq.append((task_id, stream_no, open(path, "rb")))
-
-    def flush(self):
-        """Write what the channel takes now; True if everything was written."""
-        while self.outq:
-            item = self.outq[0]
-            if isinstance(item, tuple):
-                if self.outq_bytes >= OUT_HIGH:
-                    return False
-                task_id, stream_no, fh = item
-                data = fh.read(CHUNK)
-                if not data:
-                    fh.close()
-                    self.outq.pop(0)
-                    continue
-                chunk = frame({"t": "o", "id": task_id, "s": stream_no}, data)
-                self.outq.insert(0, chunk)
-                self.outq_bytes += len(chunk)
-                # keep the reader right behind its chunk
-                continue
-            try:
-                n = os.write(1, item)
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    return False
-                raise
-            self.outq_bytes -= n
-            if n < len(item):
-                self.outq[0] = item[n:]
-                return False
-            self.outq.pop(0)
-        return True
 
     # ------------------------------------------------------------ tasks
     def start(self, head):
         slot = self.free_slots.pop()
-        task = Task(head, slot, self.spool)
+        task = Task(head, slot, self.scratch)
         env = dict(self.env_base)
         env["SSHQ_FARM_SEQ"] = str(head.get("seq", ""))
         env["SSHQ_FARM_SLOT"] = str(slot)
@@ -248,7 +252,7 @@ class Dispatcher(object):
             task.err.add(("sshq: cannot start the task: %s\n" % exc).encode("utf-8"))
             task.rc = 127
             self.running[task.id] = task
-            self.send(frame({"t": "s", "id": task.id, "t0": task.t0, "pid": None}))
+            self.sink.started(task)
             self.finish(task)
             return
         task.t0 = time.time()
@@ -257,12 +261,12 @@ class Dispatcher(object):
             task.deadline = time.monotonic() + float(timeout)
         self.running[task.id] = task
         self.by_pid[task.pid] = task
-        for fd, stream in zip(fds, (task.out, task.err)):
+        for fd, capture in zip(fds, (task.out, task.err)):
             os.set_blocking(fd, False)
-            self.by_fd[fd] = (task, stream)
+            self.by_fd[fd] = (task, capture)
             self.sel.register(fd, selectors.EVENT_READ, "pipe")
             task.open_pipes += 1
-        self.send(frame({"t": "s", "id": task.id, "t0": task.t0, "pid": task.pid}))
+        self.sink.started(task)
 
     def signal_task(self, task, sig):
         if task.pid is None or task.pid not in self.by_pid:
@@ -282,20 +286,18 @@ class Dispatcher(object):
             task.kill_at = time.monotonic() + KILL_GRACE
 
     def kill(self, task_id):
-        for i, head in enumerate(self.pending):
-            if head["id"] == task_id:
-                del self.pending[i]
-                now = time.time()
-                self.send(frame({"t": "d", "id": task_id, "rc": None, "sig": None, "t0": now,
-                                 "t1": now, "to": False, "k": True, "n1": 0}))
-                return
+        """Stop a running task (its result says "killed")."""
         task = self.running.get(task_id)
         if task is not None:
             task.killed = True
             self.stop_task(task)
 
+    def kill_all(self):
+        for task in list(self.running.values()):
+            self.signal_task(task, signal.SIGKILL)
+
     def read_pipe(self, fd):
-        task, stream = self.by_fd[fd]
+        task, capture = self.by_fd[fd]
         try:
             data = os.read(fd, 65536)
         except OSError as exc:
@@ -303,7 +305,7 @@ class Dispatcher(object):
                 return
             data = b""
         if data:
-            stream.add(data)
+            capture.add(data)
             return
         self.sel.unregister(fd)
         del self.by_fd[fd]
@@ -341,21 +343,9 @@ class Dispatcher(object):
     def finish(self, task):
         del self.running[task.id]
         self.free_slots.append(task.slot)
-        inline = []
-        for no, stream in ((1, task.out), (2, task.err)):
-            stream.finish()
-            if stream.path:
-                self.send_file(task.id, no, stream.path)
-                inline.append(b"")
-            else:
-                inline.append(bytes(stream.buf))
-        rc = None if task.sig else task.rc
-        self.send(frame({"t": "d", "id": task.id, "rc": rc, "sig": task.sig,
-                         "t0": task.t0, "t1": task.t1 or time.time(), "to": task.timed_out,
-                         "k": task.killed, "n1": len(inline[0])}, inline[0] + inline[1]))
-        for stream in (task.out, task.err):
-            if stream.path:   # the open reader keeps the data until it is sent
-                os.unlink(stream.path)
+        for capture in (task.out, task.err):
+            capture.finish()
+        self.sink.task_done(task)
 
     def timers(self):
         """Handle deadlines; return seconds until the next one (None: none)."""
@@ -381,6 +371,175 @@ class Dispatcher(object):
                     nxt = max(0.0, t - now)
         return nxt
 
+    # ------------------------------------------------------------ loop
+    def run(self):
+        os.chdir(self.cwd)
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *a: None)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        sink = self.sink
+        sink.begin()
+        while True:
+            if sink.stopping:
+                self.kill_all()
+                return
+            sink.tick()
+            while self.free_slots:
+                head = sink.next_task()
+                if head is None:
+                    break
+                self.start(head)
+            if sink.finished():
+                return
+            for key, _ in self.sel.select(sink.timeout(self.timers())):
+                what = key.data
+                if what == "pipe":
+                    self.read_pipe(key.fd)
+                elif what == "wake":
+                    try:
+                        os.read(self.wake_r, 4096)
+                    except OSError:
+                        pass
+                else:
+                    sink.ready(what)
+            self.reap()
+
+
+class StreamSink(object):
+    """Tasks from the client's frames on stdin; starts and results to it as
+    frames on stdout ("stream" mode)."""
+
+    stopping = False
+
+    def __init__(self, header):
+        self.nonce = header["nonce"]
+        self.scratch = tempfile.mkdtemp(prefix="sshq-farm-")
+        self.runner = Runner(header, self.scratch, self)
+        self.inbuf = bytearray()
+        self.outq = []          # bytes and pending spilled-output readers
+        self.outq_bytes = 0
+        self.pending = []       # task headers not yet started (FIFO)
+        self.closing = False
+        self.paused = False
+        self.stdin_open = True
+        self.writing = False
+        self.last_send = time.monotonic()
+
+    def run(self):
+        try:
+            self.runner.run()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            self.runner.kill_all()
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    # ------------------------------------------------------------ output
+    def send(self, data):
+        self.last_send = time.monotonic()
+        self.outq.append(data)
+        self.outq_bytes += len(data)
+
+    def flush(self):
+        """Write what the channel takes now; True if everything was written."""
+        while self.outq:
+            item = self.outq[0]
+            if isinstance(item, tuple):
+                if self.outq_bytes >= OUT_HIGH:
+                    return False
+                task_id, stream_no, fh = item
+                data = fh.read(CHUNK)
+                if not data:
+                    fh.close()
+                    self.outq.pop(0)
+                    continue
+                chunk = frame({"type": "output", "id": task_id, "stream": stream_no}, data)
+                self.outq.insert(0, chunk)
+                self.outq_bytes += len(chunk)
+                # keep the reader right behind its chunk
+                continue
+            try:
+                n = os.write(1, item)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    return False
+                raise
+            self.outq_bytes -= n
+            if n < len(item):
+                self.outq[0] = item[n:]
+                return False
+            self.outq.pop(0)
+        return True
+
+    # ------------------------------------------------------------ the runner's sink
+    def begin(self):
+        os.set_blocking(0, False)
+        os.set_blocking(1, False)
+        self.runner.sel.register(0, selectors.EVENT_READ, "stdin")
+        out = sys.stdout.buffer
+        out.write(("\nSSHQ-BEGIN-%s\n" % self.nonce).encode("ascii"))
+        out.flush()
+        self.send(frame({"type": "hello", "slots": self.runner.slots, "cores": core_count(),
+                         "pid": os.getpid(), "python": sys.version.split()[0]}))
+
+    def tick(self):
+        pass
+
+    def next_task(self):
+        if self.pending and not self.paused:
+            return self.pending.pop(0)
+        return None
+
+    def started(self, task):
+        self.send(frame({"type": "started", "id": task.id, "start": task.t0, "pid": task.pid}))
+
+    def task_done(self, task):
+        inline = []
+        for no, capture in ((1, task.out), (2, task.err)):
+            if capture.path:
+                self.outq.append((task.id, no, open(capture.path, "rb")))
+                inline.append(b"")
+            else:
+                inline.append(bytes(capture.buf))
+        head = task.outcome()
+        head["type"] = "done"
+        head["id"] = task.id
+        head["stdout_bytes"] = len(inline[0])
+        self.send(frame(head, inline[0] + inline[1]))
+        for capture in (task.out, task.err):
+            if capture.path:   # the open reader keeps the data until it is sent
+                os.unlink(capture.path)
+
+    def finished(self):
+        done = self.flush()
+        if not self.stdin_open and not self.closing:
+            return True  # the client is gone
+        if self.closing and not self.pending and not self.runner.running and done:
+            self.send(frame({"type": "bye"}))
+            while not self.flush():
+                time.sleep(0.01)
+            return True
+        if done == self.writing:
+            self.writing = not done
+            if self.writing:
+                self.runner.sel.register(1, selectors.EVENT_WRITE, "stdout")
+            else:
+                self.runner.sel.unregister(1)
+        return False
+
+    def timeout(self, timeout):
+        hb = self.last_send + HEARTBEAT - time.monotonic()
+        if hb <= 0:
+            self.send(frame({"type": "heartbeat"}))
+            return 0
+        return hb if timeout is None or hb < timeout else timeout
+
+    def ready(self, what):
+        if what == "stdin":
+            self.read_stdin()
+
     # ------------------------------------------------------------ input
     def read_stdin(self):
         try:
@@ -391,7 +550,7 @@ class Dispatcher(object):
             data = b""
         if not data:
             self.stdin_open = False
-            self.sel.unregister(0)
+            self.runner.sel.unregister(0)
             return
         self.inbuf += data
         while len(self.inbuf) >= 8:
@@ -400,7 +559,7 @@ class Dispatcher(object):
                 break
             head = json.loads(bytes(self.inbuf[8:8 + hl]).decode("utf-8"))
             del self.inbuf[:8 + hl + pl]
-            kind = head.get("t")
+            kind = head.get("type")
             if kind == "task":
                 self.pending.append(head)
             elif kind == "kill":
@@ -412,72 +571,20 @@ class Dispatcher(object):
             elif kind == "resume":
                 self.paused = False
 
-    # ------------------------------------------------------------ loop
-    def run(self):
-        os.chdir(self.cwd)
-        os.set_blocking(0, False)
-        os.set_blocking(1, False)
-        os.set_blocking(self.wake_w, False)
-        signal.set_wakeup_fd(self.wake_w)
-        signal.signal(signal.SIGCHLD, lambda *a: None)
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        self.sel.register(0, selectors.EVENT_READ, "stdin")
-        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
-        out = sys.stdout.buffer
-        out.write(("\nSSHQ-BEGIN-%s\n" % self.nonce).encode("ascii"))
-        out.flush()
-        self.send(frame({"t": "hello", "slots": self.slots, "cores": core_count(),
-                         "pid": os.getpid(), "python": sys.version.split()[0]}))
-        writing = False
-        while True:
-            while self.pending and self.free_slots and not self.paused:
-                self.start(self.pending.pop(0))
-            done = self.flush()
-            if not self.stdin_open and not self.closing:
-                return  # the client is gone
-            if self.closing and not self.pending and not self.running and done:
-                self.send(frame({"t": "bye"}))
-                while not self.flush():
-                    time.sleep(0.01)
+    def kill(self, task_id):
+        for i, head in enumerate(self.pending):
+            if head["id"] == task_id:
+                del self.pending[i]
+                now = time.time()
+                self.send(frame({"type": "done", "id": task_id, "exit_status": None,
+                                 "signal": None, "start": now, "end": now,
+                                 "timed_out": False, "killed": True, "stdout_bytes": 0}))
                 return
-            if done == writing:
-                writing = not done
-                if writing:
-                    self.sel.register(1, selectors.EVENT_WRITE, "stdout")
-                else:
-                    self.sel.unregister(1)
-            timeout = self.timers()
-            hb = self.last_send + HEARTBEAT - time.monotonic()
-            if hb <= 0:
-                self.send(frame({"t": "hb"}))
-                continue
-            if timeout is None or hb < timeout:
-                timeout = hb
-            for key, _ in self.sel.select(timeout):
-                what = key.data
-                if what == "pipe":
-                    self.read_pipe(key.fd)
-                elif what == "stdin":
-                    self.read_stdin()
-                elif what == "wake":
-                    try:
-                        os.read(self.wake_r, 4096)
-                    except OSError:
-                        pass
-            self.reap()
-
-    def cleanup(self):
-        for task in list(self.running.values()):
-            self.signal_task(task, signal.SIGKILL)
-        shutil.rmtree(self.spool, ignore_errors=True)
+        self.runner.kill(task_id)
 
 
-STALE = 60.0           # seconds without a heartbeat after which a worker is dead
-BEAT = 5.0             # seconds between a worker's heartbeats
-
-
-class Worker(Dispatcher):
-    """Runs a spool directory's tasks; results go to files, not frames.
+class SpoolSink(object):
+    """Tasks from a spool directory; results to files in it (a worker).
 
     A spool made with "shared" (pilot jobs) is worked on by several workers,
     possibly on several nodes of a shared file system: each claims a task by
@@ -491,51 +598,61 @@ class Worker(Dispatcher):
         self.dir = os.path.abspath(spool_dir)
         with open(os.path.join(self.dir, "header.json")) as fh:
             header = json.load(fh)
-        header["nonce"] = ""
         self.label = label or header.get("label")
         if self.label:   # several hosts may share the spool: each says who it is
             header["env"] = dict(header.get("env") or {}, SSHQ_FARM_HOST=self.label)
-        Dispatcher.__init__(self, header)
-        shutil.rmtree(self.spool, ignore_errors=True)
         self.wid = "%s-%d" % (socket.gethostname(), os.getpid())
-        self.spool = os.path.join(self.dir, "tmp", self.wid)
+        self.scratch = os.path.join(self.dir, "tmp", self.wid)
         self.results = os.path.join(self.dir, "results")
         self.claims = os.path.join(self.dir, "claims")
         self.workers = os.path.join(self.dir, "workers")
-        for d in (self.spool, self.results, self.claims, self.workers):
+        for d in (self.scratch, self.results, self.claims, self.workers):
             os.makedirs(d, exist_ok=True)   # pilots start at the same moment
+        self.runner = Runner(header, self.scratch, self)
         self.retries = int(header.get("retries") or 0)
         self.shared = bool(header.get("shared"))
         self.tasks_fh = open(os.path.join(self.dir, "tasks.jsonl"))
+        self.paused_flag = os.path.join(self.dir, "paused")
+        self.pending = []       # retries of failed tasks
+        self.paused = False
         self.exhausted = False
         self.stopping = False
         self.last_beat = 0.0
         self.last_steal = 0.0
+        self.began = time.monotonic()
 
-    def send(self, data):
-        pass
-
-    def send_file(self, task_id, stream_no, path):
-        pass
-
-    def has_result(self, seq):
-        base = os.path.join(self.results, str(seq))
-        return os.path.exists(base + ".json") or os.path.exists(base + ".acked")
-
-    def claim(self, seq):
+    def run(self):
+        with open(os.path.join(self.dir, "worker.pid"), "w") as fh:
+            fh.write("%d\n" % os.getpid())
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        for name in ("SIGTERM", "SIGINT", "SIGXCPU", "SIGUSR1", "SIGUSR2"):
+            # a job runner ending a pilot job: stop, leave unfinished claims
+            signal.signal(getattr(signal, name), self.on_stop)
         try:
-            fd = os.open(os.path.join(self.claims, str(seq)),
-                         os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        except OSError as exc:
-            if exc.errno == errno.EEXIST:
-                return False
-            raise
-        os.write(fd, self.wid.encode("utf-8"))
-        os.close(fd)
-        return True
+            self.runner.run()
+        finally:
+            with open(os.path.join(self.workers, self.wid + ".done"), "w") as fh:
+                fh.write("%f\n" % time.time())
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        if not self.stopping and self.all_done():
+            with open(os.path.join(self.dir, "done"), "w") as fh:
+                fh.write("%f\n" % time.time())
+
+    def on_stop(self, signum, frame):
+        self.stopping = True
+
+    # ------------------------------------------------------------ the runner's sink
+    def begin(self):
+        self.began = time.monotonic()
+
+    def tick(self):
+        self.beat()
+        self.paused = os.path.exists(self.paused_flag)
 
     def next_task(self):
         """The next task this worker may run, or None."""
+        if self.paused:
+            return None
         if self.pending:
             return self.pending.pop(0)
         while not self.exhausted:
@@ -553,8 +670,63 @@ class Worker(Dispatcher):
             return self.steal()
         return None
 
-    def worker_fresh(self, wid):
-        return fresh(self.workers, wid)
+    def started(self, task):
+        pass
+
+    def task_done(self, task):
+        if self.stopping:   # its claim stays: another worker runs it again
+            for capture in (task.out, task.err):
+                capture.discard()
+            return
+        seq = task.head["seq"]
+        attempt = int(task.head.get("attempt", 1))
+        if (task.rc != 0 or task.sig) and attempt <= self.retries:
+            self.pending.append(dict(task.head, attempt=attempt + 1))
+            for capture in (task.out, task.err):
+                capture.discard()
+            return
+        base = os.path.join(self.results, str(seq))
+        for ext, capture in ((".out", task.out), (".err", task.err)):
+            if capture.path:
+                os.rename(capture.path, base + ext)
+            else:
+                with open(base + ext, "wb") as fh:
+                    fh.write(capture.buf)
+        meta = task.outcome()
+        meta.update(seq=seq, attempt=attempt, node=socket.gethostname(), host=self.label)
+        with open(base + "." + self.wid + ".tmp", "w") as fh:
+            json.dump(meta, fh)
+        os.rename(base + "." + self.wid + ".tmp", base + ".json")
+
+    def finished(self):
+        if self.runner.running or self.pending or not self.exhausted:
+            return False
+        # a pilot that starts while others' claims are fresh waits until they
+        # finish or go stale, so lost tasks are re-run
+        return not (self.waiting_on_others() and time.monotonic() - self.began < STALE + 10)
+
+    def timeout(self, timeout):
+        return 0.5 if timeout is None else min(timeout, 0.5)
+
+    def ready(self, what):
+        pass
+
+    # ------------------------------------------------------------ the spool
+    def has_result(self, seq):
+        base = os.path.join(self.results, str(seq))
+        return os.path.exists(base + ".json") or os.path.exists(base + ".acked")
+
+    def claim(self, seq):
+        try:
+            fd = os.open(os.path.join(self.claims, str(seq)),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                return False
+            raise
+        os.write(fd, self.wid.encode("utf-8"))
+        os.close(fd)
+        return True
 
     def orphans(self):
         """Claims without a result whose worker is gone: [(seq, owner)]."""
@@ -573,7 +745,7 @@ class Worker(Dispatcher):
 
     def steal(self):
         for seq, owner in self.orphans():
-            if self.worker_fresh(owner):
+            if fresh(self.workers, owner):
                 continue
             path = os.path.join(self.claims, str(seq))
             try:
@@ -600,95 +772,12 @@ class Worker(Dispatcher):
             with open(os.path.join(self.workers, self.wid), "w") as fh:
                 fh.write("%d\n" % os.getpid())
 
-    def finish(self, task):
-        del self.running[task.id]
-        self.free_slots.append(task.slot)
-        if self.stopping:   # its claim stays: another worker runs it again
-            for stream in (task.out, task.err):
-                stream.discard()
-            return
-        seq = task.head["seq"]
-        rc = None if task.sig else task.rc
-        attempt = int(task.head.get("attempt", 1))
-        if (rc != 0 or task.sig) and attempt <= self.retries:
-            head = dict(task.head, attempt=attempt + 1)
-            self.pending.append(head)
-            for stream in (task.out, task.err):
-                stream.discard()
-            return
-        base = os.path.join(self.results, str(seq))
-        for ext, stream in ((".out", task.out), (".err", task.err)):
-            stream.finish()
-            if stream.path:
-                os.rename(stream.path, base + ext)
-            else:
-                with open(base + ext, "wb") as fh:
-                    fh.write(stream.buf)
-        meta = {"seq": seq, "rc": rc, "sig": task.sig, "t0": task.t0, "t1": task.t1,
-                "to": task.timed_out, "attempt": attempt, "node": socket.gethostname(),
-                "host": self.label}
-        with open(base + "." + self.wid + ".tmp", "w") as fh:
-            json.dump(meta, fh)
-        os.rename(base + "." + self.wid + ".tmp", base + ".json")
-
-    def on_stop(self, signum, frame):
-        self.stopping = True
-
     def all_done(self):
         self.tasks_fh.seek(0)
         return all(self.has_result(json.loads(line)["seq"]) for line in self.tasks_fh)
 
-    def run(self):
-        os.chdir(self.cwd)
-        with open(os.path.join(self.dir, "worker.pid"), "w") as fh:
-            fh.write("%d\n" % os.getpid())
-        os.set_blocking(self.wake_w, False)
-        signal.set_wakeup_fd(self.wake_w)
-        signal.signal(signal.SIGCHLD, lambda *a: None)
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        for name in ("SIGTERM", "SIGINT", "SIGXCPU", "SIGUSR1", "SIGUSR2"):
-            # a job runner ending a pilot job: stop, leave unfinished claims
-            signal.signal(getattr(signal, name), self.on_stop)
-        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
-        paused_flag = os.path.join(self.dir, "paused")
-        started = time.monotonic()
-        try:
-            while True:
-                if self.stopping:
-                    for task in list(self.running.values()):
-                        self.signal_task(task, signal.SIGKILL)
-                    break
-                self.beat()
-                if not os.path.exists(paused_flag):
-                    while self.free_slots:
-                        head = self.next_task()
-                        if head is None:
-                            break
-                        self.start(head)
-                if not self.running and not self.pending and self.exhausted:
-                    # a pilot that starts while others' claims are fresh waits
-                    # until they finish or go stale, so lost tasks are re-run
-                    if not (self.waiting_on_others() and time.monotonic() - started < STALE + 10):
-                        break
-                timeout = self.timers()
-                timeout = 0.5 if timeout is None else min(timeout, 0.5)
-                for key, _ in self.sel.select(timeout):
-                    if key.data == "pipe":
-                        self.read_pipe(key.fd)
-                    else:
-                        try:
-                            os.read(self.wake_r, 4096)
-                        except OSError:
-                            pass
-                self.reap()
-        finally:
-            with open(os.path.join(self.workers, self.wid + ".done"), "w") as fh:
-                fh.write("%f\n" % time.time())
-            shutil.rmtree(self.spool, ignore_errors=True)
-        if not self.stopping and self.all_done():
-            with open(os.path.join(self.dir, "done"), "w") as fh:
-                fh.write("%f\n" % time.time())
+
+# ---------------------------------------------------------------- spools
 
 
 def resolve_spool(path):
@@ -719,7 +808,7 @@ def prepare(header):
     os.makedirs(spool, 0o700, exist_ok=True)
     with open(os.path.join(spool, "tasks.jsonl"), "a") as tasks:
         for head, payload in read_frames(sys.stdin.buffer):
-            kind = head.get("t")
+            kind = head.get("type")
             if kind == "task":
                 tasks.write(json.dumps(head) + "\n")
             elif kind == "source":
@@ -734,7 +823,7 @@ def prepare(header):
     pid = None
     if header.get("detach"):
         pid = daemon(spool, header.get("label"))
-    reply(header["nonce"], [frame({"t": "prepared", "spool": spool, "pid": pid})])
+    reply(header["nonce"], [frame({"type": "prepared", "spool": spool, "pid": pid})])
 
 
 def daemon(spool, label=None):
@@ -765,7 +854,7 @@ def daemon(spool, label=None):
         os.dup2(null, 1)
         os.dup2(log, 2)
         try:
-            worker = Worker(spool, label)
+            worker = SpoolSink(spool, label)
             worker.beat()     # alive before the client hears of it
             os.write(w, str(os.getpid()).encode("ascii"))
             os.close(w)
@@ -817,9 +906,6 @@ def worker_alive(spool):
     return any(fresh(workers, n) for n in names if not n.endswith(".done"))
 
 
-META_MAX = 65536        # bytes: a result's .json is larger only if it is not ours
-
-
 def spool_seqs(spool):
     """The seqs of a spool's tasks (a set)."""
     seqs = set()
@@ -833,6 +919,13 @@ def spool_seqs(spool):
     except OSError:
         pass
     return seqs
+
+
+#: A result's .json keys as workers wrote them before the keys became whole
+#: words (a spool's worker is its own copy of the dispatcher, so a run
+#: detached before an upgrade still has them): old -> new.
+OLD_META_KEYS = {"rc": "exit_status", "sig": "signal", "t0": "start", "t1": "end",
+                 "to": "timed_out"}
 
 
 def read_meta(path, seq):
@@ -850,6 +943,9 @@ def read_meta(path, seq):
         return None
     if not isinstance(meta, dict) or meta.get("seq") != seq:
         return None
+    for old, new in OLD_META_KEYS.items():
+        if old in meta and new not in meta:
+            meta[new] = meta.pop(old)
     return meta
 
 
@@ -893,8 +989,9 @@ def collect(header):
                     os.rename(path, path + ".bad")
                 except OSError:
                     pass
-                out.write(frame({"t": "warn", "msg": "%s: not a result of one of the spool's"
-                                 " tasks; renamed to %s.bad" % (path[-200:], name[-60:])}))
+                out.write(frame({"type": "warn", "message": "%s: not a result of one of the"
+                                 " spool's tasks; renamed to %s.bad" % (path[-200:],
+                                                                         name[-60:])}))
                 continue
             count += 1
             for no, ext in ((1, ".out"), (2, ".err")):
@@ -907,39 +1004,33 @@ def collect(header):
                         data = fh.read(CHUNK)
                         if not data:
                             break
-                        out.write(frame({"t": "o", "id": seq, "s": no}, data))
-            out.write(frame({"t": "d", "id": seq, "rc": meta.get("rc"), "sig": meta.get("sig"),
-                             "t0": meta.get("t0"), "t1": meta.get("t1"), "to": meta.get("to"),
-                             "k": False, "n1": 0, "attempt": meta.get("attempt", 1),
-                             "node": meta.get("node"), "host": meta.get("host")}))
-        out.write(frame({"t": "state", "spool": spool, "done": done, "alive": alive,
+                        out.write(frame({"type": "output", "id": seq, "stream": no}, data))
+            head = {"type": "done", "id": seq, "stdout_bytes": 0, "killed": False,
+                    "attempt": meta.get("attempt", 1)}
+            for key in ("exit_status", "signal", "start", "end", "timed_out", "node", "host"):
+                head[key] = meta.get(key)
+            out.write(frame(head))
+        out.write(frame({"type": "state", "spool": spool, "done": done, "alive": alive,
                          "exists": os.path.isdir(spool),
                          "tasks": len(seqs), "results": count}))
         if item.get("tidy") and (done or not alive):
             shutil.rmtree(spool, ignore_errors=True)
-    out.write(frame({"t": "bye"}))
+    out.write(frame({"type": "bye"}))
     out.flush()
 
 
 def main():
     if len(sys.argv) >= 3 and sys.argv[1] == "worker":   # inside a pilot job
-        Worker(sys.argv[2]).run()
+        SpoolSink(sys.argv[2]).run()
         return
     header = json.loads(sys.stdin.buffer.readline().decode("utf-8"))
     mode = header.get("mode", "stream")
     if mode == "prepare":
         prepare(header)
-        return
-    if mode == "collect":
+    elif mode == "collect":
         collect(header)
-        return
-    d = Dispatcher(header)
-    try:
-        d.run()
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    finally:
-        d.cleanup()
+    else:
+        StreamSink(header).run()
 
 
 if __name__ == "__main__":
