@@ -11,8 +11,9 @@ Tables: ``jobs`` (every submitted job and its latest state), ``remote_init``
 ``runner_queries`` (when each host's job runner was last asked for job states).
 Step 2 adds the tables of ``sshq serve`` (``api_*``: tokens, API requests and
 their idempotency keys, which request reserved which job, job state events,
-the last successful poll of each job, pending webhook deliveries); they are
-read and written by :mod:`sshq.server.state`.
+the last successful poll of each job, pending webhook deliveries), step 3
+``api_kills`` (the jobs the server was asked to kill); they are read and
+written by :mod:`sshq.server.state`.
 """
 
 from __future__ import annotations
@@ -137,6 +138,11 @@ CREATE TABLE api_deliveries (
     done REAL
 );
 CREATE INDEX api_deliveries_due ON api_deliveries (done, next_try);
+""", """
+CREATE TABLE api_kills (
+    job INTEGER PRIMARY KEY,
+    time REAL NOT NULL
+);
 """)
 SCHEMA_VERSION = len(MIGRATIONS)
 

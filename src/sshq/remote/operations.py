@@ -20,6 +20,9 @@ The agent's operations (``OPS`` in :mod:`sshq.shipped.agent`):
   :class:`sshq.Executor`'s calls and the tails of their ``job.err``).
 - ``install_agent``: write the installed agent's files into ``~/.sshq``,
   checked by sha256 (``sshq agent install``, :mod:`sshq.remote.installed`).
+- ``fs``: one filesystem operation (ls, stat, read, mkdir, rm, upload) confined
+  to the directories named (symbolic links resolved): ``sshq serve``'s
+  FirecREST ``ops`` routes (:mod:`sshq.server.firecrest`).
 
 With ``installed`` (a platform's ``agent = "installed"``) each call runs the
 agent installed by ``sshq agent install`` and sends only the request; behind

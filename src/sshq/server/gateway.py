@@ -245,6 +245,7 @@ class Gateway:
             ApiError: 403/404; 502/503 when the host or agent failed.
         """
         self.job(token, id)
+        self.state.record_kill(id)
         try:
             (job,) = await self.client.kill([id], settle=self.kill_settle)
         except SshqError as exc:

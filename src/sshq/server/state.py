@@ -1,6 +1,6 @@
 """What ``sshq serve`` keeps in the state database (the ``api_*`` tables).
 
-The tables are created by step 2 of :data:`sshq.store.MIGRATIONS`; this
+The tables are created by steps 2 and 3 of :data:`sshq.store.MIGRATIONS`; this
 module reads and writes them through its own SQLite connection to the same
 file (WAL mode: readers never wait for the job store's writers).
 
@@ -15,7 +15,8 @@ file (WAL mode: readers never wait for the job store's writers).
   job, the time of its last successful poll, and one event per state
   change (the ids of the event stream);
 - ``api_deliveries``: webhook deliveries not yet made, with their retry
-  times.
+  times;
+- ``api_kills``: the jobs whose kill the server was asked for.
 
 Nothing here does I/O beyond the database.
 """
@@ -261,6 +262,31 @@ class ServerState:
         self._write("DELETE FROM api_jobs WHERE request=?", (request,))
         self._write("DELETE FROM api_requests WHERE id=?", (request,))
         self._write("COMMIT")
+
+    def record_kill(self, job: int) -> None:
+        """Remember that a kill of ``job`` was asked for (FirecREST: CANCELLED)."""
+        self._write("INSERT OR REPLACE INTO api_kills (job, time) VALUES (?,?)",
+                    (job, time.time()))
+
+    def killed(self, ids: Iterable[int]) -> set[int]:
+        """Which of these jobs the server was asked to kill."""
+        ids = list(ids)
+        out: set[int] = set()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            out.update(r[0] for r in self._db.execute(
+                f"SELECT job FROM api_kills WHERE job IN ({marks})", chunk))
+        return out
+
+    def token_work_dirs(self, token: str, platform: str, limit: int = 1000) -> list[str]:
+        """The work directories of the jobs ``token`` submitted on ``platform``
+        (the newest ``limit``)."""
+        return [r[0] for r in self._db.execute(
+            "SELECT j.work_dir FROM jobs j JOIN api_jobs a ON a.job = j.id"
+            " JOIN api_requests r ON r.id = a.request WHERE r.token=? AND j.platform=?"
+            " AND j.work_dir != '' GROUP BY j.work_dir ORDER BY MAX(j.id) DESC LIMIT ?",
+            (token, platform, int(limit)))]
 
     # ------------------------------------------------------------ polls and events
 

@@ -15,7 +15,8 @@
 #
 # Operations (the "op" field): init, submit, poll, kill, read, follow,
 # listing, tidy, procs, pyenv, read_many, install_agent (`sshq agent install`:
-# the installed agent's files, which sshq_restricted.py describes).
+# the installed agent's files, which sshq_restricted.py describes), fs (sshq
+# serve's FirecREST filesystem operations, confined to the directories named).
 # Nothing here builds shell text: every command is an argument vector run
 # without a shell.  The job status file, its keys, the job log layout (Cylc's,
 # seed 001: <run_dir>/log/job/<name>/<NN>/{job,job.out,...}, NN -> latest) and
@@ -595,6 +596,151 @@ def op_read_many(req, w):
     w.frame({"files": out})
 
 
+# ---- sshq serve's FirecREST filesystem operations (src/sshq/server/firecrest.py)
+
+#: The most bytes one "fs" read returns (FirecREST's direct transfer limit).
+FS_MAX_BYTES = 5 * 1024 * 1024
+#: The most entries one recursive listing returns.
+FS_MAX_ENTRIES = 10000
+
+
+class FsOutside(Exception):
+    """A path outside the directories the request allows."""
+
+
+def _fs_inside(path, roots):
+    for root in roots:
+        root = os.path.realpath(root).rstrip("/") or "/"
+        if path == root or path.startswith(root.rstrip("/") + "/"):
+            return True
+    return False
+
+
+def _fs_entry(path, name, deref, numeric):
+    """One `ls -l`-like entry, as FirecREST's ops/ls reports it."""
+    import grp
+    import pwd
+
+    st = os.stat(path) if deref else os.lstat(path)
+    kind = "d" if stat.S_ISDIR(st.st_mode) else "l" if stat.S_ISLNK(st.st_mode) else "-"
+    user, group = str(st.st_uid), str(st.st_gid)
+    if not numeric:
+        try:
+            user = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            pass
+        try:
+            group = grp.getgrgid(st.st_gid).gr_name
+        except KeyError:
+            pass
+    return {"name": name, "type": kind,
+            "linkTarget": os.readlink(path) if kind == "l" else None,
+            "user": user, "group": group, "permissions": stat.filemode(st.st_mode)[1:],
+            "lastModified": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(st.st_mtime)),
+            "size": str(st.st_size)}
+
+
+def _fs_read(path, req):
+    """Bytes of a regular file: from "offset", or its last "max" with "tail"."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO cannot block us
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        want = max(0, min(int(req.get("max", FS_MAX_BYTES)), FS_MAX_BYTES))
+        offset = max(0, st.st_size - want) if req.get("tail") else int(req.get("offset", 0))
+        os.lseek(fd, offset, os.SEEK_SET)
+        chunks, left = [], want
+        while left > 0:
+            data = os.read(fd, min(left, 1024 * 1024))
+            if not data:
+                break
+            chunks.append(data)
+            left -= len(data)
+        return {"data_b64": b64(b"".join(chunks)), "size": st.st_size, "offset": offset}
+    finally:
+        os.close(fd)
+
+
+def _fs(req):
+    action, path, roots = req["action"], req["path"], req["roots"]
+    if not path.startswith("/") or "\0" in path:
+        raise OSError(errno.EINVAL, "not an absolute path")
+    parent, base = os.path.split(path.rstrip("/") or "/")
+    own = os.path.join(os.path.realpath(parent), base) if base else "/"  # a link itself
+    real = os.path.realpath(path)  # what it leads to
+    deref = bool(req.get("dereference"))
+    itself = action == "rm" or (action in ("stat", "ls") and not deref)
+    if not _fs_inside(own, roots) or not (itself or _fs_inside(real, roots)):
+        raise FsOutside(path)
+    if action == "ls":
+        numeric = bool(req.get("numeric"))
+        if not os.path.isdir(real if deref else own) or os.path.islink(own) and not deref:
+            return {"output": [_fs_entry(own, base, deref, numeric)]}
+        out = []
+        for top, dirs, files in os.walk(real):
+            rel = os.path.relpath(top, real)
+            names = sorted(dirs + files)
+            if not req.get("hidden"):
+                names = [n for n in names if not n.startswith(".")]
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for n in names:
+                out.append(_fs_entry(os.path.join(top, n), n if rel == "." else
+                                     os.path.join(rel, n), deref, numeric))
+                if len(out) >= FS_MAX_ENTRIES:
+                    return {"output": out, "truncated": True}
+            if not req.get("recursive"):
+                break
+        return {"output": out}
+    if action == "stat":
+        st = os.stat(real) if deref else os.lstat(own)
+        return {"output": dict((k, int(getattr(st, "st_" + k))) for k in (
+            "mode", "ino", "dev", "nlink", "uid", "gid", "size", "atime", "mtime", "ctime"))}
+    if action == "read":
+        return _fs_read(real, req)
+    if action == "mkdir":
+        if req.get("parent"):
+            os.makedirs(real, exist_ok=True)
+        else:
+            os.mkdir(real)
+        return {"output": _fs_entry(real, os.path.basename(real), False, False)}
+    if action == "rm":
+        if os.path.isdir(own) and not os.path.islink(own):
+            shutil.rmtree(own)
+        else:
+            os.unlink(own)
+        return {}
+    if action == "upload":
+        name = req["name"]
+        if not name or "/" in name or name in (".", "..") or "\0" in name:
+            raise OSError(errno.EINVAL, "bad file name %r" % name)
+        if not os.path.isdir(real):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        target = os.path.join(real, name)
+        tmp = os.path.join(real, ".%s.sshq-upload-%d" % (name[:100], os.getpid()))
+        with open(tmp, "wb") as fh:
+            fh.write(base64.b64decode(req["data_b64"]))
+        os.rename(tmp, target)
+        return {}
+    raise ValueError("unknown fs action %r" % action)
+
+
+def op_fs(req, w):
+    """One filesystem operation of sshq serve's FirecREST API (ls, stat, read,
+    mkdir, rm, upload) on "path", refused outside the directories "roots"
+    (symbolic links resolved): the reply names the errno, never raises."""
+    try:
+        w.frame(dict(_fs(req), ok=True))
+    except FsOutside:
+        w.frame({"ok": False, "code": "outside",
+                 "error": "%s: outside the directories allowed" % req["path"]})
+    except (IOError, OSError) as exc:
+        code = errno.errorcode.get(exc.errno or 0, "EIO")
+        w.frame({"ok": False, "code": code, "error": "%s: %s" % (req["path"], exc.strerror or exc)})
+
+
 # ---- `sshq agent install`: the installed agent's files (see sshq_restricted.py)
 
 _INSTALL_NAME = re.compile(r"\.?[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")  # never ".."
@@ -681,7 +827,7 @@ def op_install_agent(req, w):
 OPS = {"init": op_init, "submit": op_submit, "poll": op_poll, "kill": op_kill,
        "read": op_read, "follow": op_follow, "listing": op_listing, "tidy": op_tidy,
        "procs": op_procs, "pyenv": op_pyenv, "read_many": op_read_many,
-       "install_agent": op_install_agent}
+       "install_agent": op_install_agent, "fs": op_fs}
 
 
 def handle(req, w):
