@@ -155,10 +155,13 @@ async def submit(body: SubmitIn, token: Token, gw: GatewayDep, response: Respons
 
 
 @router.get("/jobs", summary="Jobs, from the state database (no SSH)")
-async def list_jobs(token: Token, gw: GatewayDep, platform: str | None = None,
-                    state: str | None = None,
+async def list_jobs(token: Token, gw: GatewayDep, response: Response,
+                    platform: str | None = None, state: str | None = None,
                     limit: Annotated[int | None, Query(ge=1, le=100000)] = None
                     ) -> list[dict[str, Any]]:
+    """The jobs, oldest first.  The header ``Sshq-Last-Event-Id`` is the newest
+    event id before the list was read: ``/events?after=`` it misses nothing."""
+    response.headers["Sshq-Last-Event-Id"] = str(gw.state.last_event_id())
     return gw.objects(gw.list_jobs(token, platform=platform, state=state, limit=limit))
 
 
