@@ -26,8 +26,9 @@ ADDR=127.0.0.1
 TUSER=sshqtest
 SGEUSER=sshqsge
 SLURM_CONF=/etc/slurm/slurm.conf
+# chromium: the headless browser of sshq serve's page tests (tests/test_serve_page.py)
 PKGS=(openssh-server openssh-client rsync slurm-wlm munge iproute2 parallel tmux procps
-      python3-venv)
+      python3-venv chromium)
 
 export DEBIAN_FRONTEND=noninteractive
 export LC_ALL=C
