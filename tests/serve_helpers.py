@@ -66,7 +66,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log.read_bytes()[mark:].decode(errors="replace")
-            m = re.search(r"listening on (http://\S+)", text)
+            m = re.search(r"listening on (https?://\S+)", text)
             if m:
                 self.url = m.group(1)
                 return self

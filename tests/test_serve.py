@@ -593,3 +593,60 @@ def test_ssh_outage_changes_no_state(slurm_testbed: dict[str, str], server: Serv
     server.start()
     with server.client(token) as c:
         assert wait_job(c, job["id"], FINAL)["state"] == "succeeded"
+
+
+# ---------------------------------------------------------------- TLS
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_tls(serve_env: dict[str, str], tmp_path: Path) -> None:
+    from sshq.cli.serve import parse_listen
+
+    assert parse_listen("0.0.0.0:8622", tls=True) == ("0.0.0.0", 8622)
+    assert parse_listen("[::1]:8622", tls=False) == ("::1", 8622)
+    cert, key = _self_signed(tmp_path)
+    r = sshq_cmd(serve_env, "serve", "--tls-cert", str(cert))
+    assert r.returncode == 2 and b"both" in r.stderr
+    token, _ = make_token(serve_env, "tls")
+    s = Server(serve_env, tmp_path / "tls.log", "--tls-cert", str(cert), "--tls-key", str(key))
+    s.start()
+    try:
+        assert s.url.startswith("https://127.0.0.1:")
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(cert))
+        with httpx.Client(base_url=s.url, verify=ctx,
+                          headers={"Authorization": f"Bearer {token}"}) as c:
+            assert c.get("/api/v1/platforms").status_code == 200
+        with httpx.Client(base_url=s.url.replace("https:", "http:")) as c, \
+                pytest.raises(httpx.HTTPError):
+            c.get("/api/v1/platforms")
+    finally:
+        s.stop()
