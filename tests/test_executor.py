@@ -1,0 +1,302 @@
+"""sshq.Executor on the real test bed: calls as Slurm jobs (map: one job
+array) through the real sshd, and as farm tasks on the loopback host.
+
+The remote interpreter is a venv of the test user, made once (and reused)
+by the ``remote_python`` fixture: Debian's python3, the client's Python minor
+version, with the client's cloudpickle version from PyPI.  A second venv
+holds another cloudpickle version for the mismatch test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import pytest
+from helpers import record_agent_calls
+from testbed import skip_or_fail
+
+from sshq import (
+    EnvironmentMismatchError,
+    Executor,
+    JobFailedError,
+    JobState,
+    RemoteFunctionError,
+)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
+
+# this module's functions and classes travel by value
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+VENV = "sshq-test-venv"                 # under the test user's home
+OTHER_VENV = "sshq-test-venv-other"
+OTHER_CLOUDPICKLE = "3.0.0"             # any version but the client's
+
+
+def bed_ssh(testbed: dict[str, str], command: str,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run a shell command as the test user, over the real sshd."""
+    return subprocess.run(
+        ["ssh", "-i", testbed["SSHQ_TEST_KEY"], "-p", testbed["SSHQ_TEST_PORT"],
+         "-o", f"UserKnownHostsFile={testbed['SSHQ_TEST_KNOWN_HOSTS']}",
+         "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+         f"{testbed['SSHQ_TEST_USER']}@{testbed['SSHQ_TEST_HOST']}", command],
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def ensure_venv(testbed: dict[str, str], name: str, cloudpickle_version: str) -> str:
+    """The absolute path of the venv's python, with that cloudpickle (made if
+    missing or different)."""
+    home = bed_ssh(testbed, 'printf %s "$HOME"').stdout.strip()
+    venv = f"{home}/{name}"
+    python = f"{venv}/bin/python"
+    probe = f"{shlex.quote(python)} -c 'import cloudpickle; print(cloudpickle.__version__)'"
+    if bed_ssh(testbed, probe).stdout.strip() == cloudpickle_version:
+        return python
+    q = shlex.quote(venv)
+    made = bed_ssh(testbed, f"rm -rf {q} && python3 -m venv {q} && {q}/bin/pip install -q"
+                            f" cloudpickle=={cloudpickle_version}")
+    if made.returncode != 0 or bed_ssh(testbed, probe).stdout.strip() != cloudpickle_version:
+        skip_or_fail(f"cannot make the remote venv {venv}: {made.stderr.strip()[-300:]}",
+                     f"cannot make the remote venv {venv}: {made.stderr.strip()[-300:]}")
+    return python
+
+
+@pytest.fixture(scope="session")
+def remote_python(slurm_testbed: dict[str, str]) -> str:
+    """The test user's venv python: same Python minor and cloudpickle as here."""
+    return ensure_venv(slurm_testbed, VENV, cloudpickle.__version__)
+
+
+@pytest.fixture(scope="session")
+def other_python(slurm_testbed: dict[str, str]) -> str:
+    """A venv python of the test user with another cloudpickle version."""
+    assert OTHER_CLOUDPICKLE != cloudpickle.__version__
+    return ensure_venv(slurm_testbed, OTHER_VENV, OTHER_CLOUDPICKLE)
+
+
+@pytest.fixture
+def make_executor(config_file: Path, state_dir: Path,
+                  remote_python: str) -> Iterator[Callable[..., Executor]]:
+    made: list[Executor] = []
+
+    def make(platform: str = "slurm", **kw: Any) -> Executor:
+        kw.setdefault("python", remote_python)
+        ex = Executor(platform, config=config_file, state_dir=state_dir, poll_interval=0.5,
+                      max_poll_interval=2.0, walltime="0:10:00", **kw)
+        made.append(ex)
+        return ex
+
+    yield make
+    for ex in made:
+        ex.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    values: tuple[float, ...]
+    tags: frozenset[str]
+
+
+class Boom(Exception):
+    pass
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def describe(sample: Sample, *, scale: float = 1.0, suffix: str = "") -> Sample:
+    return Sample(name=sample.name + suffix, values=tuple(v * scale for v in sample.values),
+                  tags=sample.tags | {"seen"})
+
+
+def explode(n: int) -> None:
+    raise Boom(f"explode({n}) failed on purpose")
+
+
+def where_am_i(x: int) -> dict[str, Any]:
+    return {"x": x, "farm_run": os.environ.get("SSHQ_FARM_RUN"),
+            "job_id": os.environ.get("SLURM_JOB_ID"), "python": sys.executable}
+
+
+def wait_running(fut: Any, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while fut.job is None or fut.job.state is not JobState.RUNNING:
+        assert time.monotonic() < deadline, f"job not running in time: {fut.job}"
+        assert not fut.done(), fut.exception()
+        time.sleep(0.5)
+
+
+def test_calls_return_values_lambda_function_kwargs_dataclass(
+        make_executor: Callable[..., Executor], remote_python: str) -> None:
+    ex = make_executor()
+    sample = Sample(name="s", values=(1.0, 2.5), tags=frozenset({"a"}))
+    futs = [ex.submit(lambda x, y: x ** y, 2, 10),
+            ex.submit(square, 12),
+            ex.submit(describe, sample, scale=2.0, suffix="-2"),
+            ex.submit(where_am_i, 5)]
+    assert futs[0].result(timeout=300) == 1024
+    assert futs[1].result(timeout=300) == 144
+    assert futs[2].result(timeout=300) == Sample(name="s-2", values=(2.0, 5.0),
+                                                  tags=frozenset({"a", "seen"}))
+    info = futs[3].result(timeout=300)
+    assert info["python"].startswith(remote_python.rsplit("/bin/", 1)[0])
+    assert info["job_id"] and info["farm_run"] is None
+    ids = [f.id for f in futs]
+    assert len(set(ids)) == 4 and all(isinstance(i, int) for i in ids)
+    for f in futs:
+        assert f.job is not None and f.job.job_runner == "slurm"
+        assert f.job.state is JobState.SUCCEEDED
+
+
+def test_map_is_one_array_submission(make_executor: Callable[..., Executor],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = make_executor()
+    ex.submit(square, 1).result(timeout=300)  # the pre-flight check, out of the count
+    calls = record_agent_calls(monkeypatch)
+    res = ex.map(square, range(20))
+    assert [c["op"] for c in calls] == ["submit"]  # one SSH command sent it all
+    assert list(res) == [i * i for i in range(20)]
+    jobs = [f.job for f in res.futures]
+    assert len({f.id for f in res.futures}) == 20
+    array_ids = {j.job_id.split("_")[0] for j in jobs if j is not None}
+    assert len(array_ids) == 1, array_ids   # elements of one array job
+    assert sorted(int(j.job_id.split("_")[1]) for j in jobs if j) == list(range(1, 21))
+
+    calls.clear()
+    res5 = ex.map(square, range(20), chunksize=5)
+    assert [c["op"] for c in calls] == ["submit"]
+    assert list(res5) == [i * i for i in range(20)]
+    elements = {f.job.job_id for f in res5.futures if f.job is not None}
+    assert len({f.id for f in res5.futures}) == 4 and len(elements) == 4
+    assert len({e.split("_")[0] for e in elements}) == 1
+    # polls and result reads: one agent call each per round, whatever the calls
+    ops = [c["op"] for c in calls]
+    assert set(ops) <= {"submit", "poll", "read_many"}
+
+
+def test_exceptions_come_home_with_the_remote_traceback(
+        make_executor: Callable[..., Executor]) -> None:
+    ex = make_executor()
+    fut = ex.submit(explode, 7)
+    with pytest.raises(Boom, match=r"explode\(7\) failed on purpose") as info:
+        fut.result(timeout=300)
+    note = "\n".join(info.value.__notes__)
+    assert "Remote traceback" in note and "in explode" in note
+    assert info.value.remote_traceback.startswith("Traceback")  # type: ignore[attr-defined]
+
+    def unpicklable() -> None:
+        import threading
+        raise ValueError(threading.Lock())
+
+    with pytest.raises(RemoteFunctionError) as rinfo:
+        ex.submit(unpicklable).result(timeout=300)
+    assert rinfo.value.remote_type == "ValueError"
+    assert "in unpicklable" in rinfo.value.remote_traceback
+
+
+def test_sshq_kill_raises_job_failed_with_the_signal(
+        make_executor: Callable[..., Executor],
+        sshq: Callable[..., subprocess.CompletedProcess[bytes]]) -> None:
+    ex = make_executor()
+    fut = ex.submit(time.sleep, 600)
+    wait_running(fut)
+    killed = sshq("kill", str(fut.id))
+    assert killed.returncode == 0, killed.stderr
+    with pytest.raises(JobFailedError) as info:
+        fut.result(timeout=300)
+    err = info.value
+    assert err.signal in {"TERM", "KILL"} and err.state == "failed", err
+    assert err.id == fut.id and f"by signal {err.signal}" in str(err)
+
+
+def test_environment_mismatch_queues_nothing(
+        make_executor: Callable[..., Executor], other_python: str, run_id: str) -> None:
+    name = f"mismatch-{run_id}"
+
+    def squeue_names() -> str:
+        return subprocess.run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i"],
+                              capture_output=True, text=True, timeout=60).stdout.strip()
+
+    ex = make_executor(python="/usr/bin/python3", name=name)   # no cloudpickle there
+    with pytest.raises(EnvironmentMismatchError) as info:
+        ex.submit(square, 2)
+    msg = str(info.value)
+    assert "/usr/bin/python3" in msg and "no cloudpickle" in msg
+    assert f"cloudpickle {cloudpickle.__version__}" in msg and "fix:" in msg
+    ex2 = make_executor(python=other_python, name=name)
+    with pytest.raises(EnvironmentMismatchError) as info2:
+        ex2.map(square, range(3))
+    assert info2.value.remote_cloudpickle == OTHER_CLOUDPICKLE
+    assert info2.value.local_cloudpickle == cloudpickle.__version__
+    assert f"cloudpickle {OTHER_CLOUDPICKLE}" in str(info2.value)
+    assert squeue_names() == ""
+    assert ex._loop.call(ex.client.jobs()) == []
+
+
+CLIENT_SCRIPT = """
+import json, os, signal, sys
+import cloudpickle
+from sshq import Executor
+
+def slow(x):
+    import time
+    time.sleep(2)
+    return x * 7
+
+ex = Executor("slurm", config=sys.argv[1], state_dir=sys.argv[2], python=sys.argv[3],
+              walltime="0:10:00")
+fut = ex.submit(slow, 6)
+res = ex.map(slow, [1, 2, 3])
+print(json.dumps([fut.id] + [f.id for f in res.futures]), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_attach_collects_the_results_of_a_killed_client(
+        make_executor: Callable[..., Executor], config_file: Path, state_dir: Path,
+        remote_python: str, tmp_path: Path) -> None:
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(config_file), str(state_dir),
+                           remote_python], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    ids = json.loads(proc.stdout)
+    ex = make_executor()
+    futs = ex.attach(ids)
+    assert [f.result(timeout=300) for f in futs] == [42, 7, 14, 21]
+    assert [f.id for f in futs] == ids
+
+
+def test_hosts_runs_calls_as_farm_tasks(make_executor: Callable[..., Executor],
+                                        state_dir: Path) -> None:
+    ex = make_executor("bg", hosts=["bg"])
+    res = ex.map(where_am_i, range(6), chunksize=2)
+    got = list(res)
+    assert [g["x"] for g in got] == list(range(6))
+    assert all(g["farm_run"] and g["job_id"] is None for g in got)
+    assert len({g["farm_run"] for g in got}) == 1   # one farm run for the map
+    assert all(f.id is None and f.job is None for f in res.futures)
+    assert ex._loop.call(ex.client.jobs()) == []    # no job anywhere
+    with pytest.raises(Boom):
+        ex.submit(explode, 1).result(timeout=300)
+
+
+async def test_futures_work_from_asyncio(make_executor: Callable[..., Executor]) -> None:
+    ex = make_executor("bg", hosts=["bg"])
+    fut = ex.submit(square, 9)
+    assert await asyncio.wait_for(asyncio.wrap_future(fut), 300) == 81
