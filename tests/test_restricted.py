@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 from conftest import platform_toml
 from helpers import SSHQ, record_agent_calls
@@ -454,6 +455,11 @@ async def test_the_server_refuses_them_too(bed: Bed, state_dir: Path) -> None:
         # ssh-to-job's step into a Slurm job
         r = await t.run(["srun", "--jobid=1", "--overlap", "bash", "-c", "id"], timeout=60)
         assert r.exit_status == 1 and b"restricted" in r.stderr and r.stdout == b""
+        # SFTP (the subsystem reaches the forced command as "internal-sftp")
+        with pytest.raises((asyncssh.Error, OSError)):
+            async with t.sftp() as sftp:
+                await sftp.listdir("/")
+    assert "command=internal-sftp" in audit_lines()[-1], audit_lines()[-1]
 
 
 async def test_an_older_agent_says_to_install_again(bed: Bed, state_dir: Path,

@@ -581,6 +581,9 @@ def rsync_path(opts, arg):
             return rest
     # another spelling of the run directory (a symbolic link above it)
     rest = os.path.relpath(os.path.realpath(p), root_real)
+    if rest == ".." or rest.startswith("../"):
+        raise Refused("restricted: rsync path %s is outside the run directory %s"
+                      % (one_line(arg, 200), opts.run_dir))
     return rest + "/" if p.endswith("/") and rest != "." else rest
 
 
