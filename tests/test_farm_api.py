@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from sshq import AsyncClient, Client
+from sshq.config import Config, Platform
+from sshq.farm.backend import FarmBackend
+from sshq.farm.engine import FarmOptions
 from sshq.farm.output import TaskResult
+from sshq.farm.run import FarmRequest, attach_run, pause_run, run_farm
+from sshq.model import Job, JobSpec
+from sshq.transport import Transport
 
 
 async def test_async_farm_streams_results_to_a_callback(client: AsyncClient,
@@ -39,3 +46,47 @@ def test_sync_client_farm_writes_jsonl_and_resume_has_nothing_left(
         again = io.BytesIO()
         _, stats2 = c.farm(resume="api-run", out=again)
         assert again.getvalue() == b"" and stats2.total == 0
+
+
+class OnlyTheBackend:
+    """Exactly the members of :class:`sshq.farm.backend.FarmBackend`, taken
+    from a real client: a farm given this can use nothing else of it."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    @property
+    def config(self) -> Config:
+        return self._client.config
+
+    @property
+    def state_dir(self) -> Path:
+        return self._client.state_dir
+
+    def transport(self, platform: Platform, host: str) -> Transport:
+        return self._client.transport(platform, host)
+
+    async def submit(self, specs: Sequence[JobSpec], *, platform: str) -> list[Job]:
+        return await self._client.submit(specs, platform=platform)
+
+    async def poll(self, ids: Sequence[int]) -> list[Job]:
+        return await self._client.poll(ids)
+
+
+async def test_the_farm_needs_only_its_backend(client: AsyncClient, tmp_path: Path) -> None:
+    backend: FarmBackend = OnlyTheBackend(client)
+    batch = tmp_path / "b.txt"
+    batch.write_text("".join(f"echo {i}\n" for i in range(1, 7)))
+    got: list[TaskResult] = []
+    _, stats = await run_farm(backend, FarmRequest(batch=batch, hosts=["bg", "local"],
+                                                   options=FarmOptions()), got.append)
+    assert sorted(r.seq for r in got) == list(range(1, 7)) and stats.done == 6
+    # detached: spools, pause, attach
+    detached: list[TaskResult] = []
+    name, _ = await run_farm(backend, FarmRequest(batch=batch, hosts=["local"], detach=True,
+                                                  options=FarmOptions()), detached.append)
+    await pause_run(backend, name, False)
+    await attach_run(backend, name, detached.append)
+    assert sorted(r.stdout for r in detached) == [f"{i}\n".encode() for i in range(1, 7)]

@@ -2,7 +2,7 @@
 
 :class:`sshq.AsyncClient` satisfies :class:`FarmBackend`; the farm's modules
 (:mod:`sshq.farm.run`, :mod:`sshq.farm.detached`) take one instead of the
-whole client.
+whole client, and use nothing else of it.
 """
 
 from __future__ import annotations
@@ -19,25 +19,36 @@ __all__ = ["FarmBackend"]
 
 
 class FarmBackend(Protocol):
-    """Configuration, state, transports, and pilot-job submission for the farm.
+    """Configuration, state, transports, and pilot-job submission for the farm."""
 
-    Attributes:
-        config: the platforms.
-        state_dir: the state directory (runs' journals live under it).
-    """
+    @property
+    def config(self) -> Config:
+        """The platforms (``--hosts`` and ``--via`` name them)."""
+        ...
 
-    config: Config
-    state_dir: Path
+    @property
+    def state_dir(self) -> Path:
+        """The state directory: runs live under ``<state_dir>/farm/``."""
+        ...
 
     def transport(self, platform: Platform, host: str) -> Transport:
-        """The (cached) transport to one host of a platform."""
+        """The transport to one host of a platform (shared, not closed by the farm)."""
         ...
 
-    async def submit(self, specs: JobSpec | Sequence[JobSpec], *,
-                     platform: str = "localhost") -> list[Job]:
-        """Submit jobs (pilot jobs, with ``via``)."""
+    async def submit(self, specs: Sequence[JobSpec], *, platform: str) -> list[Job]:
+        """Submit jobs to a platform's job runner (``--via``'s pilot jobs), one
+        :class:`~sshq.model.Job` per spec, in order (a refusal is a job in a
+        final state with a message, not an exception).
+
+        Raises:
+            SshqError: the whole batch could not be submitted.
+        """
         ...
 
-    async def poll(self, ids: Sequence[int] | None = None, *, all: bool = False) -> list[Job]:
-        """Update jobs' states (pilot jobs)."""
+    async def poll(self, ids: Sequence[int]) -> list[Job]:
+        """The current state of jobs by sshq id (the pilot jobs).
+
+        Raises:
+            SshqError: the states could not be read.
+        """
         ...

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..exceptions import HostUnreachableError, RemoteError, SshqError
 from ..remote.protocol import agent_argv
+from .backend import FarmBackend
 from .engine import FarmHost, FarmOptions, FarmStats, task_dir
 from .journal import RunDir
 from .output import Budget, TaskOutput, TaskResult, printable, result_fields, spill_note
@@ -433,13 +434,15 @@ class Pilots:
     """The pilot jobs of a ``--via`` run (one shared spool).
 
     Args:
-        client: the :class:`~sshq.client.AsyncClient`.
+        client: submits and polls the pilot jobs (an
+            :class:`~sshq.client.AsyncClient`).
         platform: the platform whose job runner runs the pilots.
         rd: the run (journal).
         walltime: the pilots' walltime (``HH:MM:SS``), or None.
     """
 
-    def __init__(self, client: Any, platform: str, rd: RunDir, walltime: str | None) -> None:
+    def __init__(self, client: FarmBackend, platform: str, rd: RunDir,
+                 walltime: str | None) -> None:
         self.client = client
         self.platform = client.config.platform(platform)
         self.rd = rd

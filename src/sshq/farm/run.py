@@ -19,6 +19,7 @@ from ..exceptions import ConfigError
 from ..remote.installed import refuse_restricted_hosts
 from ..remote.staging import rsync_push
 from ..transport.local import LocalTransport
+from .backend import FarmBackend
 from .batch import count_tasks, read_batch
 from .engine import Farm, FarmHost, FarmOptions, FarmStats
 from .journal import RunDir, new_run_name
@@ -74,7 +75,7 @@ def split_specs(specs: list[str]) -> list[str]:
     return [s.strip() for spec in specs for s in spec.split(",") if s.strip()]
 
 
-def resolve_hosts(client: Any, specs: list[str]) -> list[FarmHost]:
+def resolve_hosts(client: FarmBackend, specs: list[str]) -> list[FarmHost]:
     """Turn host specs into farm hosts with their transports.
 
     A spec naming a platform gives one farm host per host of the platform
@@ -82,8 +83,8 @@ def resolve_hosts(client: Any, specs: list[str]) -> list[FarmHost]:
     several); any other spec is an SSH destination ``[user@]host[:port]``.
 
     Args:
-        client: the :class:`~sshq.client.AsyncClient` whose config and
-            transports are used.
+        client: whose config and transports are used (an
+            :class:`~sshq.client.AsyncClient`).
         specs: as :attr:`FarmRequest.hosts`.
 
     Raises:
@@ -170,7 +171,7 @@ def _restore(req: FarmRequest, rec: dict[str, Any]) -> None:
 
 
 async def run_farm(
-    client: Any,
+    client: FarmBackend,
     req: FarmRequest,
     out: ResultSink,
     *,
@@ -181,8 +182,8 @@ async def run_farm(
     """Run (or resume) a farm, writing each result to ``out`` once.
 
     Args:
-        client: an :class:`~sshq.client.AsyncClient` (config, transports,
-            state dir).
+        client: config, transports, state dir (an
+            :class:`~sshq.client.AsyncClient`).
         req: what to do.
         out: binary stream for the results (in ``req.fmt``), or a callable
             given each :class:`TaskResult`.
@@ -224,7 +225,7 @@ async def run_farm(
         rd.close()
 
 
-async def _run_locked(client: Any, req: FarmRequest, rd: RunDir, out: ResultSink,
+async def _run_locked(client: FarmBackend, req: FarmRequest, rd: RunDir, out: ResultSink,
                       warn: Callable[[str], None],
                       on_start: Callable[[Farm], None]) -> tuple[str, FarmStats]:
     """:func:`run_farm` once the run is known and locked."""
@@ -265,7 +266,7 @@ async def _run_locked(client: Any, req: FarmRequest, rd: RunDir, out: ResultSink
     return rd.name, stats
 
 
-async def _start_spools(client: Any, req: FarmRequest, rd: RunDir, hosts: list[FarmHost],
+async def _start_spools(client: FarmBackend, req: FarmRequest, rd: RunDir, hosts: list[FarmHost],
                         out: ResultSink, warn: Callable[[str], None],
                         on_start: Callable[[Any], None]) -> FarmStats:
     """``--detach`` and ``--via``: fill the remote spools, start the workers."""
@@ -331,13 +332,14 @@ def _record_spools(rd: RunDir, spools: list[Any], walltime: str | None) -> None:
     (rd.path / "options.json").write_text(json.dumps(rec, indent=1))
 
 
-async def attach_run(client: Any, name: str, out: ResultSink, *, fmt: str | None = None,
+async def attach_run(client: FarmBackend, name: str, out: ResultSink, *, fmt: str | None = None,
                      warn: Callable[[str], None] = lambda msg: None,
                      on_start: Callable[[Any], None] = lambda farm: None) -> FarmStats:
     """Collect the results of a detached (or pilot) run; each is reported once.
 
     Args:
-        client: an :class:`~sshq.client.AsyncClient`.
+        client: config, transports, state dir, pilot jobs (an
+            :class:`~sshq.client.AsyncClient`).
         name: the run.
         out: as for :func:`run_farm`.
         fmt: ``jsonl`` or ``anet`` for a stream ``out``; None: the run's format.
@@ -385,7 +387,7 @@ async def attach_run(client: Any, name: str, out: ResultSink, *, fmt: str | None
         rd.close()
 
 
-async def pause_run(client: Any, name: str, paused: bool) -> None:
+async def pause_run(client: FarmBackend, name: str, paused: bool) -> None:
     """Stop (``paused``) or restart the dispatch of new tasks of a run.
 
     Running tasks go on.  A running client notices within half a second and
