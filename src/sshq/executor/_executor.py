@@ -105,14 +105,14 @@ class CallFuture(concurrent.futures.Future[_T], Generic[_T]):
         is dropped.
 
         Returns:
-            False when the future is already done (or its job could not be
-            killed: a warning is logged); True once cancelled.
+            False when the future is already done; True once cancelled (a
+            kill that fails is logged as a warning: the job may go on).
         """
-        if self.done():
+        if not super().cancel():
             return False
-        if self._id is not None and not self._executor._kill([self]):
-            return False
-        return super().cancel()
+        if self._id is not None:
+            self._executor._kill([self], cancelled=True)
+        return True
 
 
 class MapResults(Iterator[_T]):
@@ -319,10 +319,14 @@ class Executor(concurrent.futures.Executor):
         self._wake: asyncio.Event | None = None
         self._loop = _Loop()
         try:
-            self._client: AsyncClient = self._loop.call(
-                self._open(config, state_dir))
+            self._client: AsyncClient = self._loop.call(self._open(config, state_dir))
+        except BaseException:
+            self._loop.stop()
+            raise
+        try:
             self._platform: Platform = self._client.config.platform(platform)
         except BaseException:
+            self._loop.call(self._client.close())
             self._loop.stop()
             raise
         self.python: str = python or self._platform.python
@@ -478,9 +482,11 @@ class Executor(concurrent.futures.Executor):
 
         fut.add_done_callback(done)
 
-    def _kill(self, futs: Sequence[CallFuture[Any]]) -> bool:
-        """Kill the jobs of ``futs``; False if it failed (logged)."""
-        ids = sorted({f.id for f in futs if f.id is not None and not f.done()})
+    def _kill(self, futs: Sequence[CallFuture[Any]], *, cancelled: bool = False) -> bool:
+        """Kill the jobs of ``futs`` (not done, or ``cancelled`` just now);
+        False if it failed (logged)."""
+        ids = sorted({f.id for f in futs if f.id is not None
+                      and (f.cancelled() if cancelled else not f.done())})
         if not ids:
             return True
         if self._loop.on_loop():  # a done callback: cannot wait here
@@ -492,10 +498,9 @@ class Executor(concurrent.futures.Executor):
             return False
 
     def _cancel(self, futs: Sequence[CallFuture[Any]]) -> None:
-        """Cancel many futures with one kill command per host."""
-        self._kill(futs)
-        for f in futs:
-            concurrent.futures.Future.cancel(f)
+        """Cancel many futures, killing their jobs with one kill command per host."""
+        done_now = [f for f in futs if concurrent.futures.Future.cancel(f)]
+        self._kill(done_now, cancelled=True)
 
     # ---- internals: the loop's thread ---------------------------------------------------------
 
