@@ -535,3 +535,44 @@ def test_attach_reader_gone_exits_141(cli_env: dict[str, str], sshq: Sshq,
                 f.close()
     assert rc == 141, err
     assert err == b""
+
+
+# ---------------------------------------------------------------- terminal escapes
+
+#: What a host could slip into a message or a process's command line: a window
+#: title (OSC), a screen clear (CSI), an 8-bit CSI, a bell, a backspace.
+ESCAPES = "\x1b]0;owned\x07\x1b[2J\x9b31m\x07\x08"
+
+
+def test_warnings_quoting_a_host_cannot_drive_the_terminal(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from sshq.cli.farm import _warn
+
+    _warn("h1: dropped (the dispatcher did not start: \x1b]0;owned\x07bash:"
+          " \x1b[31mpython3\x1b[0m: not found\r\x08)")
+    err = capsys.readouterr().err
+    assert err == ("sshq: warning: h1: dropped (the dispatcher did not start: bash: python3:"
+                   " not found \ufffd)\n")
+
+
+def test_find_and_killall_show_a_hosts_process_lines_without_escapes(sshq: Sshq) -> None:
+    marker = f"sshq-esc-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)",
+                             f"{marker}{ESCAPES}tail"], stdin=subprocess.DEVNULL)
+    try:
+        p = sshq("farm", "find", marker, "--hosts", "local")
+        assert p.returncode == 0, p.stderr
+        (line,) = p.stdout.decode().splitlines()
+        label, pid, _user, _elapsed, args = line.split("\t")
+        assert (label, int(pid)) == ("local", proc.pid)
+        assert args.endswith(f"{marker}\ufffd\ufffdtail"), args   # bell, backspace: U+FFFD
+        assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", line), line
+        listed = json.loads(sshq("farm", "find", marker, "--hosts", "local", "--json").stdout)
+        assert listed[0]["args"].endswith(marker + ESCAPES + "tail")   # JSON keeps the data
+        p = sshq("farm", "killall", marker, "--hosts", "local")
+        assert p.returncode == 0, p.stderr
+        assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", p.stdout.decode()), p.stdout
+        assert proc.wait(10) != 0
+    finally:
+        proc.kill()
+        proc.wait()

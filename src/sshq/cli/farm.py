@@ -13,7 +13,10 @@ from typing import Any, NoReturn
 
 import click
 
+from ..client import AsyncClient
 from ..exceptions import SshqError
+from .common import run_with_client
+from .render import clean
 
 __all__ = ["farm"]
 
@@ -73,19 +76,10 @@ def farm() -> None:
     """
 
 
-def _client(config_path: str | None) -> Any:
-    import os
-
-    from ..client import AsyncClient
-
-    ctx = click.get_current_context()
-    root = ctx.find_root().obj or {}
-    path = config_path or root.get("config") or os.environ.get("SSHQ_CONFIG")
-    return AsyncClient(path, state_dir=os.environ.get("SSHQ_STATE_DIR") or None)
-
-
 def _warn(msg: str) -> None:
-    click.echo(f"sshq: warning: {msg}", err=True)
+    """A warning on stderr; ``msg`` may quote a host (its errors, a task's
+    paths): control characters and escape sequences are made harmless."""
+    click.echo(f"sshq: warning: {clean(msg)}", err=True)
 
 
 @contextlib.contextmanager
@@ -140,15 +134,11 @@ def _with_progress(config_path: str | None, call: Any) -> Any:
     """Run ``call(client, on_start)`` with a client and the progress bar; its result."""
     farm_ref: list[Any] = []
 
-    async def body() -> Any:
-        client = _client(config_path)
-        try:
-            with _progress(farm_ref):
-                return await call(client, farm_ref.append)
-        finally:
-            await client.close()
+    async def body(client: AsyncClient) -> Any:
+        with _progress(farm_ref):
+            return await call(client, farm_ref.append)
 
-    return asyncio.run(body())
+    return run_with_client(click.get_current_context(), config_path, body)
 
 
 @farm.command("run", epilog=_result_help(False))
@@ -294,14 +284,8 @@ def attach_cmd(name: str, fmt: str | None, config_path: str | None) -> None:
 def _pause(name: str, paused: bool, config_path: str | None) -> None:
     from ..farm.run import pause_run
 
-    async def body() -> None:
-        client = _client(config_path)
-        try:
-            await pause_run(client, name, paused)
-        finally:
-            await client.close()
-
-    asyncio.run(body())
+    run_with_client(click.get_current_context(), config_path,
+                    lambda client: pause_run(client, name, paused))
     click.echo(f"sshq: farm run {name} {'paused' if paused else 'resumed'}", err=True)
 
 
@@ -341,34 +325,31 @@ def _procs_cmd(kill: bool) -> Any:
         from ..farm.run import resolve_hosts, split_specs
         from ..remote.installed import refuse_restricted_hosts
 
-        async def body() -> list[Any]:
-            client = _client(config_path)
-            try:
-                refuse_restricted_hosts(client.config.platforms, split_specs(list(hosts)),
-                                        "farm find/killall")
-                fh = resolve_hosts(client, list(hosts))
-                if kill:
-                    lists = await asyncio.gather(*(procs.kill_processes(
-                        h.transport, pattern, signal=sig, python=h.python,
-                        login_shell=h.login_shell, path_prepend=h.path_prepend)
-                        for h in fh))
-                else:
-                    lists = await asyncio.gather(*(procs.find_processes(
-                        h.transport, pattern, python=h.python,
-                        login_shell=h.login_shell, path_prepend=h.path_prepend)
-                        for h in fh))
-                return [(h.label, p) for h, ps in zip(fh, lists, strict=True) for p in ps]
-            finally:
-                await client.close()
+        async def body(client: AsyncClient) -> list[Any]:
+            refuse_restricted_hosts(client.config.platforms, split_specs(list(hosts)),
+                                    "farm find/killall")
+            fh = resolve_hosts(client, list(hosts))
+            if kill:
+                lists = await asyncio.gather(*(procs.kill_processes(
+                    h.transport, pattern, signal=sig, python=h.python,
+                    login_shell=h.login_shell, path_prepend=h.path_prepend)
+                    for h in fh))
+            else:
+                lists = await asyncio.gather(*(procs.find_processes(
+                    h.transport, pattern, python=h.python,
+                    login_shell=h.login_shell, path_prepend=h.path_prepend)
+                    for h in fh))
+            return [(h.label, p) for h, ps in zip(fh, lists, strict=True) for p in ps]
 
-        found = asyncio.run(body())
+        found = run_with_client(click.get_current_context(), config_path, body)
         if as_json:
             click.echo(json.dumps([{"host": label, "pid": p.pid, "user": p.user,
                                     "elapsed": p.elapsed, "args": p.args}
                                    for label, p in found], indent=1))
             return
-        for label, p in found:
-            click.echo(f"{label}\t{p.pid}\t{p.user}\t{int(p.elapsed)}s\t{p.args}")
+        for label, p in found:   # user and args come from the host: cleaned
+            click.echo(f"{clean(label)}\t{p.pid}\t{clean(p.user)}\t{int(p.elapsed)}s"
+                       f"\t{clean(p.args)}")
         if kill:
             click.echo(f"sshq: signalled {len(found)} process(es)", err=True)
 
