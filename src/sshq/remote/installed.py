@@ -68,15 +68,15 @@ INSTALLED_FILES = {
     "sshq_restricted.py": "sshq_restricted.py",
 }
 
-#: ``~/.sshq/sshq-agent``: runs sshq_restricted.main beside it.  No bytecode is
-#: written (the installed directory holds exactly the installed files).
+#: ``~/.sshq/sshq-agent``: runs sshq_restricted.main beside it.  (Python caches
+#: the modules' bytecode in ``__pycache__`` there: a call compiles nothing,
+#: which makes it faster than a shipped one.)
 ENTRY_SCRIPT = b"""\
 # sshq installed agent (written by `sshq agent install`, which replaces it).
 # What it does and refuses: sshq_restricted.py beside it.
 import os
 import sys
 
-sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 import sshq_restricted  # noqa: E402
 

@@ -748,10 +748,11 @@ _INSTALL_VERSION = re.compile(r"[0-9a-f]{12,64}\Z")
 
 
 def _installed_ok(vdir, files):
-    """Whether ``vdir`` holds exactly ``files``, each with its sha256."""
+    """Whether ``vdir`` holds exactly ``files`` (and Python's bytecode cache),
+    each with its sha256."""
     import hashlib
     try:
-        if sorted(os.listdir(vdir)) != sorted(files):
+        if sorted(set(os.listdir(vdir)) - {"__pycache__"}) != sorted(files):
             return False
         for name, item in files.items():
             with open(os.path.join(vdir, name), "rb") as fh:
