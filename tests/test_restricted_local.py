@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -234,3 +235,22 @@ def test_rsync_outside_is_refused_on_one_line(home: Home) -> None:
     assert r.returncode == 1 and r.stdout == b""
     assert r.stderr.count(b"\n") == 1 and b"outside the run directory" in r.stderr
     assert "op=command" in home.audit()[-1] and "outcome=refused" in home.audit()[-1]
+
+
+def test_login_shell_serves_from_a_login_environment(home: Home) -> None:
+    (home.path / ".bash_profile").write_text("export SSHQ_TEST_LOGIN_ENV=yes\n")
+    frame = home.call("init", {"run_dir": str(home.run_dir)}, "--restricted", "--run-dir",
+                      str(home.run_dir), "--login-shell")
+    assert frame["run_dir"] == str(home.run_dir)
+    # the agent ran under bash -l: its job runner commands see the login environment
+    req = _submit_request(home, "background")
+    req["jobs"][0]["job_b64"] = base64.b64encode(
+        b"#!/bin/sh\necho \"$SSHQ_TEST_LOGIN_ENV\" > login-env\n").decode()
+    home.call("submit", req, "--restricted", "--run-dir", str(home.run_dir),
+              "--allow-background", "--login-shell")
+    out = Path(req["jobs"][0]["work_dir"]) / "login-env"
+    for _ in range(100):  # the background job writes it (bounded: 10 s)
+        if out.exists() and out.read_text():
+            break
+        time.sleep(0.1)
+    assert out.read_text() == "yes\n"
