@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import platform_toml
 
 from sshq.exceptions import ConfigError
 
@@ -288,6 +289,27 @@ def test_task_environment(sshq: Sshq, tmp_path: Path) -> None:
         assert (name, s, host, attempt) == ("envrun", str(seq), "bg", "1")
         slots.add(int(slot))
     assert slots <= {1, 2}
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["stream", "detached"])
+def test_tasks_see_the_platforms_path_prepend(sshq: Sshq, tmp_path: Path, config_file: Path,
+                                              testbed: dict[str, str], run_id: str,
+                                              detach: bool) -> None:
+    dirs = ["/opt/sshq-pp/bin", "/usr/local/sshq pp"]
+    with open(config_file, "a") as fh:
+        fh.write(platform_toml(testbed, "bgpp", job_runner="background", transport="asyncssh",
+                               run_dir=f"~/sshq-test/{run_id}", path_prepend=dirs))
+    b = write_batch(tmp_path, ['echo "$PATH"'] * 2)
+    if detach:
+        ok(sshq("farm", str(b), "--hosts", "bgpp", "--detach", "--run", f"pp-{run_id}"))
+        p = ok(sshq("farm", "attach", f"pp-{run_id}"))
+    else:
+        p = ok(sshq("farm", str(b), "--hosts", "bgpp"))
+    rs = by_seq(jsonl(p.stdout))
+    assert set(rs) == {1, 2}
+    for r in rs.values():
+        path = r["stdout"].rstrip("\n").split(":")
+        assert path[:2] == dirs and len(path) > 2, r["stdout"]
 
 
 # ---------------------------------------------------------------- big output

@@ -575,6 +575,18 @@ async def test_dispatcher_runs_tasks(spool: Any, tmp_path: Path) -> None:
         await d.close()
 
 
+async def test_dispatcher_puts_path_prepend_before_the_tasks_path(spool: Any) -> None:
+    _, env = spool
+    d = await LocalDispatcher.start({"slots": 1, "path_prepend": ["/opt/pp a", "/opt/pp-b"]},
+                                    env=env)
+    try:
+        await d.send(task(1, 'echo "$PATH"'))
+        _, head, payload = await d.until("done", 1)
+        assert payload[:head["stdout_bytes"]] == f"/opt/pp a:/opt/pp-b:{env['PATH']}\n".encode()
+    finally:
+        await d.close()
+
+
 async def test_dispatcher_banner_before_fence(spool: Any) -> None:
     _, env = spool
     d = await LocalDispatcher.start(

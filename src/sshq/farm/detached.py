@@ -58,7 +58,8 @@ def _worker_header(sp: Spool, opts: FarmOptions, *, detach: bool,
     return {"mode": "prepare", "spool": sp.path, "detach": detach,
             "shared": not detach or bool(sp.workers), "label": host.label,
             "slots": opts.slots, "env": dict(opts.env, SSHQ_FARM_HOST=host.label),
-            "cwd": task_dir(host, opts), "retries": opts.retries}
+            "cwd": task_dir(host, opts), "path_prepend": list(host.path_prepend),
+            "retries": opts.retries}
 
 
 async def _call(host: FarmHost, header: dict[str, Any], frames: bytes = b"",

@@ -76,7 +76,8 @@ class FarmHost:
         run_dir: the host's remote run directory (``~`` allowed): spools
             and ``--deps`` copies live under it.
         path_prepend: absolute remote directories put before PATH (the
-            platform's ``path_prepend``; honoured by ``farm find``/``killall``).
+            platform's ``path_prepend``): the dispatcher puts them before its
+            tasks' PATH, ``farm find``/``killall``'s agent before its own.
     """
 
     label: str
@@ -443,7 +444,8 @@ class Farm:
         """
         env = dict(self.opts.env, SSHQ_FARM_HOST=h.label)
         nonce, stdin = dispatcher_stdin({"slots": self.opts.slots, "env": env,
-                                         "cwd": task_dir(h.spec, self.opts)})
+                                         "cwd": task_dir(h.spec, self.opts),
+                                         "path_prepend": list(h.spec.path_prepend)})
         await session.write(stdin)
         reader = FrameReader(nonce)
         hello: dict[str, Any] | None = None

@@ -54,7 +54,8 @@ def dispatcher_stdin(header: dict[str, Any]) -> tuple[str, bytes]:
     Args:
         header: ``slots`` (int or None for the core count), ``env`` (dict of
             extra environment variables for tasks), ``cwd`` (tasks' working
-            directory, ``~`` expanded remotely).
+            directory, ``~`` expanded remotely), ``path_prepend`` (list of
+            absolute directories put before the tasks' PATH).
 
     Returns:
         ``(nonce, stdin_bytes)``; nothing else may be written before the

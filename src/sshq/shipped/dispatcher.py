@@ -21,7 +21,8 @@
 #
 # Header: "nonce" (the fence's), "slots" (None: the core count), "env"
 # (extra environment variables for tasks), "cwd" (tasks' directory, "~"
-# expanded).
+# expanded), "path_prepend" (directories put before the tasks' PATH: the
+# platform's path_prepend, as the agent does).
 #
 # Frame (both directions): 4-byte big-endian header length, 4-byte big-endian
 # payload length, a JSON object (the header), then the payload bytes.
@@ -143,10 +144,14 @@ def core_count():
 
 
 def task_env(header):
-    """The environment tasks start from: ours and the header's "env"."""
+    """The environment tasks start from: ours, the header's "env", and its
+    "path_prepend" directories before PATH (as the agent does)."""
     env = dict(os.environ)
     for k, v in (header.get("env") or {}).items():
         env[k] = v
+    dirs = [d for d in header.get("path_prepend") or () if isinstance(d, str) and d]
+    if dirs:
+        env["PATH"] = os.pathsep.join(dirs + [env.get("PATH", os.defpath)])
     return env
 
 
