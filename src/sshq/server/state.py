@@ -303,9 +303,15 @@ class ServerState:
         return out
 
     def set_polled(self, ids: Iterable[int], when: float) -> None:
-        """Record a successful poll of jobs (call :meth:`observe` on them first)."""
-        self._db.executemany("UPDATE api_seen SET polled=? WHERE job=?",
-                             [(when, i) for i in ids])
+        """Record a successful poll of jobs (one transaction)."""
+        self._write("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany("UPDATE api_seen SET polled=? WHERE job=?",
+                                 [(when, i) for i in ids])
+        except BaseException:
+            self._write("ROLLBACK")
+            raise
+        self._write("COMMIT")
 
     def observe(self, jobs: Sequence[Job]) -> int:
         """Record an event for each job whose state differs from the last one seen.
