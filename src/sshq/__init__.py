@@ -10,6 +10,8 @@ Quick start::
         print(job.state, client.cat_log(job.id).decode())
 """
 
+from typing import TYPE_CHECKING
+
 from .client import AsyncClient, Client
 from .config import Config, Platform, load_config
 from .exceptions import (
@@ -30,8 +32,10 @@ from .exceptions import (
     UnknownJobError,
     WaitTimeoutError,
 )
-from .executor import CallFuture, Executor
 from .model import Job, JobSpec, JobState
+
+if TYPE_CHECKING:
+    from .executor import CallFuture, Executor
 
 #: The one version source (pyproject.toml reads it; ``sshq --version`` prints it).
 __version__ = "0.1.0"
@@ -64,3 +68,12 @@ __all__ = [
     "Executor",
     "CallFuture",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # sshq.Executor is imported on first use (the CLI's start-up never needs it)
+    if name in ("Executor", "CallFuture"):
+        from . import executor
+
+        return getattr(executor, name)
+    raise AttributeError(f"module 'sshq' has no attribute {name!r}")
