@@ -609,5 +609,5 @@ def test_handler_docs_say_how_ssh_to_job_reaches_the_job(name: str) -> None:
     doc = " ".join((inspect.getmodule(handler).__doc__ or "").split())
     refused = re.search(r"ssh-to-job`*\s+(?:is\s+)?refused", doc)
     if handler.attach_via_exec_host:
-        assert "ssh-to-job" in doc and "SSHQ_JOB_HOST" in doc, name
+        assert "ssh-to-job" in doc and "execution host" in doc, name
         assert not refused and "runs on the submit host" not in doc, name
