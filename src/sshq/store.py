@@ -13,7 +13,9 @@ Step 2 adds the tables of ``sshq serve`` (``api_*``: tokens, API requests and
 their idempotency keys, which request reserved which job, job state events,
 the last successful poll of each job, pending webhook deliveries), step 3
 ``api_kills`` (the jobs the server was asked to kill); they are read and
-written by :mod:`sshq.server.state`.
+written by :mod:`sshq.server.state`.  Step 4 adds the server's farm runs
+(``api_farms``) and their results (``api_farm_results``), read and written
+by :mod:`sshq.server.farm`.
 """
 
 from __future__ import annotations
@@ -142,6 +144,28 @@ CREATE INDEX api_deliveries_due ON api_deliveries (done, next_try);
 CREATE TABLE api_kills (
     job INTEGER PRIMARY KEY,
     time REAL NOT NULL
+);
+""", """
+CREATE TABLE api_farms (
+    name TEXT PRIMARY KEY,
+    token TEXT NOT NULL,
+    hosts TEXT NOT NULL,
+    options TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    error TEXT,
+    warnings TEXT NOT NULL DEFAULT '[]',
+    created REAL NOT NULL,
+    ended REAL
+);
+CREATE TABLE api_farm_results (
+    farm TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    ok INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (farm, n),
+    UNIQUE (farm, seq)
 );
 """)
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,6 +1,7 @@
 """The FastAPI application of ``sshq serve``.
 
-- ``/api/v1``: the native API (:mod:`sshq.server.api`);
+- ``/api/v1``: the native API (:mod:`sshq.server.api`), farm runs under
+  ``/api/v1/farm`` (:mod:`sshq.server.farm`);
 - ``/firecrest``: the FirecREST v2 subset (:mod:`sshq.server.firecrest`);
 - ``/``: the web page (``sshq/server/static``, shipped in the package);
 - ``/openapi.json`` and ``/docs``: FastAPI's.
@@ -140,14 +141,21 @@ def create_app(gateway: Gateway, *, max_body: int = MAX_BODY,
         background: start the poller and the webhook sender with the app.
     """
 
+    from .farm import FarmRuns
+
+    farms = FarmRuns(gateway)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if background:
             gateway.start()
+            farms.start()
         try:
             yield
         finally:
+            await farms.stop()
             await gateway.stop()
+            farms.close()
 
     app = FastAPI(title="sshq", version=__version__, lifespan=lifespan,
                   description="An HTTP gateway to clusters reached by SSH (`sshq serve`):"
@@ -155,6 +163,7 @@ def create_app(gateway: Gateway, *, max_body: int = MAX_BODY,
                   " /firecrest.  Every route needs `Authorization: Bearer <token>`"
                   " (`sshq token create`).")
     app.state.gateway = gateway
+    app.state.farms = farms
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
@@ -172,9 +181,11 @@ def create_app(gateway: Gateway, *, max_body: int = MAX_BODY,
         return JSONResponse({"detail": errors}, status_code=422)
 
     from .api import router as api_router
+    from .farm import router as farm_router
     from .firecrest import router as firecrest_router
 
     app.include_router(api_router, prefix="/api/v1")
+    app.include_router(farm_router, prefix="/api/v1")
     app.include_router(firecrest_router, prefix="/firecrest")
 
     @app.get("/", include_in_schema=False)
