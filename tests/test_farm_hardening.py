@@ -17,6 +17,7 @@ import os
 import pty
 import re
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -86,30 +87,50 @@ def sha_of_file(path: str | Path) -> tuple[int, str]:
     return n, h.hexdigest()
 
 
+#: Runs argv (after a result file's path) as a child of its own and writes
+#: its exit status and ``ru_maxrss`` (kB) to that file.  A small process of
+#: its own, because Linux carries a process's peak RSS across fork and exec
+#: (fs/exec.c, ``setmax_mm_hiwater_rss``): a child of pytest itself would
+#: report at least pytest's own peak, which earlier tests raise (to ~160 MiB).
+_MEASURE = """\
+import os, sys
+out, argv = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execv(argv[0], argv)
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+with open(out, "w") as f:
+    f.write("%d %d" % (os.waitstatus_to_exitcode(status), ru.ru_maxrss))
+"""
+
+
 def measured(args: list[str], env: dict[str, str], *, timeout: float = 150,
              stdout: IO[bytes] | None = None) -> tuple[int, bytes, bytes, float]:
     """Run the ``sshq`` command; ``(exit status, stdout, stderr, peak RSS in MiB)``.
 
     stdout goes to ``stdout`` when given (and is then returned empty).
     """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-m", "sshq", *args], env=env,
-                                stdin=subprocess.DEVNULL, stdout=stdout or out, stderr=err)
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                _, status, ru = os.wait4(proc.pid, 0)
-                proc.returncode = -9
-                raise AssertionError(f"sshq {' '.join(args)} ran longer than {timeout} s")
-            time.sleep(0.05)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.TemporaryDirectory() as d:
+        res = Path(d) / "rusage"
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _MEASURE, str(res), sys.executable, "-m", "sshq",
+             *args], env=env, stdin=subprocess.DEVNULL, stdout=stdout or out, stderr=err,
+            start_new_session=True)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError(f"sshq {' '.join(args)} ran longer than {timeout} s") from None
+        assert proc.returncode == 0, f"the measuring helper failed ({proc.returncode})"
+        rc, rss = res.read_text().split()
         out.seek(0)
         err.seek(0)
-        return proc.returncode, out.read(), err.read(), ru.ru_maxrss / 1024
+        return int(rc), out.read(), err.read(), int(rss) / 1024
 
 
 def journal(state_dir: Path, name: str) -> list[dict[str, Any]]:
