@@ -466,10 +466,6 @@ class Scheduler:
         """Hosts not dropped."""
         return sum(1 for h in self._hosts.values() if not h.dropped)
 
-    def copies_on(self, host: str) -> list[int]:
-        """The ids of the copies a host holds (queued or running), oldest first."""
-        return list(self._hosts[host].copies)
-
     # ------------------------------------------------------------ events
 
     def _host_up(self, ev: HostUp, out: list[Action]) -> None:
