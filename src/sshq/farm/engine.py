@@ -32,7 +32,6 @@ from typing import Any
 from ..exceptions import HostUnreachableError, RemoteError, SshqError
 from ..remote.protocol import agent_argv
 from ..transport import Session, Transport
-from ..transport.local import LocalTransport
 from .output import Budget, TaskOutput, TaskResult, output_paths, result_fields
 from .scheduler import (
     Action,
@@ -91,7 +90,7 @@ class FarmHost:
         """A path under the host's run directory, as the dispatcher reads it
         (``~`` expanded remotely; on a local transport, expanded here)."""
         p = "/".join([self.run_dir.rstrip("/"), *parts])
-        if isinstance(self.transport, LocalTransport):
+        if self.transport.is_local:
             return os.path.expanduser(p)
         return p
 

@@ -18,7 +18,6 @@ from ..config import Platform
 from ..exceptions import ConfigError
 from ..remote.installed import refuse_restricted_hosts
 from ..remote.staging import rsync_push
-from ..transport.local import LocalTransport
 from .backend import FarmBackend
 from .batch import count_tasks, read_batch
 from .engine import Farm, FarmHost, FarmOptions, FarmStats
@@ -139,7 +138,7 @@ async def sync_deps(hosts: list[FarmHost], deps: Path) -> str:
         if res.exit_status != 0:
             raise ConfigError(f"{h.label}: cannot create {remote}: "
                               + res.stderr.decode("utf-8", "replace").strip())
-        await rsync_push(None if isinstance(h.transport, LocalTransport) else h.transport,
+        await rsync_push(None if h.transport.is_local else h.transport,
                          deps, remote, [])
 
     await asyncio.gather(*(one(h) for h in hosts))
