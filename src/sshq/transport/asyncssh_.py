@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import random
+import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -406,10 +407,33 @@ def _parse_jump(spec: str) -> tuple[str | None, str, int | None]:
 
 
 class _OfferedKey(asyncssh.SSHClient):
-    """Remembers the host key a server offered that known_hosts did not trust."""
+    """Remembers the host key a server offered that known_hosts did not trust;
+    acknowledges the server's debug messages at once (see
+    :meth:`debug_msg_received`)."""
 
     def __init__(self) -> None:
         self.key: asyncssh.SSHKey | None = None
+        self._conn: asyncssh.SSHClientConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        self._conn = conn
+
+    def debug_msg_received(self, msg: str, lang: str, always_display: bool) -> None:
+        """Send the TCP ACK for what has arrived now, not after the delayed-ACK timer.
+
+        Right after authentication, OpenSSH's sshd writes its host keys and
+        debug messages (the authorized_keys line's options), then, as a second
+        small write, the first channel's confirmation.  sshd leaves Nagle on
+        for sessions without a terminal, so that second write waits for the
+        ACK of the first, which Linux delays by 40 ms when the client has
+        nothing to send: every new connection's first command started 40 ms
+        late (bench/RESULTS.md).  TCP_QUICKACK sends the pending ACK now.
+        """
+        sock = self._conn.get_extra_info("socket") if self._conn is not None else None
+        quickack = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+        if sock is not None and quickack is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
 
     def validate_host_public_key(self, host: str, addr: str, port: int,
                                  key: asyncssh.SSHKey) -> bool:
