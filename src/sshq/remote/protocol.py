@@ -91,8 +91,11 @@ def agent_program() -> bytes:
     """What is sent: :func:`agent_source`, zlib-compressed inside a two-line
     stub (about a third of the bytes: fewer round trips of TCP slow start on a
     new connection).  Runs the source with the stub's globals, under the name
-    ``sshq-agent``, exactly as if it had been sent plain."""
-    packed = base64.b64encode(zlib.compress(agent_source(), 9))
+    ``sshq-agent``, exactly as if it had been sent plain.
+
+    Compressed at level 6: 0.5 % more bytes than level 9, in a third of the
+    time (2 ms instead of 6 ms, paid once per process: each CLI command)."""
+    packed = base64.b64encode(zlib.compress(agent_source(), 6))
     return (b"import base64 as _b, zlib as _z\n"
             b'exec(compile(_z.decompress(_b.b64decode(b"' + packed + b'")), "sshq-agent",'
             b' "exec"))\n')
