@@ -497,6 +497,8 @@ class FarmRuns:
         """
         specs = _specs(body)
         batch = _batch(body.commands)
+        if body.via is not None:
+            self.gw.check_platform(token, body.via)   # a platform, not a destination
         self.check_hosts(token, specs)
         options = {"slots": body.slots, "retries": body.retries, "timeout": body.timeout,
                    "speculate": body.speculate, "keep_order": body.keep_order,
