@@ -23,7 +23,10 @@ import os
 import re
 import stat
 from datetime import datetime, timedelta, timezone
-from typing import Any, Dict, Optional, Tuple, Union  # noqa: F401  (type comments)
+
+TYPE_CHECKING = False  # typing is not imported at run time: 4 ms of every agent call
+if TYPE_CHECKING:
+    from typing import Any, Dict, Optional, Tuple, Union  # noqa: F401  (type comments)
 
 # ---------------------------------------------------------------- layout
 
