@@ -22,7 +22,6 @@ from ..remote.operations import call_agent, stream_agent
 from ..store import RemoteInit, Store
 from ..transport import Transport
 from ..transport.local import LocalTransport
-from ..transport.openssh import OpenSSHTransport
 
 __all__ = ["HostPool"]
 
@@ -66,6 +65,8 @@ class HostPool:
             if platform.transport == "local":
                 t = LocalTransport(params)
             elif platform.transport == "openssh":
+                from ..transport.openssh import OpenSSHTransport  # (only when used)
+
                 t = OpenSSHTransport(
                     params, control_dir=str(self.state_dir / "cm"),
                     batch_mode=platform.batch_mode,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -22,8 +23,36 @@ from .render import CleanFormatter, clean
 
 # ---------------------------------------------------------------- the group
 
+#: Every command: ``module:attribute`` in ``sshq.cli``, imported when the command
+#: runs (or ``--help`` lists it), so that ``sshq submit`` does not import the
+#: farm, the server or the other commands (bench/RESULTS.md).  A new command
+#: (a function in a command module) is one line here.
+COMMANDS = {
+    "submit": "jobs:submit", "poll": "jobs:poll", "wait": "jobs:wait", "kill": "jobs:kill",
+    "jobs": "jobs:jobs", "cat-log": "logs:cat_log", "ssh-to-job": "logs:ssh_to_job",
+    "retrieve": "staging:retrieve", "install": "staging:install", "tidy": "staging:tidy",
+    "hosts": "hosts:hosts", "farm": "farm:farm", "agent": "agent:agent",
+    "serve": "serve:serve", "token": "serve:token",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+class _Commands(click.Group):
+    """The group of :data:`COMMANDS`, each imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            module, attr = COMMANDS[cmd_name].split(":")
+            command = getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+            assert isinstance(command, click.Command) and command.name == cmd_name, cmd_name
+            self.add_command(command)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="sshq")
 @click.option("--config", type=click.Path(dir_okay=False), default=None,
               help="Platforms file (default: $SSHQ_CONFIG, then the user config dir).")
@@ -56,21 +85,7 @@ def cli(ctx: click.Context, config: str | None) -> None:
     ctx.obj["config"] = config
 
 
-
 # ---------------------------------------------------------------- entry point
-
-
-from . import hosts, jobs, logs, staging  # noqa: E402  (after the group they join)
-from .agent import agent  # noqa: E402
-from .farm import farm  # noqa: E402
-from .serve import serve, token  # noqa: E402
-
-for _command in (jobs.submit, jobs.poll, jobs.wait, jobs.kill, logs.cat_log, logs.ssh_to_job,
-                 staging.retrieve, jobs.jobs, staging.install, staging.tidy, hosts.hosts, farm):
-    cli.add_command(_command)
-cli.add_command(agent)  # sshq agent install (cli/agent.py)
-for _command in (serve, token):  # sshq serve, sshq token (cli/serve.py)
-    cli.add_command(_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
