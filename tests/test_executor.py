@@ -128,6 +128,30 @@ def explode(n: int) -> None:
     raise Boom(f"explode({n}) failed on purpose")
 
 
+def square_or_fail(x: int) -> int:
+    """x * x, but call 7 raises and call 13 ends its process (and so its job)."""
+    if x == 7:
+        raise Boom(f"no {x}")
+    if x == 13:
+        sys.stderr.write(f"dying at {x}\n")
+        sys.stderr.flush()
+        os._exit(9)
+    return x * x
+
+
+def count_rounds(ex: Executor) -> list[int]:
+    """Count the Executor's collection rounds (each appends a 1)."""
+    rounds: list[int] = []
+    real = ex._round
+
+    async def counted() -> None:
+        rounds.append(1)
+        await real()
+
+    ex._round = counted  # type: ignore[method-assign]
+    return rounds
+
+
 def where_am_i(x: int) -> dict[str, Any]:
     return {"x": x, "farm_run": os.environ.get("SSHQ_FARM_RUN"),
             "job_id": os.environ.get("SLURM_JOB_ID"), "python": sys.executable}
@@ -168,9 +192,12 @@ def test_map_is_one_array_submission(make_executor: Callable[..., Executor],
     ex = make_executor()
     ex.submit(square, 1).result(timeout=300)  # the pre-flight check, out of the count
     calls = record_agent_calls(monkeypatch)
+    rounds = count_rounds(ex)
     res = ex.map(square, range(20))
     assert [c["op"] for c in calls] == ["submit"]  # one SSH command sent it all
     assert list(res) == [i * i for i in range(20)]
+    # each poll round is ONE agent call (one SSH command): the results ride on it
+    assert [c["op"] for c in calls] == ["submit"] + ["poll"] * len(rounds)
     jobs = [f.job for f in res.futures]
     assert len({f.id for f in res.futures}) == 20
     array_ids = {j.job_id.split("_")[0] for j in jobs if j is not None}
@@ -178,15 +205,36 @@ def test_map_is_one_array_submission(make_executor: Callable[..., Executor],
     assert sorted(int(j.job_id.split("_")[1]) for j in jobs if j) == list(range(1, 21))
 
     calls.clear()
+    rounds.clear()
     res5 = ex.map(square, range(20), chunksize=5)
     assert [c["op"] for c in calls] == ["submit"]
     assert list(res5) == [i * i for i in range(20)]
     elements = {f.job.job_id for f in res5.futures if f.job is not None}
     assert len({f.id for f in res5.futures}) == 4 and len(elements) == 4
     assert len({e.split("_")[0] for e in elements}) == 1
-    # polls and result reads: one agent call each per round, whatever the calls
-    ops = [c["op"] for c in calls]
-    assert set(ops) <= {"submit", "poll", "read_many"}
+    assert [c["op"] for c in calls] == ["submit"] + ["poll"] * len(rounds)
+
+
+def test_map_errors_come_home_on_the_poll(make_executor: Callable[..., Executor],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = make_executor()
+    ex.submit(square, 1).result(timeout=300)
+    calls = record_agent_calls(monkeypatch)
+    rounds = count_rounds(ex)
+    res = ex.map(square_or_fail, range(20), chunksize=5)   # 4 array elements
+    futs = res.futures
+    assert len(futs) == 20
+    errors = [f.exception(timeout=300) for f in futs]
+    ok = [i for i, e in enumerate(errors) if e is None]
+    assert ok == [*range(7), *range(8, 10), *range(15, 20)]
+    assert [futs[i].result() for i in ok] == [i * i for i in ok]
+    assert isinstance(errors[7], Boom) and "no 7" in str(errors[7])
+    assert "in square_or_fail" in "\n".join(errors[7].__notes__)
+    for i in range(10, 15):   # the element that died: each of its calls fails with it
+        err = errors[i]
+        assert isinstance(err, JobFailedError) and err.exit_status == 9, err
+        assert "dying at 13" in err.err_tail and err.state == "failed"
+    assert [c["op"] for c in calls] == ["submit"] + ["poll"] * len(rounds)
 
 
 def test_exceptions_come_home_with_the_remote_traceback(

@@ -8,8 +8,8 @@ import logging
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,6 +40,32 @@ log = logging.getLogger("sshq.client")
 def _utc(s: object) -> datetime | None:
     t: datetime | None = js.parse_time(s)
     return t
+
+
+@dataclass(frozen=True, slots=True)
+class LogRead:
+    """A file of a job's log directory that :meth:`Jobs.poll_reading` brings
+    home with the job's status (the agent's ``read_many`` form).
+
+    Attributes:
+        name: the file's name in the job log directory.
+        max_bytes: the most bytes read (the agent caps it too).
+        tail: read the file's last ``max_bytes`` (else from its start).
+    """
+
+    name: str
+    max_bytes: int
+    tail: bool = False
+
+    def wire(self, job: Job) -> dict[str, Any]:
+        """The agent's file item for ``job``."""
+        item: dict[str, Any] = {"path": f"{job.job_log_dir}/{self.name}",
+                                "max_bytes": self.max_bytes}
+        if self.tail:
+            item["tail"] = True
+        else:
+            item["offset"] = 0
+        return item
 
 
 class Jobs:
@@ -392,7 +418,48 @@ class Jobs:
         await self._poll_jobs(jobs)
         return self.store.get([j.id for j in jobs])
 
-    async def _poll_jobs(self, jobs: list[Job]) -> list[str]:
+    async def poll_reading(
+        self, ids: Sequence[int], reads: Mapping[int, Sequence[LogRead]], *,
+        now: Collection[int] = (),
+    ) -> tuple[list[Job], dict[int, list[Any]]]:
+        """:meth:`poll`, and files of the jobs' log directories in the same
+        agent call (one SSH command per host): :class:`sshq.Executor`'s
+        results and ``job.err`` tails.
+
+        A job's files are read once its status file records an exit, or at
+        once for the ids in ``now`` (jobs known to be final already); all the
+        files of one host within the agent's budget (``MAX_POLL_FILES``
+        bytes): a file that did not fit comes back short (read on with the
+        agent's ``read_many``).  A host that does not answer, or an agent
+        that does not know the ``files`` field (an installed agent older
+        than this sshq), gives no files.
+
+        Args:
+            ids: sshq ids to poll.
+            reads: per sshq id, the files to bring home.
+            now: ids whose files are read without an exit recorded.
+
+        Returns:
+            ``(jobs, files)``: the jobs as :meth:`poll` returns them, and per
+            sshq id whose files were read, one item per :class:`LogRead`
+            asked, in order, as the agent sent it (untrusted: the
+            ``read_many`` item's fields, unchecked).
+
+        Raises:
+            UnknownJobError: an id is not known.
+        """
+        jobs = self._select(ids, False)
+        got: dict[int, list[Any]] = {}
+        await self._poll_jobs(jobs, reads=reads, now=frozenset(now), got=got)
+        return self.store.get([j.id for j in jobs]), got
+
+    async def _poll_jobs(
+        self, jobs: list[Job], *, reads: Mapping[int, Sequence[LogRead]] | None = None,
+        now: Collection[int] = (), got: dict[int, list[Any]] | None = None,
+    ) -> list[str]:
+        """Poll ``jobs`` (one agent call per host); with ``reads``, ``got``
+        receives their files (:meth:`poll_reading`).  Returns the errors
+        logged."""
         errors: list[str] = []
 
         async def one(key: tuple[str, str], group: list[Job]) -> None:
@@ -404,6 +471,8 @@ class Jobs:
                 errors.append(str(exc))
                 return
             payload = _jobs_payload(group)
+            if reads:
+                _ask_files(group, payload, reads, now)
             # Job status files are cheap; the job runner's status command is
             # rate-limited per host, across processes sharing this state.
             if not self.store.claim_runner_query(key[0], key[1], plat.min_poll_interval):
@@ -416,6 +485,8 @@ class Jobs:
                 errors.append(str(exc))
                 return
             errs = self._apply(group, reply, set(reply.get("queried", [])))
+            if reads and got is not None:
+                _take_files(group, reply.get("files"), reads, got)
             for err in sorted(set(errs.values())):
                 log.warning("poll of %s on %s: job runner query failed (no state changed):"
                             " %s", key[0], key[1], err)
@@ -577,6 +648,30 @@ def _jobs_payload(group: Sequence[Job]) -> dict[str, Any]:
         jobs.append({"key": str(j.id), "log_dir": j.job_log_dir, "job_id": j.job_id,
                      "bare_id": bare, "group": list(words), "runner": j.job_runner})
     return {"jobs": jobs, "runners": runner_templates(runners)}
+
+
+def _ask_files(group: Sequence[Job], payload: dict[str, Any],
+               reads: Mapping[int, Sequence[LogRead]], now: Collection[int]) -> None:
+    """Add the files of :meth:`Jobs.poll_reading` to a poll request."""
+    for j, item in zip(group, payload["jobs"], strict=True):
+        asked = reads.get(j.id)
+        if asked:
+            item["files"] = [r.wire(j) for r in asked]
+            if j.id in now:
+                item["files_now"] = True
+
+
+def _take_files(group: Sequence[Job], files: object, reads: Mapping[int, Sequence[LogRead]],
+                got: dict[int, list[Any]]) -> None:
+    """The files of a poll reply (untrusted): a job's list of items only
+    when it has one item per file asked."""
+    if not isinstance(files, dict):
+        return
+    for j in group:
+        asked = reads.get(j.id)
+        items = files.get(str(j.id))
+        if asked and isinstance(items, list) and len(items) == len(asked):
+            got[j.id] = items
 
 
 def _spec_summary(spec: JobSpec) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Generic, ParamSpec, TypeVar
 
+from .._client.jobs import LogRead
 from ..client import AsyncClient
 from ..config import Config, Platform
 from ..exceptions import InvalidInputError, RemoteError, SshqError
@@ -232,9 +233,9 @@ class Executor(concurrent.futures.Executor):
     ``sshq_call.py`` (:mod:`sshq.shipped.sshq_call`) with the remote
     ``python``, which writes the result (or the exception and its traceback)
     atomically into the job's log directory.  A background thread polls the
-    pending jobs (one SSH command per host per poll) and, when some are
-    final, reads their results and the tails of their ``job.err`` in one
-    more command per host.
+    pending jobs: one SSH command per host per poll, whose reply brings the
+    results of the jobs that ended and the tails of their ``job.err`` (a
+    result over the poll's budget is read on with one more command).
 
     Before the first submission to a platform (and for each ``python``), one
     agent call checks the remote interpreter: its Python major.minor and its
@@ -760,9 +761,25 @@ class Executor(concurrent.futures.Executor):
                         if all(f.done() for f, _ in p.futures)]:
                 del self._pending[jid]  # every future cancelled
 
+    def _limit(self, jid: int) -> int:
+        """The most bytes job ``jid``'s result file may have."""
+        return (self._max_result + (1 << 20)) * max(1, self._pending[jid].calls)
+
+    def _reads(self, jid: int) -> tuple[LogRead, LogRead]:
+        """What a poll brings home of job ``jid`` once it ended: its result
+        file and the tail of its job.err."""
+        return (LogRead(sshq_call.RESULT_FILE, self._limit(jid)),
+                LogRead(js.LOG_FILES["err"], ERR_TAIL_BYTES, tail=True))
+
     async def _round(self) -> None:
+        """One poll of the pending jobs: one SSH command per host, which
+        brings the results of the jobs that ended along with the states."""
         ids = list(self._pending)
-        jobs = await self._client.poll(ids)
+        # jobs seen final already (attach; no exit recorded last round): their
+        # files now, whether or not their status file records an exit
+        now = [jid for jid, p in self._pending.items() if p.job.state.is_final]
+        jobs, polled = await self._client._jobs.poll_reading(
+            ids, {jid: self._reads(jid) for jid in ids}, now=now)
         final = []
         for j in jobs:
             p = self._pending.get(j.id)
@@ -771,18 +788,21 @@ class Executor(concurrent.futures.Executor):
             p.job = j
             for f, _ in p.futures:
                 f._job = j
-            if j.state.is_final:
+            # (final by the job runner alone, with no exit recorded: its files
+            # come with the next poll, asked for "now")
+            if j.state.is_final and (j.id in polled or j.id in now):
                 final.append(j)
         if not final:
             return
         groups: dict[tuple[str, str], list[Job]] = defaultdict(list)
         for j in final:
             groups[(j.platform, j.host)].append(j)
-        await asyncio.gather(*(self._collect_group(k, g) for k, g in groups.items()))
+        await asyncio.gather(*(self._collect_group(k, g, polled) for k, g in groups.items()))
 
-    async def _collect_group(self, key: tuple[str, str], jobs: list[Job]) -> None:
+    async def _collect_group(self, key: tuple[str, str], jobs: list[Job],
+                             polled: dict[int, list[Any]]) -> None:
         try:
-            got = await self._read_results(key, jobs)
+            got = await self._read_results(key, jobs, polled)
         except SshqError as exc:
             log.warning("reading results from %s on %s failed (will retry): %s",
                         key[0], key[1], exc)
@@ -842,30 +862,60 @@ class Executor(concurrent.futures.Executor):
                 continue
             _set(f, *settle(parsed.outcome(pos), where=where))
 
-    async def _read_results(self, key: tuple[str, str], jobs: list[Job]
+    async def _read_results(self, key: tuple[str, str], jobs: list[Job],
+                            polled: dict[int, list[Any]]
                             ) -> dict[int, tuple[bytes | None, bytes, str]]:
         """Each job's result file, the tail of its job.err, and why there is
-        no result: one ``read_many`` agent call per host (more only for
-        results over one call's budget)."""
+        no result: what the poll brought (``polled``: :meth:`_reads`' items
+        per job), read on with one ``read_many`` agent call per host only for
+        a result the poll did not bring whole (over its budget) or a job it
+        brought nothing of (an installed agent older than this sshq)."""
         res = {j.id: bytearray() for j in jobs}
         err: dict[int, bytes] = {}
         why: dict[int, str] = {}
         size: dict[int, int] = {}
-        done: dict[int, bool] = {}
-        todo = {j.id: j for j in jobs}
-        first = True
+        done: set[int] = set()
+
+        def take(jid: int, kind: str, item: object, asked: dict[str, Any]) -> bool:
+            """One file's item; True if it brought result bytes."""
+            data, total, problem = _read_item(item, asked)
+            if kind == "err":
+                err[jid] = data or b""
+                return False
+            if data is None:
+                done.add(jid)
+                if problem:
+                    why[jid] = problem
+                return False
+            res[jid] += data
+            size[jid] = total
+            limit = self._limit(jid)
+            if total > limit:
+                why[jid] = (f"its result file has {total} bytes, over the limit of"
+                            f" {limit} bytes")
+                done.add(jid)
+            elif len(res[jid]) >= total:
+                done.add(jid)
+            return bool(data)
+
+        for j in jobs:
+            items = polled.get(j.id)
+            if items is not None:
+                for kind, item, r in zip(("result", "err"), items, self._reads(j.id),
+                                         strict=True):
+                    take(j.id, kind, item, r.wire(j))
+        todo = {j.id: j for j in jobs if j.id not in done}
         runners = {j.job_runner for j in jobs}
         while todo:
             files: list[dict[str, Any]] = []
             order: list[tuple[int, str]] = []
             for jid, j in todo.items():
-                limit = (self._max_result + (1 << 20)) * max(1, self._pending[jid].calls)
+                got = len(res[jid])
                 files.append({"path": f"{j.job_log_dir}/{sshq_call.RESULT_FILE}",
-                              "offset": len(res[jid]), "max_bytes": limit - len(res[jid])})
+                              "offset": got, "max_bytes": self._limit(jid) - got})
                 order.append((jid, "result"))
-                if first:
-                    files.append({"path": f"{j.job_log_dir}/{js.LOG_FILES['err']}",
-                                  "tail": True, "max_bytes": ERR_TAIL_BYTES})
+                if jid not in err:
+                    files.append(self._reads(jid)[1].wire(j))
                     order.append((jid, "err"))
             reply = await self._client.pool.agent_on_group(
                 key[0], key[1], "read_many", {"files": files}, runners=runners)
@@ -874,27 +924,8 @@ class Executor(concurrent.futures.Executor):
                 raise RemoteError(f"{key[1]}: malformed reply to read_many")
             progress = False
             for (jid, kind), item, asked in zip(order, items, files, strict=True):
-                data, total, problem = _read_item(item, asked)
-                if kind == "err":
-                    err[jid] = data or b""
-                    continue
-                if data is None:
-                    done[jid] = True
-                    if problem:
-                        why[jid] = problem
-                    continue
-                res[jid] += data
-                size[jid] = total
-                progress = progress or bool(data)
-                limit = (self._max_result + (1 << 20)) * max(1, self._pending[jid].calls)
-                if total > limit:
-                    why[jid] = (f"its result file has {total} bytes, over the limit of"
-                                f" {limit} bytes")
-                    done[jid] = True
-                elif len(res[jid]) >= total:
-                    done[jid] = True
-            todo = {jid: j for jid, j in todo.items() if not done.get(jid)}
-            first = False
+                progress = take(jid, kind, item, asked) or progress
+            todo = {jid: j for jid, j in todo.items() if jid not in done}
             if todo and not progress:
                 for jid in todo:
                     why[jid] = "its result file could not be read whole"

@@ -484,12 +484,25 @@ def op_poll(req, w):
     # Re-read after the runner query: a job that ended meanwhile must be seen
     # with its exit, not as "vanished".
     status.update(read_statuses(pending))
-    w.frame({
+    reply = {
         "status": wire(status),
         "queried": [j["key"] for j in pending if j.get("job_id")],
         "runners": runners,
         "missing": missing,
-    })
+    }
+    # Files a job's poll asks for ("files", read_many's form: sshq.Executor's
+    # result and job.err tail) come with the reply once its status file records
+    # an exit (or at once with "files_now": a job the client knows is final),
+    # all of them within one budget: the caller reads on with read_many.
+    asked = [j for j in jobs if j.get("files")]
+    if asked:
+        budget = min(int(req.get("files_budget", MAX_POLL_FILES)), MAX_POLL_FILES)
+        files = {}
+        for j in asked:
+            if status[j["key"]].exited or j.get("files_now"):
+                files[j["key"]], budget = read_files(j["files"], budget)
+        reply["files"] = files
+    w.frame(reply)
 
 
 def op_kill(req, w):
@@ -583,8 +596,10 @@ def op_pyenv(req, w):
     w.frame(reply)
 
 
-#: The most bytes one "read_many" reply carries, over all its files.
+#: The most bytes one "read_many" reply carries, over all its files; and
+#: the most the files of one "poll" reply carry (beside the job statuses).
 MAX_READ_MANY = 24 * 1024 * 1024
+MAX_POLL_FILES = 16 * 1024 * 1024
 
 
 def op_read_many(req, w):
@@ -592,8 +607,14 @@ def op_read_many(req, w):
     "max_bytes" with "tail"), each at most "max_bytes", all together at most
     MAX_READ_MANY: the caller reads on from "offset" + the bytes it got."""
     budget = min(int(req.get("budget", MAX_READ_MANY)), MAX_READ_MANY)
+    w.frame({"files": read_files(req["files"], budget)[0]})
+
+
+def read_files(files, budget):
+    """read_many's reading (and poll's): one item per file of ``files``, at
+    most ``budget`` bytes in all; returns (items, the budget left)."""
     out = []
-    for f in req["files"]:
+    for f in files:
         path = f["path"]
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO cannot block us
@@ -625,7 +646,7 @@ def op_read_many(req, w):
             out.append({"ok": False, "missing": False, "error": "%s: %s" % (path, exc.strerror)})
         finally:
             os.close(fd)
-    w.frame({"files": out})
+    return out, budget
 
 
 # ---- sshq serve's FirecREST filesystem operations (src/sshq/server/firecrest.py)

@@ -338,6 +338,17 @@ def check_runner_query(opts, req, runners):
         check_ids(spec, job)
 
 
+def check_poll(opts, req, runners):
+    check_runner_query(opts, req, runners)
+    # Files a poll brings home with the statuses (read_many's form): inside
+    # the run directory, as read_many's.
+    for job in req["jobs"]:
+        files = job.get("files", [])
+        if not isinstance(files, list):
+            raise Refused("restricted: malformed files of a job")
+        check_read_many(opts, {"files": files}, runners)
+
+
 def check_kill(opts, req, runners):
     check_runner_query(opts, req, runners)
     # Only a job whose status file (under the run directory) records this id.
@@ -349,7 +360,7 @@ def check_kill(opts, req, runners):
                 job["bare_id"] = ""
 
 
-CHECKS = {"init": check_init, "submit": check_submit, "poll": check_runner_query,
+CHECKS = {"init": check_init, "submit": check_submit, "poll": check_poll,
           "kill": check_kill, "read": check_read, "read_many": check_read_many,
           "follow": check_follow, "listing": check_listing, "tidy": check_tidy,
           "agent_info": check_agent_info}
