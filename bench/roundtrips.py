@@ -8,7 +8,15 @@ chunk for ``--delay-ms`` in each direction (the kernel here has no netem), so
 one round trip costs 2 x delay on top of loopback.  Each variant runs the CLI
 in a fresh state directory (as a new user does) against the real Slurm, and
 is reported as wall time and as (wall - the same command without delay) / RTT,
-so that CPU time (Python start-up, sbatch) is not counted as round trips:
+so that CPU time (Python start-up, sbatch) is not counted as round trips.
+That difference still carries the noise of the CPU-bound parts (imports,
+sbatch) of two runs, and on loopback sshd's small writes can wait for a
+delayed ACK (40 ms) that the relay's timing does not reproduce; so each
+sshq run is also timed from the inside (the stamps of bench/cli_breakdown.py)
+and two network-bound spans are counted on their own, as (delayed -
+undelayed) / RTT: ``connect`` (asyncssh connect, host key, auth) and the
+agent ``call`` (channel open to the end of ``run``, less the remote agent's
+own work: from having read its program to its last line).  Variants:
 
 - ``connect+true``: asyncssh connects and runs ``true`` (the floor for any
   command over a new connection);
@@ -25,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -35,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import Bed, cancel_jobs, load_testbed, new_tag
+from cli_breakdown import CHILD, TIMED_BOOTSTRAP
 
 
 class Relay:
@@ -96,15 +106,26 @@ def platforms_file(bed: Bed, port: int, work: Path, tag: str) -> Path:
     return conf
 
 
-def sshq(*args: str, conf: Path, state: Path) -> tuple[float, str]:
-    env = dict(os.environ, SSHQ_STATE_DIR=str(state))
+def sshq(*args: str, conf: Path, state: Path) -> tuple[float, str, dict[str, float]]:
+    """Run the CLI (with cli_breakdown's stamps); wall s, stdout, and the
+    ``connect`` and agent ``call`` spans (s, see the module docstring)."""
+    stamps = state.parent / "stamps.json"
+    env = dict(os.environ, SSHQ_STATE_DIR=str(state), SSHQ_BENCH_BOOTSTRAP=TIMED_BOOTSTRAP,
+               SSHQ_BENCH_STAMPS=str(stamps))
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "sshq", *args, "--config", str(conf)],
+    p = subprocess.run([sys.executable, "-c", CHILD, *args, "--config", str(conf)],
                        capture_output=True, text=True, env=env, timeout=600)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"sshq {args[0]} failed: {p.stderr}")
-    return wall, p.stdout
+    t = json.loads(stamps.read_text())
+    if t.get("runs") != 1:  # (a fresh state dir and a fresh run dir: one SSH command)
+        raise RuntimeError(f"sshq {args[0]}: {t.get('runs')} agent calls, not one")
+    r = t["remote"]
+    connect = t["connect_end"] - t["connect_start"]  # (inside the first run)
+    spans = {"connect": connect,
+             "call": (t["run_end"] - t["run_start"]) - connect - (r["t3"] - r["t1"])}
+    return wall, p.stdout, spans
 
 
 def connect_true(bed: Bed, port: int, known: Path) -> float:
@@ -120,9 +141,12 @@ def connect_true(bed: Bed, port: int, known: Path) -> float:
     return float(p.stdout)
 
 
-def measure(bed: Bed, relay: Relay, jobs: int, work: Path, tag: str) -> dict[str, float]:
-    conf = platforms_file(bed, relay.port, work, tag)
-    state = Path(tempfile.mkdtemp(dir=work))
+def measure(bed: Bed, relay: Relay, jobs: int, work: Path, tag: str,
+            spans: dict[str, dict[str, list[float]]]) -> dict[str, float]:
+    # a fresh run dir too: with a run dir that earlier runs used, a fresh state
+    # dir's submit numbers exist there already and submit goes again (2 calls)
+    conf = platforms_file(bed, relay.port, work, f"{tag}/{secrets.token_hex(4)}")
+    state = Path(tempfile.mkdtemp(dir=work)) / "state"
     scripts = []
     for i in range(jobs):
         f = work / f"{tag}_{i:03d}.sh"
@@ -130,10 +154,14 @@ def measure(bed: Bed, relay: Relay, jobs: int, work: Path, tag: str) -> dict[str
         scripts.append(str(f))
     out: dict[str, float] = {}
     out["connect+true"] = connect_true(bed, relay.port, work / f"known_hosts_{relay.port}")
-    out[f"submit {jobs}"], text = sshq("submit", "-p", "tb", "--json", *scripts,
-                                       conf=conf, state=state)
+    out[f"submit {jobs}"], text, sp = sshq("submit", "-p", "tb", "--json", *scripts,
+                                           conf=conf, state=state)
+    for k, v in sp.items():
+        spans.setdefault(f"submit {jobs}", {}).setdefault(k, []).append(v)
     ids = [str(j["id"]) for j in json.loads(text)]
-    out[f"poll {jobs}"], _ = sshq("poll", *ids, conf=conf, state=state)
+    out[f"poll {jobs}"], _, sp = sshq("poll", *ids, conf=conf, state=state)
+    for k, v in sp.items():
+        spans.setdefault(f"poll {jobs}", {}).setdefault(k, []).append(v)
     return out
 
 
@@ -149,21 +177,31 @@ def main() -> None:
     rtt = 2 * args.delay_ms / 1000
     fast, slow = Relay(int(bed.port), 0.0), Relay(int(bed.port), args.delay_ms / 1000)
     runs: dict[str, dict[str, list[float]]] = {"fast": {}, "slow": {}}
+    spans: dict[str, dict[str, dict[str, list[float]]]] = {"fast": {}, "slow": {}}
+    print(f"load average at the start: {Path('/proc/loadavg').read_text().strip()}")
     try:
         with tempfile.TemporaryDirectory() as d:
             for _ in range(args.repeat):
                 for name, relay in (("fast", fast), ("slow", slow)):
-                    for k, v in measure(bed, relay, args.jobs, Path(d), tag).items():
+                    for k, v in measure(bed, relay, args.jobs, Path(d), tag,
+                                        spans[name]).items():
                         runs[name].setdefault(k, []).append(v)
     finally:
         cancel_jobs(bed.user, tag)
         bed.ssh(f"rm -rf ~/sshq-bench/{tag}", check=False)
     print(f"RTT {rtt * 1000:.0f} ms (delay {args.delay_ms:g} ms each way), {args.jobs} jobs,"
           f" median of {args.repeat}, fresh state dir each time")
-    print(f"{'variant':<14} {'no delay s':>10} {'delayed s':>10} {'extra RTTs':>10}")
+    print(f"load average at the end: {Path('/proc/loadavg').read_text().strip()}")
+    print(f"{'variant':<14} {'no delay s':>10} {'delayed s':>10} {'extra RTTs':>10}"
+          f" {'connect RTTs':>12} {'call RTTs':>10}")
     for k in runs["fast"]:
         f, s = statistics.median(runs["fast"][k]), statistics.median(runs["slow"][k])
-        print(f"{k:<14} {f:>10.3f} {s:>10.3f} {(s - f) / rtt:>10.1f}")
+        line = f"{k:<14} {f:>10.3f} {s:>10.3f} {(s - f) / rtt:>10.1f}"
+        if k in spans["fast"]:
+            d = {n: (statistics.median(spans["slow"][k][n])
+                     - statistics.median(spans["fast"][k][n])) / rtt for n in ("connect", "call")}
+            line += f" {d['connect']:>12.1f} {d['call']:>10.1f}"
+        print(line)
 
 
 if __name__ == "__main__":

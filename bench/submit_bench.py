@@ -9,8 +9,12 @@ as wall time, median of ``--repeat``):
 
 a. ``sshq submit -p tb <N files>`` (one CLI invocation; warm: remote-init
    cached by an untimed warm-up submit; cold: fresh SSHQ_STATE_DIR and run
-   dir), the Python API (``AsyncClient.submit`` with N JobSpecs; a fresh
-   client that connects, and a client already connected), and the CLI with
+   dir; each also "bytecode cached": the CLI given a bytecode cache of its
+   own, ``PYTHONPYCACHEPREFIX`` in the run's temporary dir, warmed untimed,
+   as ``pip install`` gives, where the environment says
+   PYTHONDONTWRITEBYTECODE=1 and sshq is an editable install), the Python
+   API (``AsyncClient.submit`` with N JobSpecs; a fresh client that
+   connects, and a client already connected), and the CLI with
    ``submit_concurrency`` = each value of ``--sweep``;
 b. a loop of N ``ssh -S <ctl> ... sbatch`` over one OpenSSH ControlMaster;
 c. a loop of N fresh ``ssh ... sbatch`` (no multiplexing);
@@ -85,6 +89,7 @@ class Bench:
         self.ctl = str(self.tmp / "ctl")
         self.cm_started = False
         self.times: dict[str, list[float]] = {}
+        self.loads: list[float] = []  # 1-minute load average before each timed run
         self.notes: dict[str, Any] = {}
         self.runner = asyncio.Runner()
         self.api_conn: AsyncClient | None = None
@@ -138,6 +143,8 @@ class Bench:
         # warm-ups: remote-init cached for every warm platform (untimed)
         for plat in ["tb", "tb_ossh", *(f"tb_c{k}" for k in self.sweep)]:
             self.cli([str(self.warm_file)], plat, self.cli_env(self.state))
+        # ... and the bytecode cache of the "bytecode cached" variants (untimed)
+        self.cli([str(self.warm_file)], "tb", self.cli_env(self.state, cached=True))
         self.runner.run(self._api_warm())
         self.clean()
 
@@ -148,10 +155,14 @@ class Bench:
         self.api_conn = AsyncClient(self.toml, state_dir=self.state)
         await self.api_conn.submit(warm, platform="tb_apic")
 
-    def cli_env(self, state: Path, toml: Path | None = None) -> dict[str, str]:
+    def cli_env(self, state: Path, toml: Path | None = None,
+                cached: bool = False) -> dict[str, str]:
         env = dict(os.environ)
         env["SSHQ_CONFIG"] = str(toml or self.toml)
         env["SSHQ_STATE_DIR"] = str(state)
+        if cached:  # a bytecode cache of the CLI's own (as an installed package has)
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
+            env["PYTHONPYCACHEPREFIX"] = str(self.tmp / "pycache")
         return env
 
     def clean(self) -> float:
@@ -174,17 +185,19 @@ class Bench:
             raise RuntimeError(f"only {len(ok)}/{len(files)} submitted: {p.stdout[:500]!r}")
         return dt
 
-    def v_cli_warm(self, rep: int, platform: str = "tb") -> float:
-        return self.cli(self.files, platform, self.cli_env(self.state))
+    def v_cli_warm(self, rep: int, platform: str = "tb", cached: bool = False) -> float:
+        return self.cli(self.files, platform, self.cli_env(self.state, cached=cached))
 
     def v_cli_direct(self, rep: int) -> float:
         return self.cli(self.files, "tb", self.cli_env(self.state), exe=self.sshq_direct)
 
-    def v_cli_cold(self, rep: int) -> float:
-        toml = self.tmp / f"cold{rep}.toml"
+    def v_cli_cold(self, rep: int, cached: bool = False) -> float:
+        name = f"cold{'c' if cached else ''}{rep}"
+        toml = self.tmp / f"{name}.toml"
         toml.write_text(self.bed.platform_toml("tb", job_runner="slurm",
-                                               run_dir=f"{self.remote_base}/cold{rep}"))
-        return self.cli(self.files, "tb", self.cli_env(self.tmp / f"state-cold{rep}", toml))
+                                               run_dir=f"{self.remote_base}/{name}"))
+        return self.cli(self.files, "tb", self.cli_env(self.tmp / f"state-{name}", toml,
+                                                      cached=cached))
 
     def v_api_fresh(self, rep: int) -> float:
         async def go() -> float:
@@ -358,6 +371,8 @@ class Bench:
         variants: list[tuple[str, Any]] = [
             (f"a. sshq CLI warm (submit_concurrency={self.concurrency})", self.v_cli_warm),
             ("a. sshq CLI cold (fresh state dir + run dir)", self.v_cli_cold),
+            ("a. sshq CLI cold, bytecode cached", lambda rep: self.v_cli_cold(rep, True)),
+            ("a. sshq CLI warm, bytecode cached", lambda rep: self.v_cli_warm(rep, cached=True)),
         ]
         if self.sshq_direct:
             variants.append(("a. sshq CLI warm, console script (no pyenv shim)",
@@ -385,9 +400,12 @@ class Bench:
             variants.append(("c. fresh ssh per job", self.v_fresh_ssh))
         for rep in range(self.args.repeat):
             for name, fn in variants:
+                load = Path("/proc/loadavg").read_text().split()[0]
+                self.loads.append(float(load))
                 dt = fn(rep)
                 self.times.setdefault(name, []).append(dt)
-                print(f"  rep {rep + 1}: {name}: {dt:.3f} s", file=sys.stderr, flush=True)
+                print(f"  rep {rep + 1}: {name}: {dt:.3f} s (load {load})", file=sys.stderr,
+                      flush=True)
                 self.clean()
         if self.args.diag:
             self.diag()
@@ -401,7 +419,9 @@ class Bench:
             rows.append((name, f"{m:.3f}", f"{min(ts):.3f}", f"{max(ts):.3f}",
                          f"{self.n / m:.0f}", f"{m / ref:.2f}"))
         out = [f"sshq submit benchmark: {self.n} jobs, median of {self.args.repeat};"
-               f" platform submit_concurrency = {self.concurrency} (default)",
+               f" platform submit_concurrency = {self.concurrency} (default);"
+               f" 1-minute load average before the timed runs: median"
+               f" {median(self.loads):.2f}, {min(self.loads):.2f}..{max(self.loads):.2f}",
                "", table(["variant", "median s", "min s", "max s", "jobs/s",
                           "ratio vs sshq"], rows), ""]
 
@@ -413,8 +433,11 @@ class Bench:
 
         cm, fresh, local = get("b."), get("c."), get("d. local sbatch loop")
         goals = []
-        for label, t in [(ref_name, ref), ("a. sshq API, connected client",
-                                           get("a. sshq API, connected client"))]:
+        clis = [n for n in self.times if n.startswith("a. sshq CLI")
+                and ("cold" in n or n == ref_name or n.endswith("bytecode cached"))]
+        for label, t in [*((n, median(self.times[n])) for n in clis),
+                         ("a. sshq API, connected client",
+                          get("a. sshq API, connected client"))]:
             if t is None:
                 continue
             if cm:
@@ -477,7 +500,7 @@ def main() -> None:
     args = ap.parse_args()
     b = Bench(args)
     drive(b, args.json_out, lambda: {
-        "jobs": args.jobs, "repeat": args.repeat, "times": b.times,
+        "jobs": args.jobs, "repeat": args.repeat, "times": b.times, "loads": b.loads,
         "notes": {k: v for k, v in b.notes.items() if k != "client_profile"}})
 
 if __name__ == "__main__":
