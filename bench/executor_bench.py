@@ -53,9 +53,11 @@ VENV = "sshq-test-venv"
 
 @contextmanager
 def counting() -> Any:
-    """Count agent calls by operation, SSH channels and rsync runs."""
+    """Count agent calls by operation, SSH channels, rsync runs and the
+    Executor's collection rounds (each a poll of the pending jobs)."""
     import sshq.remote.operations as ops
     import sshq.remote.staging as staging
+    from sshq.executor._executor import Executor
     from sshq.transport.asyncssh_ import AsyncSSHTransport
 
     counts: Counter[str] = Counter()
@@ -63,6 +65,7 @@ def counting() -> Any:
     orig_run = AsyncSSHTransport.run
     orig_session = getattr(AsyncSSHTransport, "open_session", None)
     orig_rsync = staging._run_rsync
+    orig_round = Executor._round
 
     def encode(op: str, payload: Any, **kw: Any) -> Any:
         counts[f"agent {op}"] += 1
@@ -81,7 +84,12 @@ def counting() -> Any:
         counts["rsync runs"] += 1
         return await orig_rsync(*a, **kw)
 
+    async def round_(self_: Any) -> None:
+        counts["executor rounds"] += 1
+        await orig_round(self_)
+
     ops.encode_request = encode  # type: ignore[assignment]
+    Executor._round = round_  # type: ignore[method-assign]
     AsyncSSHTransport.run = run  # type: ignore[method-assign]
     if orig_session is not None:
         AsyncSSHTransport.open_session = session  # type: ignore[method-assign]
@@ -90,6 +98,7 @@ def counting() -> Any:
         yield counts
     finally:
         ops.encode_request = orig_encode  # type: ignore[assignment]
+        Executor._round = orig_round  # type: ignore[method-assign]
         AsyncSSHTransport.run = orig_run  # type: ignore[method-assign]
         if orig_session is not None:
             AsyncSSHTransport.open_session = orig_session  # type: ignore[method-assign]
@@ -185,9 +194,11 @@ class ExecutorBench:
             rows.append([r["variant"], r["calls"], r["chunksize"], f"{r['wall']:.1f}",
                          f"{1000 * r['wall'] / r['calls']:.1f}",
                          c.get("agent submit", "") if c else "",
-                         ssh if c else "", c.get("rsync runs", "") if c else "", agent])
+                         ssh if c else "", c.get("executor rounds", "") if c else "",
+                         c.get("rsync runs", "") if c else "", agent])
         return benchlib.table(["variant", "calls", "chunksize", "wall s", "ms/call",
-                               "submissions", "ssh commands", "rsync", "agent calls"], rows)
+                               "submissions", "ssh commands", "poll rounds", "rsync",
+                               "agent calls"], rows)
 
     def raw(self) -> dict[str, Any]:
         return {"rows": self.rows}
