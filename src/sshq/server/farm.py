@@ -594,6 +594,10 @@ class FarmRuns:
                 if f"{stream}_file" in obj:
                     obj[f"{stream}_url"] = url.format(seq=r.seq, stream=stream)
             data = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+            try:
+                data.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate in a message: escaped
+                data = json.dumps(obj, separators=(",", ":"))
             if not self.table.add_result(name, r.seq, r.ok, data):
                 log.info("farm run %s: task %d reported again (after a restart); the first"
                          " result is kept", name, r.seq)
@@ -775,7 +779,9 @@ async def farm_results(
     then ``event: end`` with the run's status).  ``Last-Event-ID: n`` or
     ``?after=n`` starts after the n-th result.  With ``follow`` (default)
     the response goes on until the run has ended; ``follow=false`` gives
-    the results there are now."""
+    the results there are now.  Only the event stream has keep-alives (a
+    comment every 10 s): a client whose read timeout is shorter than its
+    tasks should read that one."""
     farms = await farms_of(request)
     rec = farms.record(token, name)
     sse = format == "sse" or (format is None and "text/event-stream" in (accept or ""))
