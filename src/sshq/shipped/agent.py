@@ -523,11 +523,9 @@ def op_kill(req, w):
 def op_read(req, w):
     path = req["path"]
     try:
-        with open(path, "rb") as fh:
-            fh.seek(int(req.get("offset", 0)))
-            data = fh.read(min(int(req.get("max_bytes", MAX_READ_BYTES)), MAX_READ_BYTES))
-            size = os.fstat(fh.fileno()).st_size
-        w.frame({"ok": True, "data_b64": b64(data), "size": size})
+        item = read_regular(path, req.get("offset", 0),
+                            min(int(req.get("max_bytes", MAX_READ_BYTES)), MAX_READ_BYTES))
+        w.frame({"ok": True, "data_b64": item["data_b64"], "size": item["size"]})
     except (IOError, OSError) as exc:
         w.frame({"ok": False, "error": "%s: %s" % (path, exc.strerror)})
 
@@ -610,42 +608,49 @@ def op_read_many(req, w):
     w.frame({"files": read_files(req["files"], budget)[0]})
 
 
+def read_regular(path, offset=0, max_bytes=MAX_READ_BYTES, tail=False):
+    """At most ``max_bytes`` of a regular file, from ``offset`` (or its last
+    ``max_bytes`` with ``tail``): {"data_b64", "size", "offset"}.  Opened
+    non-blocking (a FIFO cannot block the agent); raises OSError, EISDIR or
+    EINVAL for what is no regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        want = max(0, int(max_bytes))
+        offset = max(0, st.st_size - want) if tail else max(0, int(offset))
+        os.lseek(fd, offset, os.SEEK_SET)
+        chunks, left = [], want
+        while left > 0:
+            data = os.read(fd, min(left, 1024 * 1024))
+            if not data:
+                break
+            chunks.append(data)
+            left -= len(data)
+        return {"data_b64": b64(b"".join(chunks)), "size": st.st_size, "offset": offset}
+    finally:
+        os.close(fd)
+
+
 def read_files(files, budget):
     """read_many's reading (and poll's): one item per file of ``files``, at
     most ``budget`` bytes in all; returns (items, the budget left)."""
     out = []
     for f in files:
         path = f["path"]
+        want = max(0, min(int(f.get("max_bytes", MAX_READ_BYTES)), MAX_READ_BYTES, budget))
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO cannot block us
+            item = read_regular(path, f.get("offset", 0), want, f.get("tail"))
         except OSError as exc:
             out.append({"ok": False, "missing": exc.errno == errno.ENOENT,
                         "error": "%s: %s" % (path, exc.strerror)})
             continue
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                out.append({"ok": False, "missing": False,
-                            "error": "%s: not a regular file" % path})
-                continue
-            want = max(0, min(int(f.get("max_bytes", MAX_READ_BYTES)), MAX_READ_BYTES, budget))
-            offset = max(0, st.st_size - want) if f.get("tail") else int(f.get("offset", 0))
-            os.lseek(fd, offset, os.SEEK_SET)
-            chunks = []
-            left = want
-            while left > 0:
-                data = os.read(fd, min(left, 1024 * 1024))
-                if not data:
-                    break
-                chunks.append(data)
-                left -= len(data)
-            data = b"".join(chunks)
-            budget -= len(data)
-            out.append({"ok": True, "size": st.st_size, "offset": offset, "data_b64": b64(data)})
-        except OSError as exc:
-            out.append({"ok": False, "missing": False, "error": "%s: %s" % (path, exc.strerror)})
-        finally:
-            os.close(fd)
+        budget -= min(want, max(0, item["size"] - item["offset"]))  # the bytes read
+        item["ok"] = True
+        out.append(item)
     return out, budget
 
 
@@ -695,26 +700,8 @@ def _fs_entry(path, name, deref, numeric):
 
 def _fs_read(path, req):
     """Bytes of a regular file: from "offset", or its last "max" with "tail"."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO cannot block us
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        want = max(0, min(int(req.get("max", FS_MAX_BYTES)), FS_MAX_BYTES))
-        offset = max(0, st.st_size - want) if req.get("tail") else int(req.get("offset", 0))
-        os.lseek(fd, offset, os.SEEK_SET)
-        chunks, left = [], want
-        while left > 0:
-            data = os.read(fd, min(left, 1024 * 1024))
-            if not data:
-                break
-            chunks.append(data)
-            left -= len(data)
-        return {"data_b64": b64(b"".join(chunks)), "size": st.st_size, "offset": offset}
-    finally:
-        os.close(fd)
+    return read_regular(path, req.get("offset", 0),
+                        min(int(req.get("max", FS_MAX_BYTES)), FS_MAX_BYTES), req.get("tail"))
 
 
 def _fs(req):
