@@ -50,8 +50,11 @@ environment sets PYTHONDONTWRITEBYTECODE=1 and sshq is an editable install
 without ``__pycache__``, so sshq's modules are compiled at every start);
 ``cached`` gives the child a bytecode cache of its own (``PYTHONPYCACHEPREFIX``
 in the run's temporary dir, warmed by an untimed run), as ``pip install``
-gives; ``both`` alternates them.  Run as root on the test bed; the run's jobs
-are cancelled after each repeat and its remote dir removed at the end.
+gives; ``both`` alternates them.  ``--compare-src DIR`` adds the same modes
+with another sshq source tree first on ``PYTHONPATH`` (e.g. an earlier
+commit's ``src``, from ``git archive``), interleaved, for before/after.
+Run as root on the test bed; the run's jobs are cancelled after each repeat
+and its remote dir removed at the end.
 """
 
 from __future__ import annotations
@@ -216,7 +219,9 @@ class Breakdown:
         env = dict(os.environ, SSHQ_STATE_DIR=str(state),
                    SSHQ_BENCH_BOOTSTRAP=TIMED_BOOTSTRAP,
                    SSHQ_BENCH_STAMPS=str(self.tmp / "stamps.json"))
-        if mode == "cached":
+        if mode.endswith(" other"):  # --compare-src: another sshq source tree
+            env["PYTHONPATH"] = str(Path(self.args.compare_src).resolve())
+        if mode.startswith("cached"):
             env.pop("PYTHONDONTWRITEBYTECODE", None)
             env["PYTHONPYCACHEPREFIX"] = str(self.pycache)
         return env
@@ -246,13 +251,16 @@ class Breakdown:
 
     def run(self) -> None:
         modes = ["env", "cached"] if self.args.pycache == "both" else [self.args.pycache]
-        if "cached" in modes:  # warm the bytecode cache (untimed)
-            self.once("cached", "warm")
-            cancel_jobs(self.bed.user, self.tag)
+        if self.args.compare_src:
+            modes += [m + " other" for m in modes]
+        for mode in modes:
+            if mode.startswith("cached"):  # warm the bytecode cache (untimed)
+                self.once(mode, "warm" + mode.replace(" ", "_"))
+                cancel_jobs(self.bed.user, self.tag)
         for rep in range(self.args.repeat):
             for mode in modes:
                 load = Path("/proc/loadavg").read_text().split()[0]
-                wall, ph = self.once(mode, f"{mode}{rep}")
+                wall, ph = self.once(mode, f"{mode.replace(' ', '_')}{rep}")
                 cancel_jobs(self.bed.user, self.tag)
                 self.walls.setdefault(mode, []).append(wall)
                 self.results.setdefault(mode, []).append(ph)
@@ -289,6 +297,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--pycache", choices=("env", "cached", "both"), default="both")
     ap.add_argument("--json-out", help="also write the raw phases as JSON here")
+    ap.add_argument("--compare-src", metavar="DIR",
+                    help="also run each mode with another sshq source tree (the directory"
+                    " holding its sshq package) first on PYTHONPATH: columns '<mode> other'")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root on the test bed (it cancels the benchmark's Slurm jobs)")

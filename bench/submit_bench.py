@@ -42,6 +42,7 @@ import json
 import os
 import pstats
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -90,6 +91,8 @@ class Bench:
         self.cm_started = False
         self.times: dict[str, list[float]] = {}
         self.loads: list[float] = []  # 1-minute load average before each timed run
+        self.cpu: dict[str, list[float]] = {}  # CLI variants: the CLI's CPU s
+        self.last_cpu = float("nan")
         self.notes: dict[str, Any] = {}
         self.runner = asyncio.Runner()
         self.api_conn: AsyncClient | None = None
@@ -145,6 +148,10 @@ class Bench:
             self.cli([str(self.warm_file)], plat, self.cli_env(self.state))
         # ... and the bytecode cache of the "bytecode cached" variants (untimed)
         self.cli([str(self.warm_file)], "tb", self.cli_env(self.state, cached=True))
+        if self.args.compare_src:
+            env = self.cli_env(self.tmp / "state-other", cached=True)
+            env["PYTHONPATH"] = str(Path(self.args.compare_src).resolve())
+            self.cli([str(self.warm_file)], "tb", env, exe=[sys.executable, "-m", "sshq"])
         self.runner.run(self._api_warm())
         self.clean()
 
@@ -173,10 +180,14 @@ class Bench:
     def cli(self, files: list[str], platform: str, env: dict[str, str],
             exe: str | list[str] | None = None) -> float:
         exe = [exe] if isinstance(exe, str) else exe or [self.sshq]
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         p = subprocess.run([*exe, "submit", "--json", "-p", platform, *files],
                            capture_output=True, env=env, stdin=subprocess.DEVNULL, timeout=600)
         dt = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # the CLI process's CPU time (and its children's: ctypes' ldconfig/gcc probes)
+        self.last_cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
         if p.returncode != 0:
             raise RuntimeError(f"sshq submit failed ({p.returncode}): {p.stderr.decode()}")
         jobs = json.loads(p.stdout)
@@ -191,13 +202,17 @@ class Bench:
     def v_cli_direct(self, rep: int) -> float:
         return self.cli(self.files, "tb", self.cli_env(self.state), exe=self.sshq_direct)
 
-    def v_cli_cold(self, rep: int, cached: bool = False) -> float:
-        name = f"cold{'c' if cached else ''}{rep}"
+    def v_cli_cold(self, rep: int, cached: bool = False, other: bool = False) -> float:
+        name = f"cold{'c' if cached else ''}{'o' if other else ''}{rep}"
         toml = self.tmp / f"{name}.toml"
         toml.write_text(self.bed.platform_toml("tb", job_runner="slurm",
                                                run_dir=f"{self.remote_base}/{name}"))
-        return self.cli(self.files, "tb", self.cli_env(self.tmp / f"state-{name}", toml,
-                                                      cached=cached))
+        env = self.cli_env(self.tmp / f"state-{name}", toml, cached=cached)
+        if not other:
+            return self.cli(self.files, "tb", env)
+        # another sshq source tree (--compare-src), e.g. an earlier commit's
+        env["PYTHONPATH"] = str(Path(self.args.compare_src).resolve())
+        return self.cli(self.files, "tb", env, exe=[sys.executable, "-m", "sshq"])
 
     def v_api_fresh(self, rep: int) -> float:
         async def go() -> float:
@@ -374,6 +389,12 @@ class Bench:
             ("a. sshq CLI cold, bytecode cached", lambda rep: self.v_cli_cold(rep, True)),
             ("a. sshq CLI warm, bytecode cached", lambda rep: self.v_cli_warm(rep, cached=True)),
         ]
+        if self.args.compare_src:
+            variants += [
+                ("a. sshq CLI cold, --compare-src", lambda rep: self.v_cli_cold(rep, other=True)),
+                ("a. sshq CLI cold, bytecode cached, --compare-src",
+                 lambda rep: self.v_cli_cold(rep, cached=True, other=True)),
+            ]
         if self.sshq_direct:
             variants.append(("a. sshq CLI warm, console script (no pyenv shim)",
                              self.v_cli_direct))
@@ -404,6 +425,8 @@ class Bench:
                 self.loads.append(float(load))
                 dt = fn(rep)
                 self.times.setdefault(name, []).append(dt)
+                if name.startswith("a. sshq CLI"):
+                    self.cpu.setdefault(name, []).append(self.last_cpu)
                 print(f"  rep {rep + 1}: {name}: {dt:.3f} s (load {load})", file=sys.stderr,
                       flush=True)
                 self.clean()
@@ -434,7 +457,7 @@ class Bench:
         cm, fresh, local = get("b."), get("c."), get("d. local sbatch loop")
         goals = []
         clis = [n for n in self.times if n.startswith("a. sshq CLI")
-                and ("cold" in n or n == ref_name or n.endswith("bytecode cached"))]
+                and ("cold" in n or n == ref_name or "bytecode cached" in n)]
         for label, t in [*((n, median(self.times[n])) for n in clis),
                          ("a. sshq API, connected client",
                           get("a. sshq API, connected client"))]:
@@ -450,6 +473,12 @@ class Bench:
                 goals.append((label, "<= 1.5x the local sbatch loop", f"{t / local:.2f}x",
                               "MET" if t / local <= 1.5 else "MISSED"))
         out += ["Goals:", "", table(["sshq variant", "goal", "measured", "status"], goals), ""]
+        if self.cpu:
+            out += ["CPU time of the CLI process (user + sys, with its children; less"
+                    " sensitive to the machine's load than wall time):", "",
+                    table(["CLI variant", "median CPU s", "min", "max"],
+                          [(n, f"{median(v):.3f}", f"{min(v):.3f}", f"{max(v):.3f}")
+                           for n, v in self.cpu.items()]), ""]
         d = self.notes.get("diagnostics")
         if d:
             out += ["Diagnostics (medians):", ""]
@@ -497,10 +526,15 @@ def main() -> None:
                     " not only this run's")
     ap.add_argument("--keep", action="store_true", help="keep remote and local files")
     ap.add_argument("--json-out", help="also write the raw figures as JSON here")
+    ap.add_argument("--compare-src", metavar="DIR",
+                    help="also run the CLI cold from another sshq source tree (DIR holds the"
+                    " sshq package, e.g. `git archive COMMIT src | tar x` then DIR=src), as"
+                    " `python -m sshq` with PYTHONPATH=DIR")
     args = ap.parse_args()
     b = Bench(args)
     drive(b, args.json_out, lambda: {
         "jobs": args.jobs, "repeat": args.repeat, "times": b.times, "loads": b.loads,
+        "cli_cpu": b.cpu,
         "notes": {k: v for k, v in b.notes.items() if k != "client_profile"}})
 
 if __name__ == "__main__":
