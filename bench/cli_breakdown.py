@@ -277,6 +277,10 @@ class Breakdown:
         rows.append(["sum of the phases"] + [
             f"{statistics.median(sum(r[k] for k in PHASES) for r in self.results[m]):.3f}"
             for m in modes])
+        own = {m: [w - r["sbatch x N"] for w, r in zip(self.walls[m], self.results[m],
+                                                          strict=True)] for m in modes}
+        rows.append(["wall - sbatch x N (sshq's own cost)"]
+                    + [f"{statistics.median(own[m]):.3f}" for m in modes])
         rows.append(["wall (median)"] + [f"{statistics.median(self.walls[m]):.3f}"
                                          for m in modes])
         rows.append(["wall (min..max)"] + [f"{min(self.walls[m]):.3f}..{max(self.walls[m]):.3f}"
