@@ -373,6 +373,29 @@ def test_timeout_kills_a_task_that_never_ends(sshq: Sshq, tmp_path: Path) -> Non
     assert left.stdout == b"", "the timed-out task left processes behind"
 
 
+def test_a_straggler_that_times_out_is_reported_once_and_the_run_ends(
+        sshq: Sshq, tmp_path: Path, state_dir: Path) -> None:
+    # `sleep 60` straggles (speculated once the three quick tasks set the
+    # median), then times out: the timed-out copy is the task's result, its
+    # extra copy is killed, nothing is started again (it once looped forever,
+    # a new copy every 1.5 s)
+    b = write_batch(tmp_path, ["echo one", "echo oops >&2; exit 3", "printf x",
+                               "sleep 1; echo y", "sleep 60"])
+    p = ok(sshq("farm", str(b), "--hosts", "bg", "--slots", "2", "--timeout", "3",
+                "--run", "strag", timeout=60), 1)
+    rs = by_seq(jsonl(p.stdout))
+    assert set(rs) == {1, 2, 3, 4, 5}
+    assert [rs[s]["exit_status"] for s in (1, 2, 3, 4)] == [0, 3, 0, 0]
+    assert (rs[1]["stdout"], rs[2]["stderr"], rs[3]["stdout"], rs[4]["stdout"]) == (
+        "one\n", "oops\n", "x", "y\n")
+    assert rs[5]["timed_out"] is True and rs[5]["exit_status"] is None
+    assert rs[5]["attempts"] <= 2
+    ev = journal(state_dir, "strag")
+    assert count(ev, "speculate") <= 1
+    assert Counter(e["seq"] for e in ev if e.get("e") == "result") == Counter(range(1, 6))
+    assert b"2 of 5 task(s) failed" in p.stderr
+
+
 # ---------------------------------------------------------------- retries
 
 @pytest.fixture

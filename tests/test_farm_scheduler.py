@@ -264,9 +264,11 @@ def test_a_failed_copy_waits_for_the_other_copy() -> None:
     sim.up("b", slots=1, now=0.3)
     (spec,) = sends(sim.do(Tick(now=2.0)))
     acts = sim.done("b", spec.copy, 2.1, exit_status=1)   # the extra copy fails
-    assert DiscardOutput(copy=spec.copy) in acts and of(Report, acts) == []
-    (rep,) = of(Report, sim.done("a", sa[3].copy, 2.5))
+    assert of(Report, acts) == [] and of(KillCopy, acts) == []
+    acts = sim.done("a", sa[3].copy, 2.5)
+    (rep,) = of(Report, acts)
     assert isinstance(rep, Report) and rep.result.ok and rep.result.host == "a"
+    assert DiscardOutput(copy=spec.copy) in acts   # held until the task was decided
 
 
 def test_the_straggler_limit_is_twice_the_median_when_that_is_longer() -> None:
@@ -301,6 +303,156 @@ def test_with_one_host_a_straggler_runs_again_on_the_same_host() -> None:
     sim.start("a", sa[4].copy, 5.0)
     spec = sends(sim.do(Tick(now=5.5)))
     assert [(s.host, s.seq, s.speculative) for s in spec] == [("a", 4, True)]
+
+
+
+def straggling(hosts: tuple[str, ...] = ("a",), **options: object,
+               ) -> tuple[Sim, SendTask, SendTask]:
+    """Tasks 1-3 done in 0.1 s, task 4 started at 0.2 s and speculated at 5.5 s
+    (on ``b`` if there is one): ``(sim, original copy, speculative copy)``."""
+    sim = Sim(hosts=hosts, n=4, **options)
+    sa = sim.up("a", slots=2)
+    warm_up(sim, "a", sa, now=0.0)
+    sim.start("a", sa[3].copy, 0.2)
+    for other in hosts[1:]:
+        sim.up(other, slots=1, now=0.3)
+    (spec,) = sends(sim.do(Tick(now=5.5)))
+    assert spec.speculative and spec.seq == 4 and spec.host == hosts[-1]
+    sim.start(spec.host, spec.copy, 5.6)
+    return sim, sa[3], spec
+
+
+def no_more_copies(sim: Sim, now: float) -> None:
+    """However long it runs, nothing is started again."""
+    for k in range(200):
+        assert sends(sim.do(Tick(now=now + k * 0.5))) == []
+
+
+@pytest.mark.parametrize("hosts", [("a",), ("a", "b")], ids=["one-host", "two-hosts"])
+def test_a_straggler_that_fails_leaves_its_copy_alone(hosts: tuple[str, ...]) -> None:
+    # the original fails while its extra copy runs: the copy left alone is
+    # not a straggler to start again; its end decides the task
+    sim, orig, spec = straggling(hosts)
+    acts = sim.done("a", orig.copy, 6.0, exit_status=3)
+    assert of(Report, acts) == [] and of(DiscardOutput, acts) == [] and sends(acts) == []
+    no_more_copies(sim, 6.5)
+    assert sim.stats.speculative == 1
+    acts = sim.done(spec.host, spec.copy, 200.0)
+    (rep,) = of(Report, acts)
+    assert isinstance(rep, Report) and rep.result.ok and rep.copy == spec.copy
+    assert DiscardOutput(copy=orig.copy) in acts   # the failure's output, given up
+    assert sim.s.finished and (sim.stats.done, sim.stats.failed) == (4, 0)
+
+
+def test_all_copies_failing_report_the_last_failure_once() -> None:
+    sim, orig, spec = straggling(("a", "b"))
+    sim.done("a", orig.copy, 6.0, exit_status=3)
+    acts = sim.done("b", spec.copy, 7.0, exit_status=4)
+    (rep,) = of(Report, acts)
+    assert isinstance(rep, Report) and rep.copy == spec.copy
+    assert (rep.result.exit_status, rep.result.host, rep.result.attempts) == (4, "b", 2)
+    assert DiscardOutput(copy=orig.copy) in acts and sends(acts) == []
+    no_more_copies(sim, 7.5)
+    assert sim.s.finished and (sim.stats.failed, sim.stats.retried) == (1, 0)
+    assert Counter(r.result.seq for r in sim.reports()) == Counter(range(1, 5))
+
+
+def test_all_copies_failing_is_one_failed_run_and_retried_once() -> None:
+    # with --retries 1: both copies failing is the first run failing; the
+    # task runs once more (and its retry may be speculated once more)
+    sim, orig, spec = straggling(("a", "b"), retries=1)
+    sim.done("a", orig.copy, 6.0, exit_status=3)
+    acts = sim.done("b", spec.copy, 7.0, exit_status=4)
+    assert of(Report, acts) == []
+    assert DiscardOutput(copy=orig.copy) in acts and DiscardOutput(copy=spec.copy) in acts
+    assert Journal(event="retry", fields={"seq": 4, "host": "b"}) in acts
+    (again,) = sends(acts)                     # b is idle, a is where it failed first
+    assert (again.seq, again.attempt, again.speculative) == (4, 3, False)
+    sim.start(again.host, again.copy, 7.1)
+    (spec2,) = sends(sim.do(Tick(now=20.0)))    # the retry straggles: one more copy
+    assert spec2.speculative and spec2.seq == 4
+    sim.start(spec2.host, spec2.copy, 20.1)
+    sim.done(spec2.host, spec2.copy, 21.0, exit_status=5)
+    no_more_copies(sim, 21.5)
+    (rep,) = of(Report, sim.done(again.host, again.copy, 200.0, exit_status=6))
+    assert isinstance(rep, Report) and rep.copy == again.copy
+    assert rep.result.exit_status == 6 and rep.result.attempts == 4
+    assert (sim.stats.failed, sim.stats.retried, sim.stats.speculative) == (1, 1, 2)
+    assert sim.s.finished
+
+
+@pytest.mark.parametrize("which", ["original", "copy"])
+def test_a_copy_that_times_out_is_the_tasks_result(which: str) -> None:
+    sim, orig, spec = straggling(("a",))
+    late, other = (orig, spec) if which == "original" else (spec, orig)
+    acts = sim.done("a", late.copy, 9.0, exit_status=None, signal="TERM", timed_out=True)
+    (rep,) = of(Report, acts)
+    assert isinstance(rep, Report) and rep.copy == late.copy
+    assert rep.result.timed_out and not rep.result.ok and rep.result.attempts == 2
+    assert KillCopy(host="a", copy=other.copy) in acts and sends(acts) == []
+    # the killed copy's end frees its slot, and is neither reported nor counted
+    acts = sim.done("a", other.copy, 9.1, exit_status=None, signal="TERM", killed=True)
+    assert acts == [DiscardOutput(copy=other.copy)]
+    no_more_copies(sim, 9.5)
+    assert sim.s.finished and (sim.stats.failed, sim.stats.speculative) == (1, 1)
+    assert len(sim.reports()) == 4
+
+
+def test_a_copy_that_times_out_is_retried_per_retries() -> None:
+    sim, orig, spec = straggling(("a",), retries=1)
+    acts = sim.done("a", orig.copy, 9.0, exit_status=None, signal="TERM", timed_out=True)
+    assert of(Report, acts) == [] and KillCopy(host="a", copy=spec.copy) in acts
+    (again,) = sends(acts)
+    assert (again.seq, again.attempt, again.speculative) == (4, 3, False)
+    # the killed copy's end is not a second failure of the retry
+    assert sim.done("a", spec.copy, 9.1, exit_status=None, killed=True) == [
+        DiscardOutput(copy=spec.copy)]
+    sim.start("a", again.copy, 9.2)
+    (rep,) = of(Report, sim.done("a", again.copy, 9.5))
+    assert isinstance(rep, Report) and rep.result.ok and rep.copy == again.copy
+    assert (sim.stats.done, sim.stats.failed, sim.stats.retried) == (4, 0, 1)
+
+
+def test_a_failed_copy_whose_twin_loses_its_host_is_the_result() -> None:
+    sim, orig, spec = straggling(("a", "b"))
+    sim.done("a", orig.copy, 6.0, exit_status=3)
+    acts = sim.do(HostLost(host="b", reason="reset", now=7.0))
+    (rep,) = of(Report, acts)
+    assert isinstance(rep, Report) and rep.copy == orig.copy
+    assert rep.result.exit_status == 3 and rep.result.host == "a"
+    assert DiscardOutput(copy=spec.copy) in acts and sends(acts) == []
+    assert sim.s.finished
+
+
+def test_the_reported_endless_speculation_ends() -> None:
+    """The batch of the bug report, as the scheduler saw it: ``sleep 60`` on
+    one host with --timeout 3 (every copy times out 3 s after it starts) and
+    a tick every 0.5 s.  It used to start a new copy every 1.5 s forever."""
+    sim = Sim(hosts=("a",), n=5)
+    first = sim.up("a", slots=2)               # tasks 1-4 (the host holds 4)
+    (last,) = sends(sim.run(first[0], now=0.01))
+    sim.run(first[1], now=0.01, exit_status=3)
+    sim.run(first[2], now=0.01)
+    sim.run(first[3], now=1.0)
+    assert last.seq == 5
+    sim.start("a", last.copy, 0.0)
+    running = {last.copy: 0.0}                 # copy -> its start
+    now = 0.0
+    while not sim.s.finished and now < 120:
+        now += 0.5
+        for cid, began in list(running.items()):
+            if now >= began + 3:
+                del running[cid]
+                for a in sim.done("a", cid, now, exit_status=None, signal="TERM",
+                                  timed_out=True):
+                    if isinstance(a, KillCopy):
+                        running.pop(a.copy, None)
+        for s in sends(sim.do(Tick(now=now))):
+            sim.start("a", s.copy, now)
+            running[s.copy] = now
+    assert sim.s.finished and now < 10
+    assert Counter(r.result.seq for r in sim.reports()) == Counter(range(1, 6))
+    assert sim.stats.speculative <= 1
 
 
 # ---------------------------------------------------------------- keep order
@@ -491,7 +643,9 @@ def test_exactly_once_whatever_happens(seed: int) -> None:
             take(sim.do(TaskStarted(host=h, copy=cid, now=now)))
             if rnd.random() < 0.7:
                 live[h].remove(cid)
-                take(sim.done(h, cid, now, exit_status=0 if rnd.random() < 0.7 else 1))
+                fails = rnd.random() < 0.3
+                take(sim.done(h, cid, now, exit_status=1 if fails else 0,
+                              timed_out=fails and rnd.random() < 0.3))
     for h in hosts:                         # let the survivors finish
         if not up[h]:
             up[h] = True

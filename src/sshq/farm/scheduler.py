@@ -15,9 +15,13 @@ The policy:
 * each host up holds at most ``2 x slots`` copies (``slots`` running,
   as many queued on the host), so what is in flight is bounded; fresh
   tasks are pulled from the task iterator only when a host has room;
-* a failed task (exit status not 0, signal, timeout) is run again up to
-  ``retries`` times, on a host where it has not failed yet when one can
-  take it;
+* a task runs in rounds: its first run, then each retry.  A round fails
+  when its copies have all ended without success, or at once when one of
+  them times out (``--timeout`` is the task's limit: a timed-out copy is
+  the round's result, its other copy is killed); a failed round is run
+  again up to ``retries`` times, on a host where the task has not failed
+  yet when one can take it, else the task is reported failed (with the
+  output of the copy that failed last);
 * a host lost puts the tasks it held back at the front of the queue; a
   task whose host went away ``lost_limit`` times is reported failed; a
   host that fails ``max_host_failures`` times in a row (a session that
@@ -26,8 +30,10 @@ The policy:
 * stragglers: once no fresh task is left and a host has an idle slot, a
   task that has run longer than ``max(2 x median, median + speculate_min)``
   (the median of successful copies' run times, from three on) on another
-  host is started again there; the first copy to succeed wins and the
-  others are killed;
+  host is started again there, once per round (so a task never has more
+  than two copies, and a copy left alone after its twin failed is not
+  started again); the first copy to succeed wins and the others are
+  killed;
 * every task is reported exactly once (with ``keep_order``, in input order);
   a copy's output is reported with it or discarded, never both.
 
@@ -350,16 +356,23 @@ Action = (SendTask | KillCopy | DiscardOutput | Report | DropHost | Reconnect | 
 
 
 class _Task:
-    __slots__ = ("attempts", "command", "copies", "failed_hosts", "failures", "lost", "seq")
+    __slots__ = ("attempts", "command", "copies", "failed_hosts", "failures", "held", "lost",
+                 "seq", "speculated")
 
     def __init__(self, seq: int, command: str) -> None:
         self.seq = seq
         self.command = command
         self.attempts = 0            # copies started while undecided
-        self.failures = 0
+        self.failures = 0            # rounds failed
         self.failed_hosts: set[str] = set()
         self.lost = 0
+        #: the copies of this round still running (a copy no longer here is a
+        #: loser: killed, or its task decided)
         self.copies: dict[int, _Copy] = {}
+        self.speculated = False      # this round has had its straggler copy
+        #: a copy of this round that failed while the other ran on: its id and
+        #: result (its output is held until the round is decided)
+        self.held: tuple[int, TaskResult] | None = None
 
 
 class _Copy:
@@ -487,7 +500,7 @@ class Scheduler:
         c.started = ev.now
         self.counts.running += 1
         t = c.task
-        if t.seq not in self._active:      # decided already: a loser
+        if c.id not in t.copies:           # a loser (killed, or its task decided)
             return
         t.attempts += 1
         out.append(Journal(event="start", fields={"seq": t.seq, "host": h.label,
@@ -501,8 +514,7 @@ class Scheduler:
         if c.started is not None:
             self.counts.running -= 1
         t = c.task
-        t.copies.pop(c.id, None)
-        if t.seq not in self._active:      # decided already: a loser's output
+        if t.copies.pop(c.id, None) is None:   # a loser's output
             out.append(DiscardOutput(copy=c.id))
         else:
             h.completed += 1
@@ -519,19 +531,42 @@ class Scheduler:
                 self._durations.append(ev.now - c.started)
             self._final(t, r, c.id, out)
             return
-        t.failures += 1
         t.failed_hosts.add(c.host.label)
-        if t.copies:                       # another copy may still succeed
-            out.append(DiscardOutput(copy=c.id))
+        if t.copies and not ev.timed_out:  # the other copy may still succeed
+            self._drop_held(t, out)
+            t.held = (c.id, r)
             return
+        self._round_failed(t, r, c.id, ev.now, out)
+
+    def _drop_held(self, t: _Task, out: list[Action]) -> None:
+        if t.held is not None:
+            out.append(DiscardOutput(copy=t.held[0]))
+            t.held = None
+
+    def _round_failed(self, t: _Task, r: TaskResult, cid: int, now: float,
+                      out: list[Action]) -> None:
+        """The task's round failed with result ``r`` (copy ``cid``'s output):
+        stop its other copies, then run it again or report it."""
+        if t.held is not None and t.held[0] != cid:
+            self._drop_held(t, out)
+        t.held = None
+        self._kill_copies(t, out)
+        t.failures += 1
         if t.failures <= self.policy.retries:
-            out.append(DiscardOutput(copy=c.id))
+            out.append(DiscardOutput(copy=cid))
+            t.speculated = False
             self.counts.retried += 1
-            out.append(Journal(event="retry", fields={"seq": t.seq, "host": c.host.label}))
+            out.append(Journal(event="retry", fields={"seq": t.seq, "host": r.host}))
             self._retry.append(t)
-            self._fill_all(ev.now, out)
+            self._fill_all(now, out)
             return
-        self._final(t, r, c.id, out)
+        self._final(t, r, cid, out)
+
+    def _kill_copies(self, t: _Task, out: list[Action]) -> None:
+        """Kill the task's running copies: losers from now on."""
+        for other in t.copies.values():
+            out.append(KillCopy(host=other.host.label, copy=other.id))
+        t.copies.clear()
 
     def _host_lost(self, ev: HostLost, out: list[Action]) -> None:
         h = self._hosts[ev.host]
@@ -545,8 +580,10 @@ class Scheduler:
                 self.counts.running -= 1
             out.append(DiscardOutput(copy=c.id))
             t = c.task
-            t.copies.pop(c.id, None)
-            if t.seq not in self._active or t.copies:
+            if t.copies.pop(c.id, None) is None or t.copies:   # a loser, or not alone
+                continue
+            if t.held is not None:         # its twin failed: the round failed
+                self._round_failed(t, t.held[1], t.held[0], ev.now, out)
                 continue
             t.lost += 1
             out.append(Journal(event="lost", fields={"seq": t.seq, "host": h.label}))
@@ -556,6 +593,7 @@ class Scheduler:
                     attempts=t.attempts,
                     error=f"lost its host {t.lost} times (last: {ev.reason})"), None, out)
             else:
+                t.speculated = False
                 self._retry.appendleft(t)
         if h.completed:                    # this host did work before failing
             h.failures = 0
@@ -607,6 +645,7 @@ class Scheduler:
             t.copies[c.id] = c
             h.copies[c.id] = c
             if speculative:
+                t.speculated = True
                 self.counts.speculative += 1
                 out.append(Journal(event="speculate", fields={"seq": t.seq, "host": h.label}))
             out.append(SendTask(host=h.label, copy=c.id, seq=t.seq, command=t.command,
@@ -648,7 +687,7 @@ class Scheduler:
         multi = self.hosts_left > 1
         best: tuple[float, _Task] | None = None
         for t in self._active.values():
-            if len(t.copies) != 1:
+            if t.speculated or len(t.copies) != 1:
                 continue
             (c,) = t.copies.values()
             if multi and c.host is h:
@@ -663,9 +702,10 @@ class Scheduler:
     def _final(self, t: _Task, r: TaskResult, winner: int | None, out: list[Action]) -> None:
         """The task's result is decided: kill its other copies and report it."""
         del self._active[t.seq]
-        for other in t.copies.values():
-            out.append(KillCopy(host=other.host.label, copy=other.id))
-        t.copies.clear()
+        self._kill_copies(t, out)
+        if t.held is not None and t.held[0] != winner:
+            out.append(DiscardOutput(copy=t.held[0]))
+        t.held = None
         if r.ok:
             self.counts.done += 1
         else:
