@@ -396,6 +396,20 @@ def test_a_straggler_that_times_out_is_reported_once_and_the_run_ends(
     assert b"2 of 5 task(s) failed" in p.stderr
 
 
+def test_a_task_killed_by_a_foreign_signal_is_reported_after_the_grace(
+        sshq: Sshq, tmp_path: Path, state_dir: Path) -> None:
+    # the dispatcher holds such a result SIGNAL_GRACE (1 s), in case its host
+    # is going down; it then sat in its queue until the next heartbeat (5 s
+    # later).  Measured from the task's own end (the host's clock: this
+    # machine) to the client's journalling of the result (ms precision).
+    b = write_batch(tmp_path, ["kill -TERM $$"])
+    p = ok(sshq("farm", str(b), "--hosts", "bg", "--run", "foreign", timeout=60), 1)
+    (r,) = jsonl(p.stdout)
+    assert (r["signal"], r["exit_status"]) == ("TERM", None)
+    (got,) = [e["t"] for e in journal(state_dir, "foreign") if e.get("e") == "result"]
+    assert 0.9 <= got - r["end"] < 4.0, got - r["end"]   # the heartbeat is 5 s
+
+
 # ---------------------------------------------------------------- retries
 
 @pytest.fixture

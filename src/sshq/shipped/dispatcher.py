@@ -353,13 +353,19 @@ class Runner(object):
         self.sink.task_done(task)
 
     def timers(self):
-        """Handle deadlines; return seconds until the next one (None: none)."""
+        """Handle deadlines; return seconds until the next one (None: none).
+
+        0 when a deferred task was finished here: the loop must come round
+        at once, not wait in select, to flush its result (queued by the
+        sink) and fill its slot.
+        """
         now = time.monotonic()
         nxt = None
         for task in list(self.deferred):
             if now >= task.defer:
                 self.deferred.remove(task)
                 self.finish(task)
+                nxt = 0.0
             elif nxt is None or task.defer - now < nxt:
                 nxt = task.defer - now
         for task in list(self.running.values()):
