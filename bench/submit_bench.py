@@ -473,6 +473,25 @@ class Bench:
                 goals.append((label, "<= 1.5x the local sbatch loop", f"{t / local:.2f}x",
                               "MET" if t / local <= 1.5 else "MISSED"))
         out += ["Goals:", "", table(["sshq variant", "goal", "measured", "status"], goals), ""]
+        # The same, repeat by repeat (the variants of one repeat ran one after
+        # another, so a ratio within a repeat shares the machine's state)
+        cm_ts = next((ts for n, ts in self.times.items() if n.startswith("b.")), None)
+        loc_ts = self.times.get("d. local sbatch loop (login node)")
+        paired = []
+        for n in clis:
+            ts = self.times[n]
+            row: list[object] = [n]
+            for ref_ts, faster in ((cm_ts, True), (loc_ts, False)):
+                if ref_ts is None:
+                    row.append("")
+                    continue
+                rs = [c / x if faster else x / c for c, x in zip(ref_ts, ts, strict=True)]
+                met = sum(r >= 2 if faster else r <= 1.5 for r in rs)
+                row.append(f"{median(rs):.2f}x (met in {met}/{len(rs)})")
+            paired.append(row)
+        out += ["Goals per repeat (median of the per-repeat ratios; repeats meeting the goal):",
+                "", table(["CLI variant", "CM loop / CLI (>= 2)", "CLI / local loop (<= 1.5)"],
+                          paired), ""]
         if self.cpu:
             out += ["CPU time of the CLI process (user + sys, with its children; less"
                     " sensitive to the machine's load than wall time):", "",
