@@ -320,6 +320,75 @@ def test_auth_limits_and_bad_requests(server: Server, serve_env: dict[str, str],
     assert full not in log and bg2_only not in log and "Traceback" not in log
 
 
+def test_ssh_destinations_are_refused_without_the_opt_in(server: Server,
+                                                         serve_env: dict[str, str],
+                                                         state_dir: Path) -> None:
+    """A host that is not a platform is an SSH destination the server would
+    reach with its own keys: refused (403, naming the option) by a server
+    started without --allow-farm-destinations, even for a token not limited
+    to platforms; nothing is made."""
+    full, _ = make_token(serve_env, "full")
+    with server.client(full) as c:
+        for hosts in (["sshqtest@127.0.0.1:2222"], ["bg", "127.0.0.1"], ["sqdest"]):
+            r = c.post(FARM, json={"commands": ["true"], "hosts": hosts, "name": "dest"})
+            assert r.status_code == 403, (hosts, r.text)
+            assert "--allow-farm-destinations" in r.json()["detail"], r.text
+            assert repr(hosts[-1]) in r.json()["detail"]
+        r = c.post(FARM, json={"commands": ["true"], "hosts": ["a@b@c"]})
+        assert r.status_code == 422 and "neither a platform" in r.text
+        assert c.get(FARM).json() == []
+    assert not (state_dir / "farm" / "dest").exists()
+
+
+def test_ssh_destinations_with_the_opt_in(serve_env: dict[str, str], testbed: dict[str, str],
+                                          tmp_path: Path, state_dir: Path) -> None:
+    """With --allow-farm-destinations a token not limited to platforms runs on
+    a destination (an alias of the server's ~/.ssh/config, as sshq farm
+    would); a token limited to platforms still may not.  A run on a
+    destination left running is not resumed by a server started without the
+    option: it fails, saying why."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    (home / ".ssh" / "config").write_text(
+        f"Host sqdest\n    HostName {testbed['SSHQ_TEST_HOST']}\n"
+        f"    Port {testbed['SSHQ_TEST_PORT']}\n    User {testbed['SSHQ_TEST_USER']}\n"
+        f"    IdentityFile {testbed['SSHQ_TEST_KEY']}\n    IdentitiesOnly yes\n"
+        f"    UserKnownHostsFile {testbed['SSHQ_TEST_KNOWN_HOSTS']}\n")
+    env = dict(serve_env, HOME=str(home))
+    log = tmp_path / "serve.log"
+    server = Server(env, log, "--allow-farm-destinations").start()
+    try:
+        full, _ = make_token(env, "full")
+        bg_only, _ = make_token(env, "bgonly", "bg")
+        with server.client(bg_only) as c:
+            r = c.post(FARM, json={"commands": ["true"], "hosts": ["sqdest"]})
+            assert r.status_code == 403 and "only its platforms" in r.text, r.text
+        with server.client(full) as c:
+            post_farm(c, commands=['echo "$SSHQ_FARM_HOST"', "id -un"], hosts=["sqdest"],
+                      name="dest", slots=1)
+            rs = {r["seq"]: r for r in jsonl(c, "dest")}
+            assert sorted(rs) == [1, 2] and all(r["exit_status"] == 0 for r in rs.values())
+            assert {r["host"] for r in rs.values()} == {"sqdest"}
+            assert rs[1]["stdout"] == "sqdest\n"
+            assert rs[2]["stdout"] == f"{testbed['SSHQ_TEST_USER']}\n"
+            # a run on the destination alone, left running by a SIGKILL
+            post_farm(c, commands=["echo on-dest", "sleep 120"], hosts=["sqdest"],
+                      name="left", slots=1)
+            wait_status(c, "left", lambda st: st["reported"] == 1)
+        server.stop(signal.SIGKILL)
+        server = Server(env, log).start()
+        with server.client(full) as c:
+            st = wait_status(c, "left", lambda st: st["state"] != "running", timeout=60)
+            assert st["state"] == "failed" and st["reported"] == 1, st
+            assert "--allow-farm-destinations" in st["error"] and "'sqdest'" in st["error"]
+            assert c.get(f"{FARM}/dest").json()["state"] == "finished"
+            r = c.post(FARM, json={"commands": ["true"], "hosts": ["sqdest"]})
+            assert r.status_code == 403 and "--allow-farm-destinations" in r.text
+    finally:
+        server.stop()
+    assert "Traceback" not in log.read_text()
+
+
 def test_a_task_result_is_kept_once(state_dir: Path) -> None:
     """The table keeps a task's first result: a second one (the task re-run
     after a crash between the result and its journal line) is dropped and

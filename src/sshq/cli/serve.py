@@ -151,10 +151,15 @@ def parse_listen(listen: str, *, tls: bool) -> tuple[str, int]:
               help="TLS certificate chain (PEM).")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False),
               help="TLS private key (PEM).")
+@click.option("--allow-farm-destinations", is_flag=True,
+              help="Let farm runs (POST /api/v1/farm) name SSH destinations"
+              " [user@]host[:port] besides platforms, for tokens not limited to platforms:"
+              " they are reached with this server's own SSH configuration and keys."
+              " Default: refused (403).")
 @common
 @click.pass_context
 def serve(ctx: click.Context, listen: str, tls_cert: str | None, tls_key: str | None,
-          as_json: bool, config_path: str | None) -> None:
+          allow_farm_destinations: bool, as_json: bool, config_path: str | None) -> None:
     """Serve the HTTP gateway: the native API (/api/v1), a FirecREST v2 subset
     (/firecrest) and a web page (/), over the platforms file's platforms.
 
@@ -163,6 +168,10 @@ def serve(ctx: click.Context, listen: str, tls_cert: str | None, tls_key: str | 
     sees at most one poll per platform `min_poll_interval`.  Jobs, events,
     idempotency keys and pending webhooks live in the state database, so a
     restart loses nothing.  API docs: /docs (OpenAPI: /openapi.json).
+
+    Farm runs use the platforms only, unless --allow-farm-destinations
+    lets tokens not limited to platforms name any SSH destination, which
+    the server then reaches with its own keys.
 
     \b
     Examples:
@@ -185,8 +194,10 @@ def serve(ctx: click.Context, listen: str, tls_cert: str | None, tls_key: str | 
         client = make_client(ctx, config_path)
         gateway = Gateway(client)
         try:
+            app = create_app(gateway)
+            app.state.farms.allow_destinations = allow_farm_destinations
             config = uvicorn.Config(
-                create_app(gateway), host=host, port=port, ssl_certfile=tls_cert,
+                app, host=host, port=port, ssl_certfile=tls_cert,
                 ssl_keyfile=tls_key, lifespan="on", server_header=False,
                 proxy_headers=False, log_level="info", timeout_graceful_shutdown=5)
             server = uvicorn.Server(config)

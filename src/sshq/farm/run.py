@@ -24,7 +24,8 @@ from .engine import Farm, FarmHost, FarmOptions, FarmStats
 from .journal import RunDir, new_run_name
 from .output import ResultSink, TaskResult, ensure_dir, make_writer, spill_note
 
-__all__ = ["FarmRequest", "resolve_hosts", "run_farm", "pause_run", "sync_deps"]
+__all__ = ["FarmRequest", "parse_destination", "resolve_hosts", "run_farm", "pause_run",
+           "sync_deps"]
 
 _DEST_RE = re.compile(r"(?:(?P<user>[A-Za-z0-9_.][A-Za-z0-9_.-]*)@)?"
                       r"(?P<host>[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?\Z")
@@ -74,6 +75,20 @@ def split_specs(specs: list[str]) -> list[str]:
     return [s.strip() for spec in specs for s in spec.split(",") if s.strip()]
 
 
+def parse_destination(spec: str) -> tuple[str | None, str, int | None]:
+    """An SSH destination ``[user@]host[:port]`` (``[v6addr]`` for IPv6) as
+    ``(user or None, host, port or None)``.
+
+    Raises:
+        ConfigError: ``spec`` is not of that form.
+    """
+    m = _DEST_RE.match(spec)
+    if m is None:
+        raise ConfigError(f"{spec!r} is neither a platform nor an SSH destination"
+                          " [user@]host[:port]")
+    return m["user"], m["host"].strip("[]"), int(m["port"]) if m["port"] else None
+
+
 def resolve_hosts(client: FarmBackend, specs: list[str]) -> list[FarmHost]:
     """Turn host specs into farm hosts with their transports.
 
@@ -100,13 +115,11 @@ def resolve_hosts(client: FarmBackend, specs: list[str]) -> list[FarmHost]:
                                       run_dir=plat.run_dir,
                                       path_prepend=plat.path_prepend))
             continue
-        m = _DEST_RE.match(spec)
-        if m is None:
-            raise ConfigError(f"--hosts: {spec!r} is neither a platform nor an SSH"
-                              " destination [user@]host[:port]")
-        port = int(m["port"]) if m["port"] else None
-        host = m["host"].strip("[]")
-        plat = Platform(name=spec, hosts=(host,), port=port, user=m["user"])
+        try:
+            user, host, port = parse_destination(spec)
+        except ConfigError as exc:
+            raise ConfigError(f"--hosts: {exc}") from None
+        plat = Platform(name=spec, hosts=(host,), port=port, user=user)
         hosts.append(FarmHost(label=spec, transport=client.transport(plat, host)))
     if not hosts:
         raise ConfigError("--hosts: no hosts given")

@@ -60,7 +60,7 @@ from ..exceptions import ConfigError, InvalidInputError, RemoteError, SshqError,
 from ..farm.engine import FarmOptions
 from ..farm.journal import RunDir, check_run_name, new_run_name
 from ..farm.output import TaskResult
-from ..farm.run import FarmRequest, attach_run, run_farm
+from ..farm.run import FarmRequest, attach_run, parse_destination, run_farm
 from ..model.resources import parse_walltime
 from .api import Token
 from .gateway import ApiError, Gateway
@@ -288,8 +288,9 @@ class FarmIn(BaseModel):
     hosts: list[str] = Field(
         default_factory=list, max_length=MAX_HOSTS,
         description="Platform names (403 outside the token's platforms), or SSH destinations"
-        " [user@]host[:port] reached with the server's own SSH configuration (only with a"
-        " token not limited to platforms).")
+        " [user@]host[:port] reached with the server's own SSH configuration and keys: only"
+        " when sshq serve was started with --allow-farm-destinations, and with a token not"
+        " limited to platforms (403 otherwise).")
     via: str | None = Field(None, description="Instead of hosts: a platform whose job runner"
                             " runs `nodes` pilot jobs that run the tasks.")
     nodes: int | None = Field(None, ge=1, le=1000, description="With via: pilot jobs (1).")
@@ -374,17 +375,28 @@ def may_see(token: TokenInfo, specs: Sequence[str]) -> bool:
 # ---------------------------------------------------------------- the runs
 
 
+#: The ``sshq serve`` option that lets farm runs name SSH destinations.
+ALLOW_DESTINATIONS_FLAG = "--allow-farm-destinations"
+
+
 class FarmRuns:
     """Every farm run of a server: one asyncio task per running run.
 
     Args:
         gateway: the server's core (its client runs the farms; its state
             database keeps the runs).
+        allow_destinations: runs may name SSH destinations (hosts that are
+            not platforms), reached with the server's own SSH configuration
+            and keys, for tokens not limited to platforms (``sshq serve
+            --allow-farm-destinations``).  Off: only platforms; a run on
+            destinations left by an earlier server is not resumed.  Settable
+            until the application starts.
     """
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, *, allow_destinations: bool = False) -> None:
         self.gw = gateway
         self.client = gateway.client
+        self.allow_destinations = allow_destinations
         self.table = FarmTable(gateway.store.path)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stats: dict[str, Any] = {}
@@ -407,6 +419,13 @@ class FarmRuns:
         """Resume the runs a previous server left running (in the running loop)."""
         shutil.rmtree(self._incoming, ignore_errors=True)
         for rec in self.table.runs(state="running"):
+            dest = self.destinations(rec.specs)
+            if dest and not self.allow_destinations:
+                error = (f"not resumed: host {dest[0]!r} is an SSH destination, and this"
+                         f" server was started without {ALLOW_DESTINATIONS_FLAG}")
+                log.warning("farm run %s: %s", rec.name, error)
+                self.table.end(rec.name, "failed", error)
+                continue
             log.info("farm run %s: resuming after a restart", rec.name)
             self._spawn(rec, None, None)
 
@@ -432,21 +451,37 @@ class FarmRuns:
 
     # ------------------------------------------------------------ requests
 
+    def destinations(self, specs: Sequence[str]) -> list[str]:
+        """The specs that are SSH destinations (not platforms of the server's
+        platforms file), in order."""
+        return [s for s in specs if s not in self.client.config.platforms]
+
     def check_hosts(self, token: TokenInfo, specs: Sequence[str]) -> None:
         """Refuse hosts the token may not use.
 
         A spec naming a platform must be one the token may use (403) and the
-        server serves (404); any other spec is an SSH destination, reached
-        with the server's own SSH configuration and keys: only a token not
-        limited to platforms may name one (403).
+        server serves (404); any other spec is an SSH destination
+        ``[user@]host[:port]`` (422 if malformed), reached with the server's
+        own SSH configuration and keys: refused (403) unless the server
+        allows destinations (:attr:`allow_destinations`), and then only a
+        token not limited to platforms may name one (403).
 
         Raises:
-            ApiError: 403 or 404.
+            ApiError: 403, 404 or 422.
         """
         for spec in specs:
             if spec in self.client.config.platforms:
                 self.gw.check_platform(token, spec)
-            elif token.platforms:
+                continue
+            try:
+                parse_destination(spec)
+            except ConfigError as exc:
+                raise ApiError(422, f"hosts: {exc}") from None
+            if not self.allow_destinations:
+                raise ApiError(403, f"host {spec!r} is not a platform of this server; SSH"
+                               " destinations (reached with the server's own SSH keys) are"
+                               f" refused unless sshq serve runs with {ALLOW_DESTINATIONS_FLAG}")
+            if token.platforms:
                 raise ApiError(403, f"host {spec!r}: this token may use only its platforms"
                                " (an SSH destination needs a token not limited to platforms)")
 
