@@ -4,7 +4,9 @@ array) through the real sshd, and as farm tasks on the loopback host.
 The remote interpreter is a venv of the test user, made once (and reused)
 by the ``remote_python`` fixture: Debian's python3, the client's Python minor
 version, with the client's cloudpickle version from PyPI.  A second venv
-holds another cloudpickle version for the mismatch test.
+holds another cloudpickle version for the mismatch test, and a wrapper
+around the first one that reports Python 3.6 (``py36_python``) for the
+minor-version mismatch test.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import platform
 import shlex
 import signal
 import subprocess
@@ -85,6 +88,45 @@ def other_python(slurm_testbed: dict[str, str]) -> str:
     """A venv python of the test user with another cloudpickle version."""
     assert OTHER_CLOUDPICKLE != cloudpickle.__version__
     return ensure_venv(slurm_testbed, OTHER_VENV, OTHER_CLOUDPICKLE)
+
+
+#: What the fake interpreter of :func:`py36_python` reports.
+FAKE_VERSION = (3, 6, 15)
+FAKE_DIR = "sshq-test-fakepy36"         # under the test user's home
+
+
+@pytest.fixture(scope="session")
+def py36_python(slurm_testbed: dict[str, str], remote_python: str) -> str:
+    """A remote "python3.6": a wrapper script of the test user that runs the
+    test venv's python (the client's cloudpickle) with a ``sitecustomize``
+    module first on ``PYTHONPATH`` that replaces ``sys.version_info`` by
+    ``(3, 6, 15, "final", 0)`` before any code runs.
+
+    The test bed has no interpreter of another minor version (Debian 12:
+    only 3.11), so the version is faked, but in the interpreter itself: the
+    pre-flight ``pyenv`` agent op runs it as the Executor would run the calls
+    and reads ``sys.version_info`` as it always does; nothing in sshq is
+    patched, and only the Python version differs.
+    """
+    home = bed_ssh(slurm_testbed, 'printf %s "$HOME"').stdout.strip()
+    base = f"{home}/{FAKE_DIR}"
+    wrapper = f"{base}/bin/python3.6"
+    site = (f"import sys\nsys.version_info = ({', '.join(map(str, FAKE_VERSION))},"
+            " 'final', 0)\n")
+    script = ("#!/bin/sh\n# sshq tests: the test venv's python, reporting Python"
+              f" {'.'.join(map(str, FAKE_VERSION))} (see {base}/site/sitecustomize.py)\n"
+              f'PYTHONPATH={shlex.quote(base + "/site")}${{PYTHONPATH:+:$PYTHONPATH}}'
+              f' exec {shlex.quote(remote_python)} "$@"\n')
+    q = shlex.quote
+    made = bed_ssh(slurm_testbed,
+                   f"mkdir -p {q(base + '/bin')} {q(base + '/site')}"
+                   f" && printf %s {q(site)} > {q(base + '/site/sitecustomize.py')}"
+                   f" && printf %s {q(script)} > {q(wrapper)} && chmod 755 {q(wrapper)}")
+    assert made.returncode == 0, made.stderr
+    probe = bed_ssh(slurm_testbed, f"{q(wrapper)} -c 'import sys, cloudpickle;"
+                                   " print(sys.version_info[:3], cloudpickle.__version__)'")
+    assert probe.stdout.split() == [*f"{FAKE_VERSION}".split(), cloudpickle.__version__], probe
+    return wrapper
 
 
 @pytest.fixture
@@ -294,6 +336,43 @@ def test_environment_mismatch_queues_nothing(
     assert f"cloudpickle {OTHER_CLOUDPICKLE}" in str(info2.value)
     assert squeue_names() == ""
     assert ex._loop.call(ex.client.jobs()) == []
+
+
+def test_python_minor_mismatch_queues_nothing(
+        make_executor: Callable[..., Executor], py36_python: str, slurm_testbed: dict[str, str],
+        run_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remote python of another minor version (py36_python: it reports
+    3.6.15, with the client's cloudpickle) is refused by the pre-flight
+    check, naming both versions and the fix; Slurm gets no job."""
+    name = f"pymismatch-{run_id}"
+
+    def bed_jobs() -> set[str]:   # the test user's jobs as squeue lists them
+        out = bed_ssh(slurm_testbed, "squeue -h -u \"$USER\" -t all -o '%i %j'")
+        assert out.returncode == 0, out.stderr
+        return set(out.stdout.split("\n")) - {""}
+
+    before = bed_jobs()
+    calls = record_agent_calls(monkeypatch)
+    ex = make_executor(python=py36_python, name=name)
+    with pytest.raises(EnvironmentMismatchError) as info:
+        ex.submit(square, 2)
+    with pytest.raises(EnvironmentMismatchError) as info2:
+        ex.map(square, range(3))
+    local = platform.python_version()
+    fake = ".".join(map(str, FAKE_VERSION))
+    for err in (info.value, info2.value):
+        msg = str(err)
+        assert err.remote_python == fake and err.local_python == local
+        assert err.remote_cloudpickle == err.local_cloudpickle == cloudpickle.__version__
+        assert f"is Python {fake} with cloudpickle {cloudpickle.__version__}" in msg, msg
+        assert f"this client is Python {local}" in msg and py36_python in msg
+        minor = ".".join(local.split(".")[:2])
+        assert f"fix: give python= an interpreter of Python {minor}" in msg, msg
+    # only pre-flight checks went out (no check passed, so none was cached)
+    assert {c["op"] for c in calls} == {"pyenv"}, calls
+    assert ex._loop.call(ex.client.jobs()) == []
+    new = bed_jobs() - before
+    assert not [line for line in new if line.split()[-1:] == [name]], new
 
 
 CLIENT_SCRIPT = """
