@@ -11,11 +11,11 @@ of a client.
 :class:`AsyncClient` is composed of parts in :mod:`sshq._client`, each
 holding what it needs: a :class:`~sshq._client.core.HostPool` (transports,
 failover, bad hosts, agent calls; shareable by a long-running process), and
-the parts that take it and the state database: ``Jobs`` (submit, poll, kill,
-wait, jobs), ``Logs`` (cat_log, follow_log, ssh_to_job), ``Staging``
-(install, retrieve, tidy) and ``Farm`` (farm, farm_attach).  Each public
-method is written once, in its part; :class:`AsyncClient` exposes it
-unchanged (same signature, same docstring).
+the parts that take it and the state database: ``Jobs`` (submit, poll,
+poll_report, kill, wait, jobs), ``Logs`` (cat_log, follow_log, ssh_to_job),
+``Staging`` (install, retrieve, tidy) and ``Farm`` (farm, farm_attach).
+Each public method is written once, in its part; :class:`AsyncClient`
+exposes it unchanged (same signature, same docstring).
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ class AsyncClient:
     # ---- jobs (sshq._client.jobs)
     submit = _part("_jobs", Jobs.submit)
     poll = _part("_jobs", Jobs.poll)
+    poll_report = _part("_jobs", Jobs.poll_report)
     kill = _part("_jobs", Jobs.kill)
     wait = _part("_jobs", Jobs.wait)
     jobs = _part("_jobs", Jobs.jobs)
@@ -257,6 +258,7 @@ class Client:
     # ---- every method of AsyncClient but transport, run to completion
     submit = _sync(AsyncClient.submit)
     poll = _sync(AsyncClient.poll)
+    poll_report = _sync(AsyncClient.poll_report)
     kill = _sync(AsyncClient.kill)
     wait = _sync(AsyncClient.wait)
     jobs = _sync(AsyncClient.jobs)

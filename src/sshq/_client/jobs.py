@@ -418,6 +418,37 @@ class Jobs:
         await self._poll_jobs(jobs)
         return self.store.get([j.id for j in jobs])
 
+    async def poll_report(
+        self, ids: Sequence[int] | None = None, *, all: bool = False,
+    ) -> tuple[list[Job], list[str]]:
+        """:meth:`poll`, also saying what failed (for a caller that must know
+        whether the states it reads are fresh, e.g. ``sshq serve``'s poller).
+
+        One SSH command per (platform, login host) of the jobs, as
+        :meth:`poll`.  A failure raises nothing and changes no job's state:
+        a host that cannot be reached, an agent that refuses or fails, or a
+        job runner whose status command fails is a message in ``errors``
+        (and a logged warning); the other hosts' jobs are updated.
+
+        Args:
+            ids: sshq ids to poll (duplicates count once).
+            all: poll every job not yet final (when ``ids`` is empty).
+
+        Returns:
+            ``(jobs, errors)``: ``jobs`` as :meth:`poll` returns them (in the
+            order asked, with their states after the poll); ``errors`` one
+            line per failure, ``"<platform> on <host>: <why>"``, empty when
+            every host answered and every job runner query worked.
+
+        Raises:
+            UnknownJobError: an id is not known (nothing is polled).
+            RemoteError: a host's agent replied nonsense (a malformed reply:
+                no state of that host's jobs changed), as :meth:`poll`.
+        """
+        jobs = self._select(ids, all)
+        errors = await self._poll_jobs(jobs)
+        return self.store.get([j.id for j in jobs]), errors
+
     async def poll_reading(
         self, ids: Sequence[int], reads: Mapping[int, Sequence[LogRead]], *,
         now: Collection[int] = (),
@@ -459,7 +490,7 @@ class Jobs:
     ) -> list[str]:
         """Poll ``jobs`` (one agent call per host); with ``reads``, ``got``
         receives their files (:meth:`poll_reading`).  Returns the errors
-        logged."""
+        logged, ``"<platform> on <host>: <why>"`` (:meth:`poll_report`)."""
         errors: list[str] = []
 
         async def one(key: tuple[str, str], group: list[Job]) -> None:
@@ -468,7 +499,7 @@ class Jobs:
                 group = await self._resolve_tokens(plat, key[1], group)
             except SshqError as exc:
                 log.warning("poll of %s on %s failed (no state changed): %s", key[0], key[1], exc)
-                errors.append(str(exc))
+                errors.append(f"{key[0]} on {key[1]}: {exc}")
                 return
             payload = _jobs_payload(group)
             if reads:
@@ -482,7 +513,7 @@ class Jobs:
                                                    runners={j.job_runner for j in group})
             except SshqError as exc:
                 log.warning("poll of %s on %s failed (no state changed): %s", key[0], key[1], exc)
-                errors.append(str(exc))
+                errors.append(f"{key[0]} on {key[1]}: {exc}")
                 return
             errs = self._apply(group, reply, set(reply.get("queried", [])))
             if reads and got is not None:
@@ -490,7 +521,7 @@ class Jobs:
             for err in sorted(set(errs.values())):
                 log.warning("poll of %s on %s: job runner query failed (no state changed):"
                             " %s", key[0], key[1], err)
-                errors.append(err)
+                errors.append(f"{key[0]} on {key[1]}: {err}")
 
         await asyncio.gather(*(one(k, g) for k, g in self._group(jobs).items()))
         return errors

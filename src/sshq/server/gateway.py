@@ -419,9 +419,9 @@ class Gateway:
     async def _poll_group(self, key: tuple[str, str], ids: list[int]) -> None:
         try:
             when = time.time()
-            jobs = self.store.get(ids)
             self.polls_made += 1
-            errors = await self.client._jobs._poll_jobs(jobs)
+            # (a failure changes no state and is reported, not raised)
+            _, errors = await self.client.poll_report(ids)
             if not errors:
                 self.state.set_polled(ids, when)
             self.observe_ids(ids)
