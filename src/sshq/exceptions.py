@@ -19,7 +19,8 @@ with.  A failure of one job inside a batch is data in the result (its
     │   ├── HostKeyError            exit 5   host key unknown or changed (strict checking)
     │   └── CommandError            exit 3   the remote command could not be started
     ├── RemoteError                 exit 6   the remote agent failed or replied nonsense
-    │   └── JobRunnerError          exit 6   the job runner's command failed for the batch
+    │   ├── JobRunnerError          exit 6   the job runner's command failed for the batch
+    │   └── RestrictedError         exit 6   a restricted key's agent refused the request
     ├── WaitTimeoutError            exit 124 ``sshq wait --timeout`` ran out
     ├── EnvironmentMismatchError    exit 2   Executor: the remote Python or cloudpickle differs
     ├── RemoteFunctionError         exit 1   Executor: a remote call raised an exception
@@ -47,6 +48,7 @@ __all__ = [
     "CommandError",
     "RemoteError",
     "JobRunnerError",
+    "RestrictedError",
     "WaitTimeoutError",
     "EnvironmentMismatchError",
     "RemoteFunctionError",
@@ -161,6 +163,26 @@ class JobRunnerError(RemoteError):
         super().__init__(message)
         self.stderr = stderr
         self.transient = transient
+
+
+class RestrictedError(RemoteError):
+    """The installed agent behind a restricted key (``sshq agent install``;
+    :mod:`sshq.shipped.sshq_restricted`) refused the request: an operation
+    it never carries out (``procs``, installing the agent, ...) or a path,
+    job runner or command outside what the key may do.  Nothing was done.
+    Raised where the client reads the agent's reply (the refusal is its
+    error frame, marked ``restricted``); the message is
+    ``"<host>: refused by the restricted sshq agent: <why>"``, where the
+    agent's reason starts with ``restricted``.  Not transient: asking again
+    is refused again.
+
+    Attributes:
+        reason: the agent's own one-line reason (``"restricted: ..."``).
+    """
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class WaitTimeoutError(SshqError):

@@ -99,9 +99,10 @@ async def call_agent(
         CommandError: the agent could not start (no Python).
         RemoteError: the agent failed or replied nonsense, or its reply passed
             :data:`~sshq.remote.protocol.MAX_REPLY` bytes (the error names the
-            host and the cap); a restricted agent refused the request, or an
-            installed agent is older than this client needs (the error says to
-            run ``sshq agent install``).
+            host and the cap); a restricted agent refused the request
+            (:class:`~sshq.exceptions.RestrictedError`), or an installed agent
+            is older than this client needs (the error says to run ``sshq
+            agent install``).
     """
     nonce, stdin = encode_request(op, payload, path_prepend=path_prepend, installed=installed)
     result = await transport.run(

@@ -36,7 +36,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from ..exceptions import RemoteError
+from ..exceptions import RemoteError, RestrictedError
 from ..shipped.sshq_restricted import ENTRY, INSTALL_DIR, PROTOCOL
 
 __all__ = ["BOOTSTRAP", "BUNDLED_MODULES", "INSTALLED_AGENT", "MAX_REPLY", "PROTOCOL",
@@ -243,11 +243,13 @@ class FrameParser:
 
 
 def _agent_error(host: str, frame: dict[str, Any]) -> RemoteError:
-    """The error of an agent's error frame (a restricted agent's refusal, an
-    installed agent too old for this client, or a failure)."""
+    """The error of an agent's error frame: a restricted agent's refusal
+    (:class:`RestrictedError`), an installed agent too old for this client,
+    or a failure (:class:`RemoteError`)."""
     why = str(frame["agent_error"])[:1000]
     if frame.get("restricted"):
-        return RemoteError(f"{host}: refused by the restricted sshq agent: {why}")
+        return RestrictedError(f"{host}: refused by the restricted sshq agent: {why}",
+                               reason=why)
     theirs = frame.get("agent_protocol")
     if isinstance(theirs, int) and not isinstance(theirs, bool):
         return RemoteError(f"{host}: the installed sshq agent speaks protocol {theirs}, this"

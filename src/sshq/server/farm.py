@@ -56,12 +56,20 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..exceptions import ConfigError, InvalidInputError, RemoteError, SshqError, TransportError
+from ..exceptions import (
+    ConfigError,
+    InvalidInputError,
+    RemoteError,
+    RestrictedError,
+    SshqError,
+    TransportError,
+)
 from ..farm.engine import FarmOptions
 from ..farm.journal import RunDir, check_run_name, new_run_name
 from ..farm.output import TaskResult
 from ..farm.run import FarmRequest, attach_run, parse_destination, run_farm
 from ..model.resources import parse_walltime
+from ..remote.installed import refuse_restricted_hosts
 from .api import Token
 from .gateway import ApiError, Gateway
 from .state import TokenInfo
@@ -526,15 +534,23 @@ class FarmRuns:
         """Record and start a run; return once the farm has created it.
 
         Raises:
-            ApiError: 403/404 hosts; 409 the name is taken; 413/422 the
-                request; 502/503 the hosts could not be reached before the
-                run was made.
+            ApiError: 403/404 hosts; 403 a direct run on a restricted
+                platform (``agent = "installed"``: its key may only manage
+                jobs; ``via`` works), or its agent refused; 409 the name is
+                taken; 413/422 the request; 502/503 the hosts could not be
+                reached before the run was made.
         """
         specs = _specs(body)
         batch = _batch(body.commands)
         if body.via is not None:
             self.gw.check_platform(token, body.via)   # a platform, not a destination
         self.check_hosts(token, specs)
+        if body.via is None:
+            try:
+                refuse_restricted_hosts(self.client.config.platforms, specs,
+                                        "a direct farm run (hosts; use via)")
+            except InvalidInputError as exc:
+                raise ApiError(403, _one_line(exc)) from None
         options = {"slots": body.slots, "retries": body.retries, "timeout": body.timeout,
                    "speculate": body.speculate, "keep_order": body.keep_order,
                    "via": body.via, "nodes": (body.nodes or 1) if body.via else None,
@@ -565,10 +581,12 @@ class FarmRuns:
         self._spawn(rec, path, named)
         try:
             await asyncio.shield(named)
-        except ConfigError as exc:
+        except (ConfigError, InvalidInputError) as exc:
             raise ApiError(422, _one_line(exc)) from None
         except TransportError as exc:
             raise ApiError(503, _one_line(exc)) from None
+        except RestrictedError as exc:
+            raise ApiError(403, _one_line(exc)) from None
         except RemoteError as exc:
             raise ApiError(502, _one_line(exc)) from None
         except SshqError as exc:

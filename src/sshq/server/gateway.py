@@ -32,6 +32,7 @@ from ..exceptions import (
     ConfigError,
     InvalidInputError,
     RemoteError,
+    RestrictedError,
     SshqError,
     TransportError,
     UnknownJobError,
@@ -204,7 +205,9 @@ class Gateway:
 
         Raises:
             ApiError: 403/404 platform, 422 key reused with another body or
-                a spec refused, 502/503 SSH or agent failures.
+                a spec refused, 403 the restricted agent of the platform
+                refused the batch (e.g. a work directory outside its run
+                directory), 502/503 SSH or agent failures.
         """
         self.check_platform(token, platform)
         request, earlier = self.state.begin_request(token.name, key, body_hash, platform,
@@ -242,7 +245,8 @@ class Gateway:
         """Kill a job (its job runner's kill command) and return it.
 
         Raises:
-            ApiError: 403/404; 502/503 when the host or agent failed.
+            ApiError: 403/404; 403 the platform's restricted agent refused;
+                502/503 when the host or agent failed.
         """
         self.job(token, id)
         self.state.record_kill(id)
@@ -490,6 +494,10 @@ class Gateway:
 
 
 def _api_error(exc: SshqError) -> ApiError:
+    """The HTTP error of a client error: 422 refused input, 404 unknown job or
+    platform, 403 a restricted platform's agent refused (its reason in the
+    message), 503 the host could not be reached, 502 the agent failed, else
+    500.  The message is the error's first line."""
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, InvalidInputError):
         return ApiError(422, msg)
@@ -497,6 +505,8 @@ def _api_error(exc: SshqError) -> ApiError:
         return ApiError(404, msg)
     if isinstance(exc, TransportError):
         return ApiError(503, msg)
+    if isinstance(exc, RestrictedError):
+        return ApiError(403, msg)
     if isinstance(exc, RemoteError):
         return ApiError(502, msg)
     return ApiError(500, msg)
