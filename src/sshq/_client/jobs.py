@@ -24,6 +24,7 @@ from ..exceptions import (
 from ..job_runners import HANDLERS, JobRunnerHandler, RunnerJobState, get_handler
 from ..jobscript import render_job_script
 from ..model import Job, JobSpec, JobState
+from ..remote.installed import refuse_if_restricted
 from ..remote.operations import runner_templates
 from ..remote.staging import (
     input_files,
@@ -107,6 +108,8 @@ class Jobs:
         for s in specs:
             n = s.normalized()
             handler.check_array(n)
+            if n.work_dir and ".." in n.work_dir.split("/"):  # the agent's rule: never inside
+                refuse_if_restricted(plat, f"work directory {n.work_dir!r} (a '..' component)")
             normalized.append(n)
         # (the directives are rendered once, with the job's real paths, by
         # _submit_on: what the runner cannot express is refused there, before

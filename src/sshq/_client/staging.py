@@ -13,6 +13,7 @@ from typing import Any
 from ..exceptions import InvalidInputError, RemoteError
 from ..model import JobState
 from ..quoting import check_directive_value
+from ..remote.installed import refuse_if_restricted
 from ..remote.staging import (
     CYLC_EXCLUDES,
     Installation,
@@ -100,6 +101,8 @@ class Staging:
             InvalidInputError: ``src_dir`` is not a directory.
             TransportError, RemoteError: the copy failed, or a local platform's
                 agent reported a run directory that is not the one here.
+            InvalidInputError: a restricted platform's copy would need SFTP
+                (no rsync here, or no rrsync there).
         """
         src = Path(src_dir)
         if not src.is_dir():
@@ -139,6 +142,9 @@ class Staging:
             if init.get("rsync") and shutil.which("rsync"):
                 n = await rsync_push(t, src, remote_dir, patterns)
                 return Installation(method="rsync", files_transferred=n, **done)
+            # (a restricted key copies only through the host's rrsync: no SFTP)
+            refuse_if_restricted(plat, "installing files without rsync here and rrsync on"
+                                 f" {t.host} (by SFTP)")
             listing = await self.pool.agent(plat, t, "listing", {"path": remote_dir})
             n = await sftp_push(t, src, remote_dir, patterns, listing["files"])
             return Installation(method="sftp", files_transferred=n, **done)

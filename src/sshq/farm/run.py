@@ -24,8 +24,8 @@ from .engine import Farm, FarmHost, FarmOptions, FarmStats
 from .journal import RunDir, new_run_name
 from .output import ResultSink, TaskResult, ensure_dir, make_writer, spill_note
 
-__all__ = ["FarmRequest", "parse_destination", "resolve_hosts", "run_farm", "pause_run",
-           "sync_deps"]
+__all__ = ["FarmRequest", "parse_destination", "refuse_restricted_farm", "resolve_hosts",
+           "run_farm", "pause_run", "sync_deps"]
 
 _DEST_RE = re.compile(r"(?:(?P<user>[A-Za-z0-9_.][A-Za-z0-9_.-]*)@)?"
                       r"(?P<host>[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?\Z")
@@ -182,6 +182,28 @@ def _restore(req: FarmRequest, rec: dict[str, Any]) -> None:
         req.deps = Path(rec["deps"])
 
 
+def refuse_restricted_farm(client: FarmBackend, req: FarmRequest) -> list[str]:
+    """Refuse, before connecting, what a restricted platform's key would refuse:
+    a direct farm (its dispatcher runs tasks on the login node) and, for a
+    pilot farm, ``--deps`` (its copy starts with a ``mkdir`` on the login node).
+
+    Returns:
+        The run's host specs (``[req.via]`` for a pilot farm).
+
+    Raises:
+        InvalidInputError: a spec names a restricted platform
+            (:func:`~sshq.remote.installed.refuse_if_restricted`).
+    """
+    specs = split_specs([req.via] if req.via else req.hosts)
+    if not req.via:
+        refuse_restricted_hosts(client.config.platforms, specs, "a direct farm (--hosts)")
+    elif req.deps is not None:
+        refuse_restricted_hosts(client.config.platforms, specs,
+                                "farm --deps (stage the directory with `sshq install`"
+                                " instead)")
+    return specs
+
+
 async def run_farm(
     client: FarmBackend,
     req: FarmRequest,
@@ -210,6 +232,8 @@ async def run_farm(
     Raises:
         ConfigError: bad options, unknown run, unusable batch file, or the
             run is in use by another client (its lock names the pid and host).
+        InvalidInputError: a restricted platform would refuse the run
+            (:func:`refuse_restricted_farm`); nothing was sent.
         SshqError: every host failed (tasks without a result stay in the
             journal for ``--resume``).
     """
@@ -220,13 +244,12 @@ async def run_farm(
             raise ConfigError(f"farm run {req.resume!r} is detached: collect its results with"
                               f" `sshq farm attach {req.resume}`")
         _restore(req, rec)
+        refuse_restricted_farm(client, req)
     else:
         if req.batch is None:
             raise ConfigError("give a batch file, or --resume NAME")
         rd = RunDir(client.state_dir, req.run or new_run_name())
-        specs = split_specs([req.via] if req.via else req.hosts)
-        if not req.via:  # tasks on a restricted platform's login node: refused
-            refuse_restricted_hosts(client.config.platforms, specs, "a direct farm (--hosts)")
+        specs = refuse_restricted_farm(client, req)
         resolve_hosts(client, specs)  # refuse bad specs before creating the run
         rd.create(req.batch, _options_record(req, specs))
     rd.lock()
@@ -361,6 +384,8 @@ async def attach_run(client: FarmBackend, name: str, out: ResultSink, *, fmt: st
     Raises:
         ConfigError: no such run, it was not detached, or it is in use by
             another client (named by pid and host).
+        InvalidInputError: a detached direct farm on a restricted platform
+            (nothing was sent).
         SshqError: a host stayed unreachable (attach again later).
     """
     from .detached import Pilots, Spool, attach_spools, command_lookup
@@ -371,6 +396,9 @@ async def attach_run(client: FarmBackend, name: str, out: ResultSink, *, fmt: st
         raise ConfigError(f"farm run {name!r} was not detached; use `sshq farm --resume {name}`")
     req = FarmRequest(hosts=[], options=FarmOptions())
     _restore(req, rec)
+    req.via = rec.get("via")
+    req.deps = None  # (copied when the run started)
+    refuse_restricted_farm(client, req)  # a detached direct farm's workers
     req.fmt = fmt or req.fmt
     by_label = {h.label: h for h in resolve_hosts(client, req.hosts)}
     spools = []
@@ -408,10 +436,16 @@ async def pause_run(client: FarmBackend, name: str, paused: bool) -> None:
 
     Raises:
         ConfigError: no such run.
+        InvalidInputError: a detached or pilot run on a restricted platform
+            (nothing was sent, nothing changed).
         TransportError: a detached run's host could not be reached.
     """
     rd = RunDir(client.state_dir, name)
     rec = rd.options()
+    if rec.get("spools"):  # its workers see a file made on the login node
+        refuse_restricted_hosts(client.config.platforms, list(rec.get("hosts") or []),
+                                "farm pause/resume of a detached or pilot run (it touches"
+                                " a file by a command on the login node)")
     if paused:
         rd.paused_flag.touch()
     else:
