@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from ..client import AsyncClient
+from ..server import DEFAULT_FARM_RETENTION
 from ..server.state import ServerState
 from .common import common, make_client
 from .render import Renderer
@@ -156,10 +157,16 @@ def parse_listen(listen: str, *, tls: bool) -> tuple[str, int]:
               " [user@]host[:port] besides platforms, for tokens not limited to platforms:"
               " they are reached with this server's own SSH configuration and keys."
               " Default: refused (403).")
+@click.option("--farm-retention", type=click.FloatRange(min=0, min_open=True),
+              default=DEFAULT_FARM_RETENTION / 86400, show_default=True, metavar="DAYS",
+              help="Delete a farm run (its status, results and files) DAYS after it ended"
+              " (finished, failed or stopped); fractions of a day accepted.  Running runs"
+              " are never deleted; a deleted run is 404.")
 @common
 @click.pass_context
 def serve(ctx: click.Context, listen: str, tls_cert: str | None, tls_key: str | None,
-          allow_farm_destinations: bool, as_json: bool, config_path: str | None) -> None:
+          allow_farm_destinations: bool, farm_retention: float, as_json: bool,
+          config_path: str | None) -> None:
     """Serve the HTTP gateway: the native API (/api/v1), a FirecREST v2 subset
     (/firecrest) and a web page (/), over the platforms file's platforms.
 
@@ -171,7 +178,8 @@ def serve(ctx: click.Context, listen: str, tls_cert: str | None, tls_key: str | 
 
     Farm runs use the platforms only, unless --allow-farm-destinations
     lets tokens not limited to platforms name any SSH destination, which
-    the server then reaches with its own keys.
+    the server then reaches with its own keys.  A farm run that ended is
+    kept --farm-retention days, then deleted (checked periodically).
 
     \b
     Examples:
@@ -194,7 +202,7 @@ def serve(ctx: click.Context, listen: str, tls_cert: str | None, tls_key: str | 
         client = make_client(ctx, config_path)
         gateway = Gateway(client)
         try:
-            app = create_app(gateway)
+            app = create_app(gateway, farm_retention=farm_retention * 86400)
             app.state.farms.allow_destinations = allow_farm_destinations
             config = uvicorn.Config(
                 app, host=host, port=port, ssl_certfile=tls_cert,

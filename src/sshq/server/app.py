@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from .. import __version__
+from . import DEFAULT_FARM_RETENTION
 from .gateway import ApiError, Gateway
 
 __all__ = ["create_app", "MAX_BODY"]
@@ -132,18 +133,22 @@ _STATIC_TYPES = {"app.js": "text/javascript; charset=utf-8",
 
 
 def create_app(gateway: Gateway, *, max_body: int = MAX_BODY,
-               background: bool = True) -> FastAPI:
+               background: bool = True,
+               farm_retention: float = DEFAULT_FARM_RETENTION) -> FastAPI:
     """The application over one :class:`Gateway`.
 
     Args:
         gateway: the server's core (client, database, poller).
         max_body: the largest request body, in bytes (413 above).
-        background: start the poller and the webhook sender with the app.
+        background: start the poller, the webhook sender and the farm runs'
+            expiry with the app.
+        farm_retention: seconds a farm run that ended is kept
+            (:class:`~sshq.server.farm.FarmRuns`).
     """
 
     from .farm import FarmRuns
 
-    farms = FarmRuns(gateway)
+    farms = FarmRuns(gateway, retention=farm_retention)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -28,6 +28,13 @@ the server's view in the state database (step 4 of
 that made it, hosts, options, state) and ``api_farm_results`` (each
 result, numbered 1, 2, ... in the order it was reported: the event ids).
 
+A run that ended (finished, failed or stopped) is deleted, its rows and
+its run directory, once it ended more than the retention ago
+(:data:`~sshq.server.DEFAULT_FARM_RETENTION`, ``sshq serve
+--farm-retention DAYS``); the server looks for such runs periodically.  A
+running run is never deleted.  A request for a deleted run is 404, saying
+the run may have expired.
+
 A result is written to the database before the farm journals it, and a
 task's second result (a task re-run after a crash between the two) is
 ignored, so each task has exactly one result.  A server stopped mid-run
@@ -70,6 +77,7 @@ from ..farm.output import TaskResult
 from ..farm.run import FarmRequest, attach_run, parse_destination, run_farm
 from ..model.resources import parse_walltime
 from ..remote.installed import refuse_restricted_hosts
+from . import DEFAULT_FARM_RETENTION
 from .api import Token
 from .gateway import ApiError, Gateway
 from .state import TokenInfo
@@ -102,6 +110,16 @@ def _iso(t: float | None) -> str | None:
     if t is None:
         return None
     return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _span(seconds: float) -> str:
+    """A duration for messages: ``7 days``, ``1 day``, ``12 h``, ``2.5 s``."""
+    if seconds >= 86400:
+        days = seconds / 86400
+        return f"{days:g} day" + ("" if days == 1 else "s")
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} h"
+    return f"{seconds:g} s"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -191,11 +209,18 @@ class FarmTable:
         return rec
 
     def delete(self, name: str) -> None:
-        """Forget a run and its results (a run that never started)."""
+        """Forget a run and its results (a run that never started, or expired)."""
         self._db.execute("BEGIN IMMEDIATE")
         self._db.execute("DELETE FROM api_farm_results WHERE farm=?", (name,))
         self._db.execute("DELETE FROM api_farms WHERE name=?", (name,))
         self._db.execute("COMMIT")
+
+    def ended_before(self, when: float) -> list[str]:
+        """The names of the runs that are not running and ended before ``when``
+        (seconds since the epoch), the oldest end first."""
+        return [str(r[0]) for r in self._db.execute(
+            "SELECT name FROM api_farms WHERE state != 'running' AND ended IS NOT NULL"
+            " AND ended < ? ORDER BY ended, name", (when,))]
 
     def get(self, name: str) -> FarmRecord | None:
         """The run named ``name``, or None."""
@@ -399,13 +424,20 @@ class FarmRuns:
             --allow-farm-destinations``).  Off: only platforms; a run on
             destinations left by an earlier server is not resumed.  Settable
             until the application starts.
+        retention: seconds a run that ended is kept (with its results and
+            run directory) before :meth:`expire` deletes it; checked every
+            tenth of it (at most hourly, at least every 0.1 s) while the
+            application runs.  Settable until the application starts.
     """
 
-    def __init__(self, gateway: Gateway, *, allow_destinations: bool = False) -> None:
+    def __init__(self, gateway: Gateway, *, allow_destinations: bool = False,
+                 retention: float = DEFAULT_FARM_RETENTION) -> None:
         self.gw = gateway
         self.client = gateway.client
         self.allow_destinations = allow_destinations
+        self.retention = retention
         self.table = FarmTable(gateway.store.path)
+        self._expiry: asyncio.Task[None] | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stats: dict[str, Any] = {}
         self._stopping: set[str] = set()
@@ -436,13 +468,62 @@ class FarmRuns:
                 continue
             log.info("farm run %s: resuming after a restart", rec.name)
             self._spawn(rec, None, None)
+        self._expiry = asyncio.create_task(self._run_expiry(), name="farm expiry")
 
     async def stop(self) -> None:
         """Stop the runs' tasks; the runs stay ``running`` (resumed at the next start)."""
         tasks = list(self._tasks.values())
+        if self._expiry is not None:
+            tasks.append(self._expiry)
+            self._expiry = None
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run_expiry(self) -> None:
+        every = min(3600.0, max(0.1, self.retention / 10))
+        while True:
+            try:
+                await self.expire()
+            except Exception:  # the check must not die
+                log.exception("deleting expired farm runs failed")
+            await asyncio.sleep(every)
+
+    async def expire(self, now: float | None = None) -> list[str]:
+        """Delete the runs that ended more than :attr:`retention` seconds
+        before ``now`` (default: the time now): their ``api_farms`` row, their
+        results and their run directory (journal, long outputs).  A running
+        run is never deleted, nor one whose run directory another process
+        holds locked (``sshq farm attach``: kept until a later check).
+
+        Returns:
+            The names of the runs deleted.
+        """
+        now = time.time() if now is None else now
+        gone = []
+        for name in self.table.ended_before(now - self.retention):
+            if name in self._tasks:
+                continue
+            rd = RunDir(self.client.state_dir, name)
+            if rd.path.is_dir():
+                try:
+                    rd.lock()
+                except (ConfigError, OSError) as exc:
+                    log.info("farm run %s expired but is kept for now: %s", name, exc)
+                    continue
+                try:
+                    self.table.delete(name)
+                    await asyncio.to_thread(shutil.rmtree, rd.path, True)
+                finally:
+                    rd.close()
+            else:
+                self.table.delete(name)
+            log.info("farm run %s: deleted (ended more than %s ago: --farm-retention)",
+                     name, _span(self.retention))
+            gone.append(name)
+        if gone:
+            self._notify()
+        return gone
 
     def _notify(self) -> None:
         self._changed.set()
@@ -505,7 +586,9 @@ class FarmRuns:
             raise ApiError(404, f"unknown farm run {name[:100]!r}") from None
         rec = self.table.get(name)
         if rec is None:
-            raise ApiError(404, f"unknown farm run {name!r}")
+            raise ApiError(404, f"unknown farm run {name!r}: never made, or expired (a run"
+                           f" is deleted {_span(self.retention)} after it ended: sshq serve"
+                           " --farm-retention)")
         if not may_see(token, rec.specs):
             raise ApiError(403, f"farm run {name!r} uses hosts this token may not use")
         return rec
@@ -518,8 +601,9 @@ class FarmRuns:
             ``hosts``, ``options``, ``total``, ``done`` (succeeded),
             ``failed``, ``reported`` (done + failed), ``running`` (task
             copies running now, as far as the server sees), ``created``,
-            ``ended`` (ISO 8601 UTC), ``error``, ``warnings``, ``results``
-            (the results' URL path).
+            ``ended``, ``expires`` (when the run will be deleted, None while
+            it runs; all three ISO 8601 UTC), ``error``, ``warnings``,
+            ``results`` (the results' URL path).
         """
         done, failed = self.table.counts(rec.name)
         stats = self._stats.get(rec.name)
@@ -527,7 +611,9 @@ class FarmRuns:
         return {"name": rec.name, "state": rec.state, "finished": rec.state != "running",
                 "hosts": list(rec.hosts), "options": rec.options, "total": rec.total,
                 "done": done, "failed": failed, "reported": done + failed, "running": running,
-                "created": _iso(rec.created), "ended": _iso(rec.ended), "error": rec.error,
+                "created": _iso(rec.created), "ended": _iso(rec.ended),
+                "expires": None if rec.ended is None else _iso(rec.ended + self.retention),
+                "error": rec.error,
                 "warnings": list(rec.warnings), "results": f"/api/v1/farm/{rec.name}/results"}
 
     async def create(self, token: TokenInfo, body: FarmIn) -> FarmRecord:
@@ -802,6 +888,9 @@ async def list_farms(token: Token, request: Request,
 
 @router.get("/farm/{name}", summary="A farm run's status")
 async def get_farm(name: str, token: Token, request: Request) -> dict[str, Any]:
+    """The run's status.  A run is deleted, with its results, once it ended
+    more than the server's retention ago (``expires``; ``sshq serve
+    --farm-retention``): then 404."""
     farms = await farms_of(request)
     return farms.status(farms.record(token, name))
 
