@@ -33,6 +33,7 @@ from testbed import skip_or_fail
 from sshq import (
     EnvironmentMismatchError,
     Executor,
+    InvalidInputError,
     JobFailedError,
     JobState,
     RemoteFunctionError,
@@ -421,6 +422,143 @@ def test_hosts_runs_calls_as_farm_tasks(make_executor: Callable[..., Executor],
     assert ex._loop.call(ex.client.jobs()) == []    # no job anywhere
     with pytest.raises(Boom):
         ex.submit(explode, 1).result(timeout=300)
+
+
+def sleep_with_pid(path: str) -> None:
+    """Record this process's pid in ``path`` (under the remote home), then sleep."""
+    path = os.path.expanduser(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as fh:
+        fh.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    time.sleep(600)
+
+
+def bed_pid(testbed: dict[str, str], path: str, timeout: float = 240) -> int:
+    """The pid ``sleep_with_pid`` wrote to ``path``, once it is there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = bed_ssh(testbed, f"cat {path} 2>/dev/null").stdout.strip()
+        if out.isdigit():
+            return int(out)
+        assert time.monotonic() < deadline, f"no pid in {path}"
+        time.sleep(0.5)
+
+
+def bed_alive(testbed: dict[str, str], pid: int) -> bool:
+    return bed_ssh(testbed, f"kill -0 {pid}").returncode == 0
+
+
+def wait_gone(testbed: dict[str, str], pid: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while bed_alive(testbed, pid):
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.5)
+
+
+def bed_exists(testbed: dict[str, str], path: str) -> bool:
+    return bed_ssh(testbed, f"test -e {path}").returncode == 0
+
+
+def test_cancel_stops_the_farm_tasks(make_executor: Callable[..., Executor],
+                                     slurm_testbed: dict[str, str], run_id: str) -> None:
+    pids = f"sshq-test-pids-{run_id}"          # in the test user's home
+    try:
+        check_cancel_stops_the_farm_tasks(make_executor, slurm_testbed, run_id, pids)
+    finally:
+        bed_ssh(slurm_testbed, f"rm -rf {pids}")
+
+
+def check_cancel_stops_the_farm_tasks(make_executor: Callable[..., Executor],
+                                      slurm_testbed: dict[str, str], run_id: str,
+                                      pids: str) -> None:
+    ex = make_executor("bg", hosts=["bg"])
+    fut = ex.submit(sleep_with_pid, f"~/{pids}/submit")
+    res = ex.map(sleep_with_pid, [f"~/{pids}/map-{i}" for i in range(2)])
+    assert fut.task is not None and fut.id is None
+    run = fut.task.split("/")[0]
+    pid = bed_pid(slurm_testbed, f"{pids}/submit")
+    map_pids = [bed_pid(slurm_testbed, f"{pids}/map-{i}") for i in range(2)]
+    deps = f"sshq-test/{run_id}/farm-deps/{run}"   # the calls' files on the host
+    assert bed_exists(slurm_testbed, deps)
+
+    assert fut.cancel() and fut.cancelled()
+    wait_gone(slurm_testbed, pid)                    # the dispatcher killed it
+    assert not bed_exists(slurm_testbed, deps)       # removed before cancel() returned
+    assert all(bed_alive(slurm_testbed, p) for p in map_pids)   # another run: goes on
+
+    res.close()   # leaving a map early cancels its calls: its run stops
+    assert all(f.cancelled() for f in res.futures)
+    for p in map_pids:
+        wait_gone(slurm_testbed, p)
+
+    # a stopped run's tasks without a result are cancelled for attach too
+    again = make_executor("bg").attach([fut.task, res.futures[1].task or ""])
+    assert all(f.cancelled() for f in again)
+
+
+CLIENT_FARM_SCRIPT = """
+import json, os, signal, sys
+from sshq import Executor
+
+def slow(x):
+    import time
+    time.sleep(3)
+    return x * 7
+
+ex = Executor("bg", config=sys.argv[1], state_dir=sys.argv[2], python=sys.argv[3],
+              hosts=["bg"])
+first = ex.submit(lambda: 42)
+first.result(timeout=300)                    # reported before the client dies
+res = ex.map(slow, [1, 2, 3], chunksize=2)   # tasks 1 and 2 of another run
+print(json.dumps([first.task] + [f.task for f in res.futures]), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_attach_collects_farm_tasks_of_a_killed_client(
+        make_executor: Callable[..., Executor], config_file: Path, state_dir: Path,
+        remote_python: str, slurm_testbed: dict[str, str], run_id: str,
+        tmp_path: Path) -> None:
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT_FARM_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(config_file), str(state_dir),
+                           remote_python], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    handles = json.loads(proc.stdout)
+    run = handles[1].split("/")[0]
+    assert handles[1:] == [f"{run}/1", f"{run}/1", f"{run}/2"]
+    journal = state_dir / "farm" / run / "journal"
+    # (the run was recorded before map returned; its tasks had no result)
+    assert (state_dir / "farm" / run / "options.json").is_file()
+    assert not journal.exists() or '"e":"result"' not in journal.read_text()
+
+    ex = make_executor("bg", hosts=["bg"])
+    futs = ex.attach(handles)
+    # the first from its output file here; the map's run resumed (its tasks
+    # re-run): a chunk's handle gives the chunk's values
+    assert [f.result(timeout=300) for f in futs] == [42, [7, 14], [7, 14], [21]]
+    assert [f.task for f in futs] == handles
+    runs = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [ev.get("resume") for ev in runs if ev["e"] == "run"][-1:] == [True]
+    ex.shutdown()
+    # every task has its result: the calls' files are gone, here and on the host
+    assert not (state_dir / "farm" / run / "calls").exists()
+    assert not bed_exists(slurm_testbed, f"sshq-test/{run_id}/farm-deps/{run}")
+    # and the results stay: attach again, without any host
+    futs2 = make_executor("bg").attach(handles[1:2])
+    assert futs2[0].result(timeout=60) == [7, 14]
+
+
+def test_attach_refuses_bad_farm_handles(make_executor: Callable[..., Executor]) -> None:
+    ex = make_executor("bg", hosts=["bg"])
+    fut = ex.submit(square, 3)
+    assert fut.result(timeout=300) == 9
+    run = (fut.task or "").split("/")[0]
+    for bad in ["no-such-run/1", f"{run}/2", f"{run}/0", f"{run}", "../x/1", f"{run}/x"]:
+        with pytest.raises(InvalidInputError):
+            ex.attach([bad])
+    assert ex.attach([fut.task or ""])[0].result(timeout=60) == 9
 
 
 async def test_futures_work_from_asyncio(make_executor: Callable[..., Executor]) -> None:

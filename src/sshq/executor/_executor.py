@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import json
 import logging
 import secrets
 import shutil
@@ -21,8 +22,9 @@ from typing import Any, Generic, ParamSpec, TypeVar
 from .._client.jobs import LogRead
 from ..client import AsyncClient
 from ..config import Config, Platform
-from ..exceptions import InvalidInputError, RemoteError, SshqError
-from ..farm.output import TaskResult
+from ..exceptions import ConfigError, InvalidInputError, RemoteError, SshqError
+from ..farm.journal import RunDir, check_run_name
+from ..farm.output import TaskResult, output_paths
 from ..job_runners import get_handler
 from ..model import Job, JobSpec, JobState
 from ..model.job_spec import MAX_INPUT_BYTES, default_name
@@ -57,6 +59,15 @@ _OWN_FIELDS = frozenset({"script", "command", "arguments", "array", "work_dir"})
 _CHECKED: set[tuple[object, ...]] = set()
 _CHECKED_LOCK = threading.Lock()
 
+#: In a farm run's directory (``<state dir>/farm/RUN/``): the calls' files
+#: (``calls/RUN/``, the run's ``--deps``: each host's ``farm-deps/RUN``),
+#: kept until every task has a result or the run is stopped; the batch as
+#: written (copied to ``batch`` by the farm); the mark of a run stopped by
+#: :meth:`CallFuture.cancel` (its tasks without a result are cancelled).
+_CALLS_DIR = "calls"
+_BATCH_IN = "batch.in"
+_CANCELLED = "cancelled"
+
 #: Poll rounds a job that succeeded may show no result file before it is
 #: failed (a shared file system that shows the file late).
 _GRACE_ROUNDS = 2
@@ -77,21 +88,32 @@ class CallFuture(concurrent.futures.Future[_T], Generic[_T]):
     Attributes:
         id: the sshq id of the call's job (an array element for ``map``;
             shared by the calls of one chunk); None for a farm task.
+        task: a farm task's handle ``"RUN/SEQ"`` (the farm run's name and the
+            task's number; shared by the calls of one chunk); None for a job.
         job: the latest :class:`~sshq.model.Job` the Executor saw (None for a
             farm task).
+
+    Pass ``id`` or ``task`` to :meth:`Executor.attach` to get the result
+    from another Executor (after this process died).
     """
 
     def __init__(self, executor: Executor, *, id: int | None = None,
-                 job: Job | None = None) -> None:
+                 job: Job | None = None, task: str | None = None) -> None:
         super().__init__()
         self._executor = executor
         self._id = id
         self._job = job
+        self._task = task
 
     @property
     def id(self) -> int | None:
         """The sshq id of the call's job; None for a farm task."""
         return self._id
+
+    @property
+    def task(self) -> str | None:
+        """The farm task's handle ``"RUN/SEQ"``; None for a job."""
+        return self._task
 
     @property
     def job(self) -> Job | None:
@@ -102,8 +124,20 @@ class CallFuture(concurrent.futures.Future[_T], Generic[_T]):
         """Kill the call's job (``sshq kill``) and cancel the future.
 
         The other calls of the same job (a ``map`` chunk) then fail with
-        :class:`~sshq.JobFailedError`.  A farm task is not killed: its result
-        is dropped.
+        :class:`~sshq.JobFailedError`.
+
+        A farm task: its farm run (one per :meth:`Executor.submit` or
+        :meth:`Executor.map`) is stopped once none of its calls is left
+        pending in this Executor: the run's SSH channels are closed and the
+        hosts' dispatchers kill its running tasks (no task starts after
+        that), as ``sshq serve``'s ``DELETE /farm/{name}`` does.  So
+        cancelling a ``submit``'s future, leaving a ``map``'s iteration
+        early, or ``shutdown(cancel_futures=True)`` kills the tasks; one call
+        of a ``map`` whose other calls are still wanted only drops its result
+        (its task runs on with the others).
+
+        Blocks until the kill was sent, or the run stopped (at most about
+        a minute), unless called from a done callback.
 
         Returns:
             False when the future is already done; True once cancelled (a
@@ -113,6 +147,8 @@ class CallFuture(concurrent.futures.Future[_T], Generic[_T]):
             return False
         if self._id is not None:
             self._executor._kill([self], cancelled=True)
+        elif self._task is not None:
+            self._executor._stop_farms([self])
         return True
 
 
@@ -155,6 +191,10 @@ class MapResults(Iterator[_T]):
     def close(self) -> None:
         """Stop iterating; calls not done are cancelled (killed)."""
         self._gen.close()
+        # (a generator closed before its first step runs no finally)
+        rest = [f for f in self.futures if not f.done()]
+        if rest:
+            self._executor._cancel(rest)
 
 
 @dataclass(slots=True)
@@ -166,6 +206,24 @@ class _Pending:
     futures: list[tuple[CallFuture[Any], int | None]] = field(default_factory=list)
     calls: int = 1
     empty_rounds: int = 0
+
+
+@dataclass(slots=True, kw_only=True)
+class _FarmRun:
+    """A farm run of this Executor: its calls' futures by task (seq) with
+    their positions in the task's calls (None: the task's whole result, for
+    :meth:`Executor.attach`)."""
+
+    name: str
+    dir: Path
+    groups: dict[int, list[tuple[CallFuture[Any], int | None]]]
+    task: asyncio.Task[None] | None = None
+    named: bool = False
+    stopped: bool = False
+    error: BaseException | None = None
+
+    def futures(self) -> Iterator[CallFuture[Any]]:
+        return (f for group in self.groups.values() for f, _ in group)
 
 
 class _Loop:
@@ -255,7 +313,10 @@ class Executor(concurrent.futures.Executor):
         hosts: run the calls as farm tasks on these hosts (platform names or
             ``[user@]host[:port]``, as ``sshq farm --hosts``) instead of as
             jobs: for many small calls.  Each :meth:`submit` or :meth:`map`
-            is then one farm run; needs rsync here and there.
+            is then one farm run (named ``exec-...``; a future's ``task`` is
+            ``"RUN/SEQ"``), recorded in ``<state dir>/farm/RUN/`` with its
+            tasks' output (the results, kept there for :meth:`attach`; delete
+            the directory when done with them); needs rsync here and there.
         max_call_bytes: the most bytes of the pickled function, and of the
             pickled arguments of one job, refused before submission
             (default 64 MiB).  All the files of one submission together are
@@ -316,6 +377,7 @@ class Executor(concurrent.futures.Executor):
         self._live: set[CallFuture[Any]] = set()
         self._pending: dict[int, _Pending] = {}
         self._farms: set[asyncio.Task[None]] = set()
+        self._runs: dict[str, _FarmRun] = {}
         self._collector: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._loop = _Loop()
@@ -416,21 +478,37 @@ class Executor(concurrent.futures.Executor):
             self._launch(fn, pickled, array=True))
         return MapResults(self, [f for g in groups for f in g], deadline)
 
-    def attach(self, ids: Sequence[int]) -> list[CallFuture[Any]]:
-        """Futures for jobs an Executor submitted earlier (by this process
-        or one that has died), from the same state directory.
+    def attach(self, ids: Sequence[int | str]) -> list[CallFuture[Any]]:
+        """Futures for calls an Executor made earlier (by this process or
+        one that has died), from the same state directory.
+
+        A job's result is collected by the polls, as for a new job.  A farm
+        task's result is in its run's directory here
+        (``<state dir>/farm/RUN/output/``) once reported; the tasks of a run
+        that have no result (their client died: the hosts' dispatchers
+        killed them with its SSH channels) are run again: the run is
+        resumed, as ``sshq farm --resume RUN`` does (every task of it without
+        a result, on the run's hosts, with the calls' files kept for it),
+        so such a call may have started twice.  A task of a run stopped by
+        :meth:`CallFuture.cancel` gives a cancelled future.  Blocks until a
+        resumed run is recorded (one lock here, no SSH round trip).
 
         Args:
-            ids: sshq ids (:attr:`CallFuture.id`).
+            ids: sshq ids of jobs (:attr:`CallFuture.id`) and handles of
+                farm tasks (:attr:`CallFuture.task`, ``"RUN/SEQ"``), mixed.
 
         Returns:
-            One :class:`CallFuture` per id, in order; the result of a job that
-            ran a chunk of a ``map`` is the list of its calls' values (an
-            exception of one of them is raised instead).
+            One :class:`CallFuture` per id, in order; the result of a job (or
+            farm task) that ran a chunk of a ``map`` is the list of its
+            calls' values (an exception of one of them is raised instead).
+            A resumed run that cannot start (another live client holds it,
+            its hosts are unreachable) fails its futures with that error.
 
         Raises:
-            UnknownJobError: an id is not in the state database.
-            InvalidInputError: a job was not submitted by an Executor.
+            UnknownJobError: a job id is not in the state database.
+            InvalidInputError: a job was not submitted by an Executor; a farm
+                handle is malformed, or names no farm run of an Executor in
+                this state directory, or no task of it.
             RuntimeError: the Executor is shut down.
         """
         self._check_open()
@@ -499,9 +577,25 @@ class Executor(concurrent.futures.Executor):
             return False
 
     def _cancel(self, futs: Sequence[CallFuture[Any]]) -> None:
-        """Cancel many futures, killing their jobs with one kill command per host."""
+        """Cancel many futures, killing their jobs with one kill command per
+        host, and stopping the farm runs left with no call pending."""
         done_now = [f for f in futs if concurrent.futures.Future.cancel(f)]
         self._kill(done_now, cancelled=True)
+        self._stop_farms(done_now)
+
+    def _stop_farms(self, futs: Sequence[CallFuture[Any]]) -> None:
+        """Stop the farm runs of ``futs`` (cancelled) that have no call pending."""
+        names = sorted({f._task.rpartition("/")[0] for f in futs
+                        if f._task is not None and f.cancelled()})
+        if not names:
+            return
+        if self._loop.on_loop():  # a done callback: cannot wait here
+            self._loop.spawn(self._stop_runs(names))
+            return
+        try:
+            self._loop.call(self._stop_runs(names))
+        except RuntimeError:
+            pass
 
     # ---- internals: the loop's thread ---------------------------------------------------------
 
@@ -512,6 +606,23 @@ class Executor(concurrent.futures.Executor):
         except SshqError as exc:
             log.warning("kill of jobs %s failed: %s", ids, exc)
             return False
+
+    async def _stop_runs(self, names: list[str]) -> None:
+        """Cancel the runs named that have no call pending, and wait (a
+        minute at most) until their channels are closed: the dispatchers then
+        kill the runs' tasks."""
+        tasks = []
+        for name in names:
+            run = self._runs.get(name)
+            if run is None or run.task is None or run.task.done():
+                continue
+            if not all(f.done() for f in run.futures()):
+                continue
+            run.stopped = True
+            run.task.cancel()
+            tasks.append(run.task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=60)
 
     async def _launch(self, fn: Callable[..., Any], pickled: PickledCalls, *,
                       array: bool) -> list[list[CallFuture[Any]]]:
@@ -587,21 +698,70 @@ class Executor(concurrent.futures.Executor):
         self._start_collector()
         return groups
 
-    async def _attach(self, ids: list[int]) -> list[CallFuture[Any]]:
-        jobs = self._client.store.get(ids)
-        for j in jobs:
+    async def _attach(self, ids: list[int | str]) -> list[CallFuture[Any]]:
+        job_ids = [i for i in ids if not isinstance(i, str)]
+        jobs = {j.id: j for j in self._client.store.get(job_ids)} if job_ids else {}
+        for j in jobs.values():
             command = self._client.store.spec(j.id).get("command")
             if not (isinstance(command, str) and sshq_call.RUNNER_FILE in command):
                 raise InvalidInputError(f"job {j.id} was not submitted by an sshq.Executor")
+        # farm tasks: everything checked, and what the journals say read,
+        # before any future is made (no await until the futures are placed)
+        handles = {i: _parse_handle(i) for i in ids if isinstance(i, str)}
+        runs = {run: self._recorded_run(run) for run, _ in handles.values()}
+        for handle, (run, seq) in handles.items():
+            if seq > runs[run].tasks:
+                raise InvalidInputError(f"farm run {run!r} has no task {seq}"
+                                        f" (it has {runs[run].tasks}): {handle!r}")
         out: list[CallFuture[Any]] = []
-        for j in jobs:
-            f: CallFuture[Any] = CallFuture(self, id=j.id, job=j)
+        resume: dict[str, _FarmRun] = {}
+        for i in ids:
+            if not isinstance(i, str):
+                j = jobs[i]
+                f: CallFuture[Any] = CallFuture(self, id=j.id, job=j)
+                self._track(f)
+                p = self._pending.setdefault(j.id, _Pending(job=j))
+                p.futures.append((f, None))
+                out.append(f)
+                continue
+            run, seq = handles[i]
+            rec = runs[run]
+            f = CallFuture(self, task=f"{run}/{seq}")
             self._track(f)
-            p = self._pending.setdefault(j.id, _Pending(job=j))
-            p.futures.append((f, None))
             out.append(f)
-        self._start_collector()
+            live = self._runs.get(run)
+            if seq in rec.results:
+                self._settle_task([(f, None)], rec.dir / "output", seq, rec.results[seq])
+            elif live is not None and live.task is not None and not live.task.done():
+                live.groups.setdefault(seq, []).append((f, None))
+            elif rec.cancelled:
+                concurrent.futures.Future.cancel(f)
+            else:
+                r = resume.setdefault(run, _FarmRun(name=run, dir=rec.dir, groups={}))
+                r.groups.setdefault(seq, []).append((f, None))
+        if jobs:
+            self._start_collector()
+        for r in resume.values():
+            await self._start_farm(r, None)
         return out
+
+    def _recorded_run(self, name: str) -> _Recorded:
+        """What the state directory holds of the Executor's farm run ``name``.
+
+        Raises:
+            InvalidInputError: no such run, or not an Executor's.
+        """
+        rd = RunDir(self._client.state_dir, name)
+        if not rd.exists():
+            raise InvalidInputError(f"no farm run named {name!r} in {rd.path.parent}")
+        try:
+            lines = rd.batch.read_bytes().splitlines()
+        except OSError as exc:
+            raise InvalidInputError(f"farm run {name!r}: cannot read its batch: {exc}") from None
+        if not lines or not all(sshq_call.RUNNER_FILE.encode() in line for line in lines):
+            raise InvalidInputError(f"farm run {name!r} was not made by an sshq.Executor")
+        return _Recorded(dir=rd.path, tasks=len(lines), results=_journal_results(rd.path),
+                         cancelled=(rd.path / _CANCELLED).exists())
 
     # ---- pre-flight ------------------------------------------------------------------------
 
@@ -666,70 +826,153 @@ class Executor(concurrent.futures.Executor):
     # ---- the farm ----------------------------------------------------------------------------
 
     async def _launch_farm(self, pickled: PickledCalls) -> list[list[CallFuture[Any]]]:
-        hosts = await self._preflight_farm()
-        tmp = Path(tempfile.mkdtemp(prefix="sshq-exec-"))
+        await self._preflight_farm()
+        name, rdir = self._new_farm_dir()
+        calls = rdir / _CALLS_DIR / name
+        batch = rdir / _BATCH_IN
         try:
-            deps = tmp / f"calls-{secrets.token_hex(6)}"
-            deps.mkdir()
-            shutil.copyfile(_runner_path(), deps / sshq_call.RUNNER_FILE)
-            (deps / sshq_call.FN_FILE).write_bytes(pickled.fn)
+            calls.mkdir(parents=True, mode=0o700)
+            shutil.copyfile(_runner_path(), calls / sshq_call.RUNNER_FILE)
+            (calls / sshq_call.FN_FILE).write_bytes(pickled.fn)
             for k, blob in enumerate(pickled.jobs, start=1):
-                (deps / sshq_call.calls_file(k)).write_bytes(blob)
-            batch = tmp / "batch"
+                (calls / sshq_call.calls_file(k)).write_bytes(blob)
             batch.write_text("".join(
                 runner_command(self.python, "task", max_result_bytes=self._max_result,
                                index=k) + "\n"
                 for k in range(1, len(pickled.jobs) + 1)))
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(rdir, ignore_errors=True)
             raise
         groups = self._futures(pickled)
-        task = asyncio.get_running_loop().create_task(
-            self._run_farm(tmp, deps, batch, hosts, groups))
-        self._farms.add(task)
-        task.add_done_callback(self._farms.discard)
+        run = _FarmRun(name=name, dir=rdir, groups={})
+        for k, group in enumerate(groups, start=1):
+            for f in group:
+                f._task = f"{name}/{k}"
+            run.groups[k] = [(f, pos) for pos, f in enumerate(group)]
+        await self._start_farm(run, batch)
+        if not run.named:  # refused before it was recorded: nothing ran
+            shutil.rmtree(rdir, ignore_errors=True)
+            if run.error is not None:
+                raise run.error
         return groups
 
-    async def _run_farm(self, tmp: Path, deps: Path, batch: Path, hosts: list[Any],
-                        groups: list[list[CallFuture[Any]]]) -> None:
+    def _new_farm_dir(self) -> tuple[str, Path]:
+        """A new run name and its directory (made: the name is taken)."""
+        while True:
+            name = time.strftime("exec-%Y%m%d-%H%M%S-") + secrets.token_hex(4)
+            path = RunDir(self._client.state_dir, name).path
+            try:
+                path.mkdir(parents=True, mode=0o700)
+            except FileExistsError:
+                continue
+            return name, path
+
+    async def _start_farm(self, run: _FarmRun, batch: Path | None) -> None:
+        """Start farm run ``run`` (new with ``batch``, else resumed) and wait
+        until it is recorded and locked, or has failed."""
+        loop = asyncio.get_running_loop()
+        named: asyncio.Future[None] = loop.create_future()
+
+        def on_name(_name: str) -> None:
+            run.named = True
+            if not named.done():
+                named.set_result(None)
+
+        task = loop.create_task(self._run_farm(run, batch, on_name))
+        run.task = task
+        self._runs[run.name] = run
+        self._farms.add(task)
+
+        def ended(t: asyncio.Task[None]) -> None:
+            self._farms.discard(t)
+            if self._runs.get(run.name) is run:
+                del self._runs[run.name]
+
+        task.add_done_callback(ended)
+        await asyncio.wait({named, task}, return_when=asyncio.FIRST_COMPLETED)
+        named.cancel()
+
+    async def _run_farm(self, run: _FarmRun, batch: Path | None,
+                        on_name: Callable[[str], None]) -> None:
+        output = run.dir / "output"
+
         def on_result(r: TaskResult) -> None:
-            if not 1 <= r.seq <= len(groups):
-                return
-            group = groups[r.seq - 1]
-            data = r.stdout
-            if r.stdout_file:
-                try:
-                    data = Path(r.stdout_file).read_bytes()
-                except OSError as read_err:
-                    data = b""
-                    log.warning("farm task %d: cannot read its output: %s", r.seq, read_err)
-            label = f"{r.seq} on {r.host}"
-            if data.startswith(sshq_call.RESULT_MAGIC):
-                self._settle_group(group, data, f"farm task {label}",
-                                   lambda why: task_failed(label, exit_status=r.exit_status,
-                                                           signal=r.signal, error=why,
-                                                           stderr=r.stderr))
-                return
-            err = task_failed(label, exit_status=r.exit_status, signal=r.signal,
-                              error=r.error, stderr=r.stderr)
-            for f in group:
-                _set(f, False, err)
+            group = run.groups.get(r.seq)
+            if group:
+                self._settle_task(group, output, r.seq, {
+                    "host": r.host, "exit_status": r.exit_status, "signal": r.signal,
+                    "error": r.error})
+
+        complete = False
+        try:
+            if batch is None:
+                await self._client.farm(resume=run.name, out=on_result, speculate=False,
+                                        on_name=on_name)
+            else:
+                await self._client.farm(batch, hosts=self._hosts, run=run.name, out=on_result,
+                                        deps=run.dir / _CALLS_DIR / run.name,
+                                        output_dir=output, speculate=False, on_name=on_name)
+            complete = True
+        except asyncio.CancelledError:
+            if run.stopped:
+                (run.dir / _CANCELLED).touch()
+            raise
+        except Exception as exc:
+            run.error = exc
+            for f in run.futures():
+                _set(f, False, exc)
+        finally:
+            for f in run.futures():
+                _set(f, False, task_failed("(not reported)", exit_status=None, signal=None,
+                                           error="the farm run ended without its result",
+                                           stderr=b""))
+            (run.dir / _BATCH_IN).unlink(missing_ok=True)
+            if run.named and (complete or run.stopped or self._all_reported(run)):
+                # nothing left to resume: the calls' files go, here and there
+                await self._remove_run_deps(run)
+
+    def _all_reported(self, run: _FarmRun) -> bool:
+        """Every task of ``run`` has a journalled result (a run cancelled by
+        :meth:`shutdown` just as it finished)."""
+        try:
+            rec = self._recorded_run(run.name)
+        except InvalidInputError:
+            return False
+        return len(rec.results) >= rec.tasks
+
+    async def _remove_run_deps(self, run: _FarmRun) -> None:
+        from ..farm.run import resolve_hosts
 
         try:
-            await self._client.farm(batch, hosts=self._hosts, out=on_result, deps=deps,
-                                    speculate=False)
-        except Exception as exc:
-            for group in groups:
-                for f in group:
-                    _set(f, False, exc)
-        finally:
-            for group in groups:
-                for f in group:
-                    _set(f, False, task_failed("(not reported)", exit_status=None, signal=None,
-                                               error="the farm run ended without its result",
-                                               stderr=b""))
-            shutil.rmtree(tmp, ignore_errors=True)
-            await self._remove_deps(hosts, deps.name)
+            hosts = resolve_hosts(self._client, list(
+                RunDir(self._client.state_dir, run.name).options().get("hosts") or []))
+        except SshqError as exc:
+            log.warning("farm run %s: cannot remove the calls' files: %s", run.name, exc)
+            return
+        await self._remove_deps(hosts, run.name)
+        shutil.rmtree(run.dir / _CALLS_DIR, ignore_errors=True)
+
+    def _settle_task(self, futures: list[tuple[CallFuture[Any], int | None]], output: Path,
+                     seq: int, info: dict[str, Any]) -> None:
+        """Settle the futures of farm task ``seq`` from its output files
+        (``output/<seq>.stdout``: the result, ``.stderr``) and ``info`` (its
+        result's host, exit_status, signal and error)."""
+        out, err = output_paths(output, seq)
+        data = _read_file(out)
+        label = f"{seq} on {info.get('host')}"
+        exit_status, sig = info.get("exit_status"), info.get("signal")
+
+        def failed(why: str | None) -> SshqError:
+            return task_failed(label, exit_status=exit_status, signal=sig, error=why,
+                               stderr=_read_file(err, tail=ERR_TAIL_BYTES) or b"")
+
+        if data is not None and data.startswith(sshq_call.RESULT_MAGIC):
+            self._settle_positions(futures, data, f"farm task {label}", failed)
+            return
+        error = failed(info.get("error") or (None if data is not None
+                                             else "its output file is missing"))
+        for f, _ in futures:
+            _set(f, False, error)
 
     @staticmethod
     async def _remove_deps(hosts: list[Any], name: str) -> None:
@@ -827,10 +1070,6 @@ class Executor(concurrent.futures.Executor):
                     _set(f, False, error)
                 continue
             self._settle_positions(p.futures, result, f"job {j.id}", failed)
-
-    def _settle_group(self, group: list[CallFuture[Any]], data: bytes, where: str,
-                      failed: Callable[[str], SshqError]) -> None:
-        self._settle_positions([(f, pos) for pos, f in enumerate(group)], data, where, failed)
 
     @staticmethod
     def _settle_positions(futures: list[tuple[CallFuture[Any], int | None]], data: bytes,
@@ -955,6 +1194,64 @@ class Executor(concurrent.futures.Executor):
             await asyncio.sleep(0)
         await self._client.close()
         self._loop.loop.stop()
+
+
+@dataclass(slots=True, kw_only=True)
+class _Recorded:
+    """A farm run of an Executor as its directory records it: its number of
+    tasks, the journalled results by seq, whether it was stopped."""
+
+    dir: Path
+    tasks: int
+    results: dict[int, dict[str, Any]]
+    cancelled: bool
+
+
+def _parse_handle(handle: str) -> tuple[str, int]:
+    """``"RUN/SEQ"`` (:attr:`CallFuture.task`) -> ``(run, seq)``.
+
+    Raises:
+        InvalidInputError: not of that form.
+    """
+    run, _, seq = handle.rpartition("/")
+    try:
+        check_run_name(run)
+    except ConfigError:
+        run = ""
+    if not run or not seq.isdigit() or not seq.isascii() or int(seq) < 1 or len(seq) > 9:
+        raise InvalidInputError(f"{handle[:200]!r} is neither an sshq id nor a farm task"
+                                " handle RUN/SEQ")
+    return run, int(seq)
+
+
+def _journal_results(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """The ``result`` events of a farm run's journal (see
+    :mod:`sshq.farm.journal`), by seq: host, exit_status, signal."""
+    out: dict[int, dict[str, Any]] = {}
+    try:
+        data = (run_dir / "journal").read_bytes()
+    except FileNotFoundError:
+        return out
+    for line in data.splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue   # a line cut short by a crash
+        seq = ev.get("seq") if isinstance(ev, dict) and ev.get("e") == "result" else None
+        if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0:
+            out[seq] = {k: ev.get(k) for k in ("host", "exit_status", "signal")}
+    return out
+
+
+def _read_file(path: Path, *, tail: int | None = None) -> bytes | None:
+    """A local file's bytes (its last ``tail`` bytes); None if unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            if tail is not None:
+                fh.seek(max(0, fh.seek(0, 2) - tail))
+            return fh.read()
+    except OSError:
+        return None
 
 
 def _read_item(item: object, asked: dict[str, Any]) -> tuple[bytes | None, int, str]:
