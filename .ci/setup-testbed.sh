@@ -529,6 +529,47 @@ else
     log "podman does not work here: container tests will skip (SSHQ_TEST_PODMAN=0)"
 fi
 
+# ------------------------------------------------------------------ Executor venv
+# The remote interpreter of sshq.Executor's tests and benchmark
+# (tests/test_executor.py's remote_python fixture, bench/executor_bench.py):
+# ~$TUSER/sshq-test-venv, a venv of Debian's python3 (the client's Python
+# minor version: CI's venv is made from the same python3) with cloudpickle,
+# made as $TUSER. pyproject.toml's cloudpickle requirement is a lower bound,
+# so the client's pip install '.[test]' (after this script) gets the newest
+# cloudpickle on PyPI, and so does this venv, installed with the same
+# requirement. Made once and then kept (as the client's venv keeps its
+# version). Optional: a pip failure (no route to PyPI) is logged and the
+# venv left out; the fixture makes it on first use, and makes it again when
+# its cloudpickle differs from the client's.
+EXEC_VENV=$THOME/sshq-test-venv     # the name is tests/test_executor.py's VENV
+# as_tuser CMD...: run CMD as $TUSER, in its home (HOME set by runuser).
+as_tuser() { (cd "$THOME" && timeout 300 runuser -u "$TUSER" -- "$@" </dev/null); }
+exec_venv_version() {
+    as_tuser "$EXEC_VENV/bin/python" -c 'import cloudpickle; print(cloudpickle.__version__)' \
+        2>/dev/null
+}
+setup_exec_venv() {
+    local req ver
+    if ver=$(exec_venv_version); then
+        log "Executor venv $EXEC_VENV: cloudpickle $ver (kept)"
+        return 0
+    fi
+    req=$(grep -o '"cloudpickle[^"]*"' "$(dirname "${BASH_SOURCE[0]}")/../pyproject.toml" \
+          | head -n 1 | tr -d '"') || true
+    log "Executor venv $EXEC_VENV: /usr/bin/python3 -m venv, pip install '${req:=cloudpickle}'"
+    rm -rf "$EXEC_VENV"
+    as_tuser /usr/bin/python3 -m venv "$EXEC_VENV" || return 1
+    as_tuser "$EXEC_VENV/bin/pip" install --disable-pip-version-check --no-cache-dir \
+        --progress-bar off --timeout 20 --retries 1 -q "$req" || return 1
+    ver=$(exec_venv_version) || return 1
+    log "Executor venv $EXEC_VENV: cloudpickle $ver"
+}
+if ! setup_exec_venv; then
+    rm -rf "$EXEC_VENV"
+    log "Executor venv $EXEC_VENV not made (pip failed: no PyPI?): the Executor tests" \
+        "make it on first use"
+fi
+
 # ------------------------------------------------------------------ testbed.env
 write_if_changed "$TB/testbed.env" 0644 <<EOF || true
 SSHQ_TEST_HOST=$ADDR

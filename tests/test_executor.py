@@ -1,9 +1,12 @@
 """sshq.Executor on the real test bed: calls as Slurm jobs (map: one job
 array) through the real sshd, and as farm tasks on the loopback host.
 
-The remote interpreter is a venv of the test user, made once (and reused)
-by the ``remote_python`` fixture: Debian's python3, the client's Python minor
-version, with the client's cloudpickle version from PyPI.  A second venv
+The remote interpreter is a venv of the test user, ``~/sshq-test-venv``:
+Debian's python3, the client's Python minor version, with the client's
+cloudpickle version.  .ci/setup-testbed.sh makes it (the newest cloudpickle
+on PyPI, as the client's ``pip install '.[test]'`` gets); the
+``remote_python`` fixture makes it (or makes it again, with the client's
+cloudpickle version from PyPI) when it is missing or differs.  A second venv
 holds another cloudpickle version for the mismatch test, and a wrapper
 around the first one that reports Python 3.6 (``py36_python``) for the
 minor-version mismatch test.
@@ -44,7 +47,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 # this module's functions and classes travel by value
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-VENV = "sshq-test-venv"                 # under the test user's home
+VENV = "sshq-test-venv"                 # under the test user's home (.ci/setup-testbed.sh)
 OTHER_VENV = "sshq-test-venv-other"
 OTHER_CLOUDPICKLE = "3.0.0"             # any version but the client's
 
