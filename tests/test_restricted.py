@@ -18,6 +18,7 @@ import re
 import socket
 import stat
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -507,6 +508,71 @@ async def test_one_command_per_operation_and_fewer_bytes(
     assert sizes["rs"] * 5 < sizes["setup"], sizes
     with capsys.disabled():
         print(f"\npoll request bytes: shipped {sizes['setup']}, installed {sizes['rs']}")
+
+
+# ---------------------------------------------------------------- sshq.Executor
+
+
+def _pyenv_facts(reply: dict[str, Any], python: str) -> Any:
+    from sshq.executor._wire import parse_pyenv
+
+    env = parse_pyenv(reply, host="h", python=python)
+    return env.version, env.executable, env.cloudpickle, bool(env.cloudpickle_error)
+
+
+async def test_executor_pyenv_is_answered_from_files(bed: Bed, state_dir: Path) -> None:
+    """The pre-flight check through the restricted key: the same facts as the
+    shipped agent's (which runs the interpreter), the interpreter not run."""
+    import cloudpickle
+    from test_executor import VENV, ensure_venv
+
+    venv_python = ensure_venv(bed.testbed, VENV, cloudpickle.__version__)
+    async with bed.client(state_dir) as client:
+        plat = client.config.platform("setup")
+        t = client.pool.transport(plat, plat.hosts[0])
+        facts = {}
+        for python in (venv_python, "python3"):
+            shipped = await call_agent(t, plat.python, "pyenv", {"python": python}, timeout=60)
+            before = len(audit_lines())
+            read = await _call(bed, state_dir, "pyenv", {"python": python})
+            assert read.get("read_only") is True and "read_only" not in shipped
+            facts[python] = _pyenv_facts(read, python)
+            assert facts[python] == _pyenv_facts(shipped, python), python
+            (line,) = audit_lines()[before:]
+            assert " op=pyenv " in line and " outcome=ok" in line and f"python={python}" in line
+        assert facts[venv_python][2] == cloudpickle.__version__
+        assert facts["python3"][2] == "" and facts["python3"][3]  # the system's: none
+        for python in ("/bin/sh", "sh", "/usr/bin/env"):
+            with pytest.raises(RemoteError, match="restricted: the python .* is neither the"
+                                                  " agent's own"):
+                await _call(bed, state_dir, "pyenv", {"python": python})
+            assert "outcome=refused" in audit_lines()[-1]
+        missing = await _call(bed, state_dir, "pyenv", {"python": f"{bed.run_dir}/no/python"})
+        assert missing["exit"] == 127 and "No such file" in missing["stderr"]
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def test_an_executor_on_the_restricted_platform(bed: Bed, tmp_path: Path) -> None:
+    """End to end: pre-flight, a call and a map as Slurm jobs, values home."""
+    import cloudpickle
+    from test_executor import VENV, ensure_venv
+
+    from sshq import Executor
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    python = ensure_venv(bed.testbed, VENV, cloudpickle.__version__)
+    before = len(audit_lines())
+    with Executor("rs", config=bed.config, state_dir=tmp_path / "state", python=python,
+                  poll_interval=0.5, max_poll_interval=2.0, walltime="0:10:00") as ex:
+        assert ex.submit(square, 12).result(timeout=240) == 144
+        assert list(ex.map(square, range(5), timeout=240)) == [0, 1, 4, 9, 16]
+        assert ex.submit(lambda: __import__("sys").executable).result(timeout=240) == python
+    ops = [ln.split(" op=")[1].split()[0] for ln in audit_lines()[before:]]
+    assert ops.count("pyenv") == 1 and "submit" in ops and "poll" in ops, ops
+    assert all(" outcome=ok" in ln for ln in audit_lines()[before:])
 
 
 def test_config_refuses_an_installed_agent_on_a_local_platform(tmp_path: Path) -> None:

@@ -254,3 +254,105 @@ def test_login_shell_serves_from_a_login_environment(home: Home) -> None:
             break
         time.sleep(0.1)
     assert out.read_text() == "yes\n"
+
+
+# ---------------------------------------------------------------- pyenv, from files
+
+
+def shipped_pyenv(home: Home, python: str) -> dict[str, Any]:
+    """The shipped agent's pyenv (which runs ``python``), here with HOME=home."""
+    nonce, stdin = protocol.encode_request("pyenv", {"python": python})
+    r = subprocess.run(["python3", "-c", protocol.BOOTSTRAP], input=stdin, capture_output=True,
+                       timeout=60, env=home.env(None), cwd=home.path)
+    (frame,) = protocol.FrameParser(nonce).feed(r.stdout)
+    return frame
+
+
+def _facts(reply: dict[str, Any], python: str) -> Any:
+    from sshq.executor._wire import parse_pyenv
+
+    env = parse_pyenv(reply, host="h", python=python)
+    return env.version, env.executable, env.cloudpickle, bool(env.cloudpickle_error)
+
+
+def make_venv(root: Path, *, with_cloudpickle: bool) -> Path:
+    """A venv (no pip) of this interpreter; cloudpickle copied in from here."""
+    import sys
+
+    import cloudpickle
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True,
+                   timeout=120)
+    if with_cloudpickle:
+        src = Path(cloudpickle.__file__).parent
+        (site,) = root.glob("lib/python*/site-packages")
+        import shutil
+
+        shutil.copytree(src, site / "cloudpickle")
+        for info in src.parent.glob("cloudpickle-*.dist-info"):
+            shutil.copytree(info, site / info.name)
+    return root / "bin" / "python"
+
+
+def test_pyenv_of_the_agent_s_own_python_is_the_interpreter_s_answer(home: Home) -> None:
+    own = home.call("agent_info", {})["python"]
+    restricted_reply = home.call("pyenv", {"python": own})
+    assert restricted_reply["read_only"] is True
+    assert _facts(restricted_reply, own) == _facts(shipped_pyenv(home, own), own)
+    assert "op=pyenv" in home.audit()[-1] and "outcome=ok" in home.audit()[-1]
+    assert f"python={own}" in home.audit()[-1]
+
+
+@pytest.mark.parametrize("with_cloudpickle", [True, False])
+def test_pyenv_of_a_venv_is_read_from_its_files(home: Home, tmp_path: Path,
+                                                with_cloudpickle: bool) -> None:
+    import cloudpickle
+
+    python = str(make_venv(tmp_path / "venv", with_cloudpickle=with_cloudpickle))
+    reply = home.call("pyenv", {"python": python})
+    facts = _facts(reply, python)
+    assert facts == _facts(shipped_pyenv(home, python), python)
+    assert facts[2] == (cloudpickle.__version__ if with_cloudpickle else "")
+
+
+def test_pyenv_runs_nothing_the_request_names(home: Home, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    script = f"#!/bin/sh\ntouch {marker}\necho '\nSSHQ-PYENV {{\"version\": [3, 99, 0]}}'\n"
+    # a "venv" whose python is a script: its pyvenv.cfg is read, the script is not run
+    venv = tmp_path / "fake-venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\nversion_info = 3.10.4.final.0\n")
+    (venv / "bin" / "python").write_text(script)
+    (venv / "bin" / "python").chmod(0o755)
+    reply = home.call("pyenv", {"python": str(venv / "bin" / "python")})
+    assert _facts(reply, "p") == ((3, 10, 4), str(venv / "bin" / "python"), "", True)
+    # anything else is refused, saying how to proceed
+    plain = tmp_path / "bin" / "python3"
+    plain.parent.mkdir()
+    plain.write_text(script)
+    plain.chmod(0o755)
+    for python in (str(plain), "sh", "/bin/sh"):
+        with pytest.raises(RemoteError, match="restricted: the python .* is neither the"
+                                              " agent's own .* use the platform's python or"
+                                              " a venv's bin/python"):
+            home.call("pyenv", {"python": python})
+        assert "op=pyenv" in home.audit()[-1] and "outcome=refused" in home.audit()[-1]
+    assert not marker.exists()
+    # the shipped agent (not restricted) does run it: the marker shows the test can fail
+    assert _facts(shipped_pyenv(home, str(plain)), "p")[0] == (3, 99, 0)
+    assert marker.exists()
+
+
+def test_pyenv_of_a_missing_python_and_a_run_dir(home: Home, tmp_path: Path) -> None:
+    from sshq.exceptions import EnvironmentMismatchError
+    from sshq.executor._wire import parse_pyenv
+
+    missing = str(tmp_path / "nowhere" / "bin" / "python")
+    with pytest.raises(EnvironmentMismatchError, match="cannot run the remote python"):
+        parse_pyenv(home.call("pyenv", {"python": missing}), host="h", python=missing)
+    own = home.call("agent_info", {})["python"]
+    reply = home.call("pyenv", {"python": own, "run_dir": str(home.run_dir)})
+    assert reply["init"]["run_dir"] == str(home.run_dir)
+    with pytest.raises(RemoteError, match="restricted: run directory /tmp/elsewhere is"
+                                          " outside"):
+        home.call("pyenv", {"python": own, "run_dir": "/tmp/elsewhere"})

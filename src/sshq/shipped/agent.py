@@ -569,8 +569,11 @@ def op_procs(req, w):
 
 # ---- sshq.Executor's operations: the pre-flight check and the batched result read
 
+#: The mark of pyenv's line: "\n<PYENV_MARK><json>\n" on stdout.
+PYENV_MARK = "SSHQ-PYENV "
 #: What "pyenv" runs with the interpreter asked about (no shell): its version
-#: and the version of cloudpickle it imports, on one marked line.
+#: and the version of cloudpickle it imports, on one marked line.  (The
+#: restricted agent answers from files instead: sshq_restricted.pyenv_facts.)
 PYENV_PROBE = (
     "import json, sys\n"
     "out = {'version': list(sys.version_info[:3]), 'executable': sys.executable}\n"
@@ -578,9 +581,9 @@ PYENV_PROBE = (
     "    import cloudpickle\n"
     "    out['cloudpickle'] = str(getattr(cloudpickle, '__version__', ''))\n"
     "except BaseException as exc:\n"
-    "    out['cloudpickle_error'] = '%s: %s' % (type(exc).__name__, exc)\n"
-    "sys.stdout.write('\\nSSHQ-PYENV ' + json.dumps(out) + '\\n')\n"
-)
+    "    out['cloudpickle_error'] = '%%s: %%s' %% (type(exc).__name__, exc)\n"
+    "sys.stdout.write('\\n%s' + json.dumps(out) + '\\n')\n"
+) % PYENV_MARK
 
 
 def op_pyenv(req, w):
@@ -873,15 +876,16 @@ OPS = {"init": op_init, "submit": op_submit, "poll": op_poll, "kill": op_kill,
        "install_agent": op_install_agent, "fs": op_fs}
 
 
-def handle(req, w):
+def handle(req, w, ops=None):
     """Run one request's operation into Writer ``w`` (an error frame if it
     fails) and close the reply; False if the client went away.  (The installed
-    agent, sshq_restricted.py, serves its requests through here too.)"""
+    agent, sshq_restricted.py, serves its requests through here too, with
+    ``ops`` in place of OPS in restricted mode.)"""
     if req.get("path_prepend"):
         os.environ["PATH"] = os.pathsep.join(
             list(req["path_prepend"]) + [os.environ.get("PATH", os.defpath)])
     try:
-        OPS[req["op"]](req, w)
+        (ops or OPS)[req["op"]](req, w)
     except BrokenPipeError:
         return False
     except Exception as exc:  # reported, not hidden: the client raises RemoteError

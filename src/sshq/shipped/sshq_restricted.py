@@ -22,12 +22,13 @@
 #       program on stdin is skipped unread, or `python3 .sshq/sshq-agent`) has its
 #       request on stdin (at most MAX_REQUEST bytes): job management only (init,
 #       submit to a batch job runner -- "background" only with
-#       --allow-background --, poll, kill, log reads, listing, tidy, and the
-#       prepare/collect calls of pilot farm runs), every path inside the run
-#       directory (symbolic links resolved), every job runner command exactly
-#       the installed one (sshq_runners.json, written by the client at install
-#       from its job runner handlers: a request's commands are compared with
-#       it, never taken from it);
+#       --allow-background --, poll, kill, log reads, listing, tidy, the
+#       prepare/collect calls of pilot farm runs, sshq.Executor's pyenv check
+#       answered from files: the interpreter named is never run), every path
+#       inside the run directory (symbolic links resolved), every job runner
+#       command exactly the installed one (sshq_runners.json, written by the
+#       client at install from its job runner handlers: a request's commands
+#       are compared with it, never taken from it);
 #     * anything else (a shell command, `ssh -t`, an sftp subsystem, ssh-to-job)
 #       is refused with one line on stderr and exit status 1.
 #   Each request is logged, one line, in ~/.sshq/audit.log (mode 0600) and, where
@@ -38,6 +39,7 @@
 # older installed agent refuses it, naming its own version, and the client says
 # to run `sshq agent install`.
 
+import base64
 import importlib
 import json
 import os
@@ -360,10 +362,156 @@ def check_kill(opts, req, runners):
                 job["bare_id"] = ""
 
 
+# ---------------------------------------------------------------- pyenv, from data
+#
+# sshq.Executor's pre-flight check asks for an interpreter's Python version and
+# cloudpickle version.  The shipped agent runs the interpreter named; here a
+# request never makes the login node run anything it names: the answer is
+# read from files (bounded reads), for the agent's own interpreter or a
+# virtual environment's, and anything else is refused.
+
+#: The most bytes read of one pyvenv.cfg, METADATA or cloudpickle/__init__.py.
+MAX_FACT_FILE = 256 * 1024
+_VERSION3 = re.compile(r"(\d+)\.(\d+)\.(\d+)")
+_DIST = re.compile(r"cloudpickle-([^-]+?)(?:-py[^-]*)?\.(dist-info|egg-info)\Z", re.I)
+_META_VERSION = re.compile(r"^Version:[ \t]*(\S+)[ \t]*$", re.M)
+_INIT_VERSION = re.compile(r"^__version__[ \t]*=[ \t]*[\"']([^\"'\n]{1,64})[\"']", re.M)
+
+
+def read_text(path):
+    """At most MAX_FACT_FILE bytes of a regular file, as text; None if unreadable."""
+    agent = load(AGENT_MODULE)
+    try:
+        item = agent.read_regular(path, 0, MAX_FACT_FILE)
+    except (OSError, ValueError):
+        return None
+    return base64.b64decode(item["data_b64"]).decode("utf-8", "replace")
+
+
+def cloudpickle_version(dirs):
+    """The version of the cloudpickle the first of ``dirs`` holding one would
+    import (read from its metadata, else from its __init__.py): (version, None)
+    or (None, why)."""
+    for d in dirs:
+        init = os.path.join(d, "cloudpickle", "__init__.py")
+        if not (os.path.isfile(init) or os.path.isfile(os.path.join(d, "cloudpickle.py"))):
+            continue
+        try:
+            names = os.listdir(d)
+        except OSError:
+            names = []
+        found = set()
+        for name in names:
+            m = _DIST.match(name)
+            if not m:
+                continue
+            meta = os.path.join(d, name)
+            if os.path.isdir(meta):
+                meta = os.path.join(meta, "METADATA" if m.group(2).lower() == "dist-info"
+                                    else "PKG-INFO")
+            v = _META_VERSION.search(read_text(meta) or "")
+            if v:
+                found.add(v.group(1))
+        if len(found) == 1:
+            return found.pop(), None
+        v = _INIT_VERSION.search(read_text(init) or "")  # (several metadata: stale ones)
+        if v:
+            return v.group(1), None
+        return None, "cloudpickle in %s has no version the restricted agent can read" % d
+    return None, ("ModuleNotFoundError: No module named 'cloudpickle' (looked in %s)"
+                  % (", ".join(dirs) or "no site-packages"))
+
+
+def _own_dirs():
+    """The agent's own import path, but its own directory."""
+    here = os.path.dirname(os.path.realpath(__file__))
+    return [d for d in sys.path if d and os.path.isdir(d) and os.path.realpath(d) != here]
+
+
+def venv_config(python):
+    """(the venv directory, its pyvenv.cfg as a dict) for an interpreter
+    inside a virtual environment (pyvenv.cfg beside it or one up); else None."""
+    bindir = os.path.dirname(python)
+    for d in (bindir, os.path.dirname(bindir)):
+        text = read_text(os.path.join(d, "pyvenv.cfg"))
+        if text is not None:
+            cfg = {}
+            for line in text.splitlines():
+                key, eq, value = line.partition("=")
+                if eq:
+                    cfg[key.strip().lower()] = value.strip()
+            return d, cfg
+    return None
+
+
+def pyenv_facts(python):
+    """pyenv's answer for ``python`` from files only (nothing is run): the
+    shipped agent's reply shape, its stdout the PYENV_MARK line.
+
+    Raises:
+        Refused: ``python`` is neither the agent's own interpreter nor a
+            virtual environment's."""
+    agent = load(AGENT_MODULE)
+    if not isinstance(python, str) or not python or "\0" in python:
+        raise Refused("restricted: malformed python")
+    path = python if "/" in python else shutil.which(python)  # (a PATH look-up)
+    if not path or not os.path.exists(path):
+        return {"exit": 127, "stdout": "", "stderr": "%s: No such file or directory" % python}
+    path = os.path.abspath(path)
+    own = os.path.abspath(sys.executable)
+    venv = None if path == own else venv_config(path)
+    if path == own or (venv is None and os.path.realpath(path) == os.path.realpath(own)
+                       and sys.prefix == getattr(sys, "base_prefix", sys.prefix)):
+        out = {"version": list(sys.version_info[:3]), "executable": sys.executable}
+        dirs = _own_dirs()
+    elif venv is not None:
+        top, cfg = venv
+        m = _VERSION3.match(cfg.get("version_info") or cfg.get("version") or "")
+        if not m:
+            raise Refused("restricted: %s/pyvenv.cfg names no Python version (x.y.z)" % top)
+        version = [int(m.group(i)) for i in (1, 2, 3)]
+        out = {"version": version, "executable": path}
+        dirs = [os.path.join(top, lib, "python%d.%d" % tuple(version[:2]), "site-packages")
+                for lib in ("lib", "lib64")]
+        dirs = [d for d in dirs if os.path.isdir(d)]
+        if (cfg.get("include-system-site-packages", "").lower() == "true"
+                and version[:2] == list(sys.version_info[:2])):
+            dirs += [d for d in _own_dirs() if d not in dirs]
+    else:
+        raise Refused("restricted: the python %s is neither the agent's own (%s) nor a virtual"
+                      " environment's (its pyvenv.cfg): a restricted key runs no interpreter"
+                      " to ask it; use the platform's python or a venv's bin/python"
+                      % (one_line(python, 200), sys.executable))
+    version, why = cloudpickle_version(dirs)
+    if version is not None:
+        out["cloudpickle"] = version
+    else:
+        out["cloudpickle_error"] = why
+    return {"exit": 0, "stdout": "\n%s%s\n" % (agent.PYENV_MARK, json.dumps(out)),
+            "stderr": "", "read_only": True}
+
+
+def check_pyenv(opts, req, runners):
+    if req.get("run_dir"):
+        inside(opts, req["run_dir"], "run directory")
+    req["facts"] = pyenv_facts(req.get("python"))
+
+
+def op_pyenv(req, w):
+    """pyenv in restricted mode: what check_pyenv read; with "run_dir",
+    remote-init's facts too."""
+    reply = req["facts"]
+    if req.get("run_dir"):
+        reply["init"] = load(AGENT_MODULE).remote_init(req["run_dir"])
+    w.frame(reply)
+
+
 CHECKS = {"init": check_init, "submit": check_submit, "poll": check_poll,
           "kill": check_kill, "read": check_read, "read_many": check_read_many,
           "follow": check_follow, "listing": check_listing, "tidy": check_tidy,
-          "agent_info": check_agent_info}
+          "agent_info": check_agent_info, "pyenv": check_pyenv}
+#: Operations served otherwise than by the agent in restricted mode.
+RESTRICTED_OPS = {"pyenv": op_pyenv}
 
 REFUSED_OPS = {
     "procs": "farm find/killall (listing and signalling processes on the login node)",
@@ -399,10 +547,8 @@ def request_ids(req, frame):
 
 
 def request_detail(req):
-    for key in ("path", "run_dir", "log_dir"):
-        if isinstance(req.get(key), str):
-            return "%s=%s" % (key, req[key])
-    return ""
+    return " ".join("%s=%s" % (key, req[key]) for key in ("path", "run_dir", "log_dir", "python")
+                    if isinstance(req.get(key), str))
 
 
 # ---------------------------------------------------------------- serving
@@ -513,6 +659,8 @@ def agent_request(opts, req):
         w.frame(agent_info(opts))
         w.close()
         done = True
+    elif opts.restricted:
+        done = agent.handle(req, w, dict(agent.OPS, **RESTRICTED_OPS))
     else:
         done = agent.handle(req, w)
     if opts.restricted:
