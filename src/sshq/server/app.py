@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
@@ -144,20 +144,30 @@ def create_app(gateway: Gateway, *, max_body: int = MAX_BODY,
             expiry with the app.
         farm_retention: seconds a farm run that ended is kept
             (:class:`~sshq.server.farm.FarmRuns`).
+
+    With ``SSHQ_SERVE_LAG_PROBE`` set in the environment, an event-loop lag
+    probe runs beside the application, with its debug route
+    (:mod:`sshq.server.lagprobe`; benchmarks only).
     """
 
     from .farm import FarmRuns
+    from .lagprobe import from_env
 
     farms = FarmRuns(gateway, retention=farm_retention)
+    probe = from_env()  # benchmarks only (SSHQ_SERVE_LAG_PROBE)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if background:
             gateway.start()
             farms.start()
+        if probe is not None:
+            probe.start()
         try:
             yield
         finally:
+            if probe is not None:
+                await probe.stop()
             await farms.stop()
             await gateway.stop()
             farms.close()
@@ -190,6 +200,15 @@ def create_app(gateway: Gateway, *, max_body: int = MAX_BODY,
     from .firecrest import router as firecrest_router
 
     app.include_router(api_router, prefix="/api/v1")
+    if probe is not None:
+        from .api import require_token
+
+        @app.get("/api/v1/debug/loop-lag", include_in_schema=False,
+                 dependencies=[Depends(require_token)])
+        async def loop_lag(reset: bool = False) -> dict[str, Any]:
+            assert probe is not None
+            return probe.stats(reset=reset)
+
     app.include_router(farm_router, prefix="/api/v1")
     app.include_router(firecrest_router, prefix="/firecrest")
 
