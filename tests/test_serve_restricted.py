@@ -65,6 +65,9 @@ def test_native_api_refusals_are_403_with_the_reason(rserver: tuple[Server, str]
         detail = r.json()["detail"]
         assert REFUSED in detail and "work directory /tmp/sq-serve-outside" in detail, detail
         assert "outside the run directory" in detail, detail
+        # nothing was submitted, so nothing was kept: no job row for the poller
+        # to fail later, and a retry is refused again rather than answered
+        assert c.get("/api/v1/jobs", params={"platform": "rs"}).json() == []
 
         r = c.post("/api/v1/jobs", json={"platform": "rs-bg", "jobs": [{"command": "true"}]})
         assert r.status_code == 403, r.text

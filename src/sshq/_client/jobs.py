@@ -17,6 +17,7 @@ from ..config import Platform
 from ..exceptions import (
     JobRunnerError,
     RemoteError,
+    RestrictedError,
     SshqError,
     TransportError,
     WaitTimeoutError,
@@ -221,8 +222,11 @@ class Jobs:
                         nums[row] = base + 1
                     taken[s.job_name] = nums[i]
         except BaseException as exc:
-            if not sent_any or (isinstance(exc, TransportError) and not exc.command_sent):
-                self.store.delete_jobs(ids)  # provably nothing was submitted
+            if (not sent_any or isinstance(exc, RestrictedError)
+                    or (isinstance(exc, TransportError) and not exc.command_sent)):
+                # provably nothing was submitted (a restricted agent refuses a
+                # request before doing any of it)
+                self.store.delete_jobs(ids)
             else:
                 pending = [j.id for j in self.store.get(ids) if not j.job_id]
                 self.store.update_jobs(
