@@ -356,3 +356,44 @@ def test_pyenv_of_a_missing_python_and_a_run_dir(home: Home, tmp_path: Path) -> 
     with pytest.raises(RemoteError, match="restricted: run directory /tmp/elsewhere is"
                                           " outside"):
         home.call("pyenv", {"python": own, "run_dir": "/tmp/elsewhere"})
+
+
+# ---------------------------------------------------------------- fs
+
+
+def test_fs_dot_dot_cannot_pass_for_an_entry_of_a_root(tmp_path: Path) -> None:
+    """The shipped agent's fs (sshq serve's, any agent mode): "<root>/x/../.."
+    once passed the roots check as an entry of <root> and rm removed the
+    root's parent."""
+    from sshq.shipped import agent
+
+    root = tmp_path / "home" / "run"
+    (root / "x").mkdir(parents=True)
+    (tmp_path / "home" / "precious").write_text("keep")
+    frames: list[dict[str, Any]] = []
+
+    class W:
+        def frame(self, obj: dict[str, Any]) -> None:
+            frames.append(obj)
+
+    for path in (f"{root}/x/../..", f"{root}/..", f"{root}/x/.", f"{root}/./x"):
+        for action in ("rm", "stat", "ls", "mkdir"):
+            agent.op_fs({"action": action, "path": path, "roots": [str(root)]}, W())
+            assert frames[-1]["ok"] is False and frames[-1]["code"] == "EINVAL", frames[-1]
+    assert (tmp_path / "home" / "precious").read_text() == "keep" and (root / "x").is_dir()
+    agent.op_fs({"action": "rm", "path": f"{root}/x", "roots": [str(root)]}, W())
+    assert frames[-1]["ok"] is True and not (root / "x").exists()
+
+
+def test_fs_upload_cap_in_restricted_mode(home: Home) -> None:
+    from sshq.shipped import agent
+
+    for size, ok in ((agent.FS_MAX_BYTES, True), (agent.FS_MAX_BYTES + 1, False)):
+        req = {"action": "upload", "path": str(home.run_dir), "name": "f",
+               "roots": [str(home.run_dir)], "data_b64": base64.b64encode(b"x" * size).decode()}
+        if ok:
+            assert home.call("fs", req)["ok"] is True
+            assert (home.run_dir / "f").stat().st_size == size
+        else:
+            with pytest.raises(RemoteError, match="restricted: an upload over 5242880 bytes"):
+                home.call("fs", req)

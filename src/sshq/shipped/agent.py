@@ -707,21 +707,35 @@ def _fs_read(path, req):
                         min(int(req.get("max", FS_MAX_BYTES)), FS_MAX_BYTES), req.get("tail"))
 
 
-def _fs(req):
-    action, path, roots = req["action"], req["path"], req["roots"]
-    if not path.startswith("/") or "\0" in path:
+def fs_paths(req):
+    """The paths an "fs" request acts on: (the entry itself -- a symbolic link
+    not followed --, what it leads to, whether the action is on the entry
+    itself: rm, and ls or stat without "dereference").  A "." or ".."
+    component is refused (EINVAL): "<root>/x/../.." must not pass for an
+    entry of <root>."""
+    path = req["path"]
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
         raise OSError(errno.EINVAL, "not an absolute path")
+    if set(path.split("/")) & set((".", "..")):
+        raise OSError(errno.EINVAL, "a '.' or '..' component")
     parent, base = os.path.split(path.rstrip("/") or "/")
     own = os.path.join(os.path.realpath(parent), base) if base else "/"  # a link itself
     real = os.path.realpath(path)  # what it leads to
+    action = req["action"]
+    itself = action == "rm" or (action in ("stat", "ls") and not req.get("dereference"))
+    return own, real, itself
+
+
+def _fs(req):
+    action, path, roots = req["action"], req["path"], req["roots"]
+    own, real, itself = fs_paths(req)
     deref = bool(req.get("dereference"))
-    itself = action == "rm" or (action in ("stat", "ls") and not deref)
     if not _fs_inside(own, roots) or not (itself or _fs_inside(real, roots)):
         raise FsOutside(path)
     if action == "ls":
         numeric = bool(req.get("numeric"))
         if not os.path.isdir(real if deref else own) or os.path.islink(own) and not deref:
-            return {"output": [_fs_entry(own, base, deref, numeric)]}
+            return {"output": [_fs_entry(own, os.path.basename(own), deref, numeric)]}
         out = []
         for top, dirs, files in os.walk(real):
             rel = os.path.relpath(top, real)

@@ -24,7 +24,8 @@
 #       submit to a batch job runner -- "background" only with
 #       --allow-background --, poll, kill, log reads, listing, tidy, the
 #       prepare/collect calls of pilot farm runs, sshq.Executor's pyenv check
-#       answered from files: the interpreter named is never run), every path
+#       answered from files: the interpreter named is never run, sshq serve's
+#       filesystem operations), every path
 #       inside the run directory (symbolic links resolved), every job runner
 #       command exactly the installed one (sshq_runners.json, written by the
 #       client at install from its job runner handlers: a request's commands
@@ -506,10 +507,43 @@ def op_pyenv(req, w):
     w.frame(reply)
 
 
+# ---------------------------------------------------------------- fs (sshq serve)
+
+#: The fs actions of sshq serve's FirecREST routes (agent._fs).
+FS_ACTIONS = ("ls", "stat", "read", "mkdir", "rm", "upload")
+
+
+def check_fs(opts, req, runners):
+    """sshq serve's filesystem operations, inside the run directory only: the
+    entry acted on and (unless the action is on the entry itself) what it
+    leads to, as agent._fs reads them; never the run directory's removal; an
+    upload at most agent.FS_MAX_BYTES (as a read)."""
+    agent = load(AGENT_MODULE)
+    action = req.get("action")
+    if action not in FS_ACTIONS:
+        raise Refused("restricted: fs action %r refused" % one_line(action, 20))
+    try:
+        own, real, itself = agent.fs_paths(req)
+    except OSError as exc:
+        raise Refused("restricted: fs path %r refused (%s)"
+                      % (one_line(req.get("path"), 200), exc.strerror))
+    root = os.path.realpath(opts.run_dir)
+    for p in (own,) if itself else (own, real):
+        if p != root and not p.startswith(root.rstrip("/") + "/"):
+            raise Refused("restricted: fs path %s is outside the run directory %s"
+                          % (one_line(req["path"], 200), opts.run_dir))
+    if action == "rm" and own == root:
+        raise Refused("restricted: the run directory itself is not removed")
+    data = req.get("data_b64", "")
+    if action == "upload" and (not isinstance(data, str) or len(data) // 4 * 3
+                               - (len(data) - len(data.rstrip("="))) > agent.FS_MAX_BYTES):
+        raise Refused("restricted: an upload over %d bytes" % agent.FS_MAX_BYTES)
+
+
 CHECKS = {"init": check_init, "submit": check_submit, "poll": check_poll,
           "kill": check_kill, "read": check_read, "read_many": check_read_many,
           "follow": check_follow, "listing": check_listing, "tidy": check_tidy,
-          "agent_info": check_agent_info, "pyenv": check_pyenv}
+          "agent_info": check_agent_info, "pyenv": check_pyenv, "fs": check_fs}
 #: Operations served otherwise than by the agent in restricted mode.
 RESTRICTED_OPS = {"pyenv": op_pyenv}
 
