@@ -314,3 +314,40 @@ def test_identity_command_output_is_logged_only_with_debug(certbed: CertBed, tmp
     assert renewals(tmp_path) == 2
     assert b"RENEW-OUTPUT-MARKER" not in outputs[0]
     assert b"RENEW-OUTPUT-MARKER" in outputs[1]
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_ssh_to_job_renews_before_its_ssh(certbed: CertBed, tmp_path: Path,
+                                               state_dir: Path, transport: str) -> None:
+    """The interactive ssh-to-job runs a system ssh: a new connection, which a
+    certificate that expired while the client's connection stayed open would
+    not authenticate.  asyncssh: renewed first; openssh: its ControlMaster
+    (authenticated already) carries the ssh, nothing renewed."""
+    import shlex
+
+    from helpers import wait_for_state
+
+    cfg, key = certbed.platforms(tmp_path, renew=True)
+    cert = read_certificate(str(sign(certbed.ca, key, 20)))
+    assert cert is not None
+    plat = f"c-{transport}"
+    async with AsyncClient(cfg, state_dir=state_dir) as client:
+        (job,) = await client.submit(JobSpec(command="sleep 150", name="sshq-cert-attach"),
+                                     platform=plat)
+        try:
+            await wait_for_state(client, job.id, JobState.RUNNING, timeout=60)
+            assert renewals(tmp_path) == 0
+            await asyncio.sleep(max(0.0, cert.valid_before + 1 - time.time()))
+            argv = await client.ssh_to_job_argv(job.id)   # on the open connection
+            assert renewals(tmp_path) == (1 if transport == "asyncssh" else 0)
+            # the argv in a terminal (script's pty): a shell in the job
+            r = subprocess.run(["script", "-qec", shlex.join(argv), "/dev/null"],
+                               input=b"echo IN-JOB-$SLURM_JOB_ID; exit\n", capture_output=True,
+                               timeout=90)
+            out = (r.stdout + r.stderr).decode("utf-8", "replace")
+            assert f"IN-JOB-{job.job_id}" in out, out
+            assert "Permission denied" not in out, out
+        finally:
+            await client.kill([job.id], settle=0)

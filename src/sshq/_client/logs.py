@@ -249,6 +249,11 @@ class Logs:
         Raises:
             JobNotRunningError: the job is not running.
             JobRunnerError: the job runner cannot step into the job.
+            AuthenticationError: the platform's SSH certificate expired and no
+                ``identity_command`` renews it, or the command failed (a
+                certificate about to expire is renewed first: the ``ssh`` of
+                the argv is a new connection).
+            InvalidInputError: the platform is restricted (nothing was sent).
         """
         job, plat, t = await self._running_job(id)
         handler = HANDLERS[job.job_runner]
@@ -262,4 +267,7 @@ class Logs:
         argv = await self._attach_remote_argv(job, None, tty=True)
         if plat.login_shell:
             argv = [*LOGIN_SHELL, *argv]
+        # The system ssh that runs it is a new connection (unless an openssh
+        # ControlMaster carries it): a short-lived certificate is renewed first.
+        await t.ensure_credentials()
         return t.interactive_argv(argv)
