@@ -274,6 +274,62 @@ def test_pilot_farm_through_the_restricted_key(bed: Bed, tmp_path: Path) -> None
     assert "farm-prepare" in ops and "farm-collect" in ops and "submit" in ops, ops
 
 
+async def test_pilot_jobs_run_the_installed_dispatcher(
+        bed: Bed, state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an installed-agent platform no dispatcher source travels: the spool
+    calls send their header alone and the pilot job runs ~/.sshq's dispatcher
+    (--farm-worker); the shipped platform sends it twice (the program run,
+    the copy the pilot job runs)."""
+    from sshq.farm import detached
+    from sshq.farm.output import TaskResult
+    from sshq.farm.wire import dispatcher_source
+    from sshq.transport.asyncssh_ import AsyncSSHTransport
+
+    mark = b"# sshq task-farm dispatcher."
+    assert dispatcher_source().startswith(mark)
+    sent: list[tuple[list[str], bytes]] = []
+    real_run = AsyncSSHTransport.run
+    real_stdin = detached.dispatcher_stdin
+
+    async def run(self: AsyncSSHTransport, argv: Any, *, stdin: bytes = b"", **kw: Any) -> Any:
+        sent.append((list(argv), stdin))
+        return await real_run(self, argv, stdin=stdin, **kw)
+
+    def stdin_of(header: dict[str, Any], **kw: Any) -> tuple[str, bytes]:
+        nonce, data = real_stdin(header, **kw)
+        sent.append(([f"dispatcher {header.get('mode')}"], data))
+        return nonce, data
+
+    monkeypatch.setattr(AsyncSSHTransport, "run", run)
+    monkeypatch.setattr(detached, "dispatcher_stdin", stdin_of)
+    batch = tmp_path / "batch.txt"
+    batch.write_text("".join(f"echo pilot-{i}\n" for i in range(1, 5)))
+    prepared = {}
+    for platform in ("rs", "setup"):
+        del sent[:]
+        got: list[TaskResult] = []
+        async with bed.client(state_dir / platform) as client:
+            name, stats = await client.farm(batch, via=platform, nodes=1, walltime="00:05:00",
+                                            out=got.append)
+        assert sorted(r.stdout for r in got) == [b"pilot-%d\n" % i for i in range(1, 5)]
+        assert stats.failed == 0
+        prepare = [data for argv, data in sent if b'"mode": "prepare"' in data
+                   and argv[0] != "dispatcher prepare"]
+        assert len(prepare) == 1, [argv for argv, _ in sent]
+        prepared[platform] = len(prepare[0])
+        spool = bed.run_dir / "farm" / name / "pilots"
+        script = bed.run_dir / "log" / "job" / f"farm-{name}-1" / "01" / "job"
+        text = script.read_text()
+        if platform == "rs":
+            assert all(mark not in data for _, data in sent), [a for a, d in sent if mark in d]
+            assert f'"$HOME"/.sshq/sshq-agent --farm-worker {spool}\n' in text, text
+            assert "dispatcher.py" not in text
+        else:   # the program, and the spool's copy
+            assert prepare[0].count(mark) == 2
+            assert f"{spool}/dispatcher.py worker {spool}\n" in text, text
+    assert prepared["setup"] - prepared["rs"] >= 2 * len(dispatcher_source()), prepared
+
+
 # ---------------------------------------------------------------- what it refuses
 
 

@@ -183,8 +183,9 @@ def test_a_newer_client_is_told_to_install_again(home: Home) -> None:
     req["protocol"] = restricted.PROTOCOL + 1
     r = home.run(json.dumps(req).encode() + b"\n", "--restricted", "--run-dir",
                  str(home.run_dir))
-    with pytest.raises(RemoteError, match="installed sshq agent speaks protocol 1, .* run"
-                                          " `sshq agent install`"):
+    with pytest.raises(RemoteError, match=f"installed sshq agent speaks protocol"
+                                          f" {restricted.PROTOCOL}, .* run `sshq agent"
+                                          " install`"):
         list(protocol.FrameParser(nonce).feed(r.stdout))
 
 
@@ -397,3 +398,27 @@ def test_fs_upload_cap_in_restricted_mode(home: Home) -> None:
         else:
             with pytest.raises(RemoteError, match="restricted: an upload over 5242880 bytes"):
                 home.call("fs", req)
+
+
+# ---------------------------------------------------------------- pilot jobs
+
+
+def test_the_farm_worker_is_no_forced_command(home: Home) -> None:
+    with pytest.raises(restricted.Refused, match="pilot job's command, never a restricted"):
+        restricted.parse_args(["--restricted", "--run-dir", str(home.run_dir),
+                               restricted.FARM_WORKER, str(home.run_dir / "spool")])
+    r = home.run(b"", restricted.FARM_WORKER, "spool", command=None)
+    assert r.returncode == 2 and b"an absolute path is needed" in r.stderr
+
+
+def test_a_farm_call_needing_a_newer_agent_is_refused(home: Home) -> None:
+    from sshq.farm.wire import dispatcher_stdin
+
+    header = {"mode": "prepare", "spool": str(home.run_dir / "spool"), "detach": False}
+    _, stdin = dispatcher_stdin(header, installed=True)
+    assert json.loads(stdin)["protocol"] == restricted.PROTOCOL
+    req = dict(json.loads(stdin), protocol=restricted.PROTOCOL + 1)
+    r = home.run(json.dumps(req).encode() + b"\n", "--restricted", "--run-dir",
+                 str(home.run_dir))
+    assert r.returncode == 1 and b"run `sshq agent install` again" in r.stderr, r.stderr
+    assert not (home.run_dir / "spool").exists()

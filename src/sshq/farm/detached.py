@@ -65,8 +65,9 @@ def _worker_header(sp: Spool, opts: FarmOptions, *, detach: bool,
 async def _call(host: FarmHost, header: dict[str, Any], frames: bytes = b"",
                 timeout: float = 300.0) -> list[tuple[dict[str, Any], bytes]]:
     """One dispatcher call that reads frames until EOF (prepare, collect)."""
-    nonce, stdin = dispatcher_stdin(header)
-    res = await host.transport.run(agent_argv(host.python, login_shell=host.login_shell),
+    nonce, stdin = dispatcher_stdin(header, installed=host.installed)
+    res = await host.transport.run(agent_argv(host.python, login_shell=host.login_shell,
+                                              installed=host.installed),
                                    stdin=stdin + frames, timeout=timeout)
     reader = FrameReader(nonce)
     got = list(reader.feed(res.stdout))
@@ -97,8 +98,9 @@ async def prepare_spools(
 
     async def one(sp: Spool, frames: list[bytes]) -> dict[str, Any]:
         sp.tasks = len(frames)
+        own = b"" if sp.host.installed else src  # (an installed agent has its own)
         got = await _call(sp.host, _worker_header(sp, opts, detach=detach),
-                          b"".join(frames) + src + encode({"type": "close"}))
+                          b"".join(frames) + own + encode({"type": "close"}))
         for head, _ in got:
             if head.get("type") == "prepared":
                 sp.path = str(head["spool"])
@@ -191,10 +193,10 @@ async def _stream_call(host: FarmHost, header: dict[str, Any],
         HostUnreachableError: nothing came for ``idle`` seconds.
         TransportError: the host could not be reached.
     """
-    nonce, stdin = dispatcher_stdin(header)
+    nonce, stdin = dispatcher_stdin(header, installed=host.installed)
     reader = FrameReader(nonce)
     session = await host.transport.open_session(
-        agent_argv(host.python, login_shell=host.login_shell))
+        agent_argv(host.python, login_shell=host.login_shell, installed=host.installed))
     try:
         await session.write(stdin)
         while True:
@@ -459,10 +461,16 @@ class Pilots:
         from ..model import JobSpec
         from ..model.resources import parse_walltime
         from ..quoting import join
+        from ..remote.installed import installed_worker_command
 
         first = len(sp.job_ids) + 1
+        if self.platform.agent == "installed":  # its dispatcher, no source in the spool
+            command = installed_worker_command(self.platform.python, sp.path)
+        else:
+            command = join([self.platform.python, f"{sp.path}/dispatcher.py", "worker",
+                            sp.path])
         specs = [JobSpec(
-            command=join([self.platform.python, f"{sp.path}/dispatcher.py", "worker", sp.path]),
+            command=command,
             name=f"farm-{self.rd.name}-{k}"[:60],
             walltime=parse_walltime(self.walltime) if self.walltime else None,
         ) for k in range(first, first + n)]

@@ -77,6 +77,9 @@ class FarmHost:
         path_prepend: absolute remote directories put before PATH (the
             platform's ``path_prepend``): the dispatcher puts them before its
             tasks' PATH, ``farm find``/``killall``'s agent before its own.
+        installed: the platform's agent is installed (``sshq agent
+            install``): a pilot run's spool calls run its dispatcher and no
+            dispatcher source is sent.
     """
 
     label: str
@@ -85,6 +88,7 @@ class FarmHost:
     login_shell: bool = False
     run_dir: str = "~/sshq-run"
     path_prepend: tuple[str, ...] = ()
+    installed: bool = False
 
     def path(self, *parts: str) -> str:
         """A path under the host's run directory, as the dispatcher reads it

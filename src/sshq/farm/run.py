@@ -113,7 +113,8 @@ def resolve_hosts(client: FarmBackend, specs: list[str]) -> list[FarmHost]:
                 hosts.append(FarmHost(label=label, transport=client.transport(plat, host),
                                       python=plat.python, login_shell=plat.login_shell,
                                       run_dir=plat.run_dir,
-                                      path_prepend=plat.path_prepend))
+                                      path_prepend=plat.path_prepend,
+                                      installed=plat.agent == "installed"))
             continue
         try:
             user, host, port = parse_destination(spec)

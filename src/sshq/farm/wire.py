@@ -22,7 +22,7 @@ from importlib import resources
 from typing import Any
 
 from ..exceptions import RemoteError
-from ..remote.protocol import skip_to_fence
+from ..remote.protocol import PROTOCOL, skip_to_fence
 
 __all__ = ["Frame", "FrameReader", "encode", "dispatcher_stdin", "dispatcher_source"]
 
@@ -48,7 +48,7 @@ def encode(head: dict[str, Any], payload: bytes = b"") -> bytes:
     return HEAD.pack(len(hb), len(payload)) + hb + payload
 
 
-def dispatcher_stdin(header: dict[str, Any]) -> tuple[str, bytes]:
+def dispatcher_stdin(header: dict[str, Any], *, installed: bool = False) -> tuple[str, bytes]:
     """The bytes that start a dispatcher: source and header line.
 
     Args:
@@ -56,12 +56,17 @@ def dispatcher_stdin(header: dict[str, Any]) -> tuple[str, bytes]:
             extra environment variables for tasks), ``cwd`` (tasks' working
             directory, ``~`` expanded remotely), ``path_prepend`` (list of
             absolute directories put before the tasks' PATH).
+        installed: for the installed agent (``agent_argv(installed=True)``):
+            the header line alone, with the protocol it needs; its own
+            dispatcher runs.
 
     Returns:
         ``(nonce, stdin_bytes)``; nothing else may be written before the
         dispatcher's ``hello`` frame arrives.
     """
     nonce = secrets.token_hex(12)
+    if installed:
+        return nonce, json.dumps(dict(header, nonce=nonce, protocol=PROTOCOL)).encode() + b"\n"
     src = dispatcher_source()
     line = json.dumps(dict(header, nonce=nonce)).encode("utf-8") + b"\n"
     return nonce, b"%d\n" % len(src) + src + line

@@ -46,6 +46,7 @@ from ..shipped.sshq_restricted import (
     AGENT_MODULE,
     DISPATCHER_MODULE,
     ENTRY,
+    FARM_WORKER,
     INSTALL_DIR,
     LOG_DIR_PLACEHOLDER,
     PROTOCOL,
@@ -56,8 +57,8 @@ from .operations import call_agent
 from .protocol import shipped_file
 
 __all__ = ["AgentInstallation", "authorized_keys_line", "bundle", "bundle_version",
-           "install_agent", "install_platform", "read_public_key", "refuse_if_restricted",
-           "refuse_restricted_hosts", "runner_table"]
+           "install_agent", "install_platform", "installed_worker_command", "read_public_key",
+           "refuse_if_restricted", "refuse_restricted_hosts", "runner_table"]
 
 #: The installed name of each shipped file.
 INSTALLED_FILES = {
@@ -301,6 +302,23 @@ def _facts(host: str, init: Mapping[str, Any], reply: Mapping[str, Any]) -> dict
     if reply.get("version") != bundle_version():
         raise RemoteError(f"{host}: the agent install reported another version")
     return {k: str(v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------- pilot jobs
+
+
+def installed_worker_command(python: str, spool: str) -> str:
+    """The shell command of a pilot job (``sshq farm --via``) on a platform
+    whose agent is installed: the installed dispatcher's worker on ``spool``
+    (``python3 "$HOME"/.sshq/sshq-agent --farm-worker SPOOL``), so that no
+    dispatcher source travels.
+
+    Args:
+        python: the remote interpreter.
+        spool: the spool's absolute path.
+    """
+    return (f'{join([python])} "$HOME"/{join([f"{INSTALL_DIR}/{ENTRY}"])}'
+            f" {join([FARM_WORKER, spool])}")
 
 
 # ---------------------------------------------------------------- client checks

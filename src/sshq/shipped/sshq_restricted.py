@@ -7,11 +7,14 @@
 # ~/.sshq/agent-<version>/, each checked against its sha256, and points
 # ~/.sshq/sshq-agent (a small entry script) at them with one rename.
 #
-# Two modes:
+# Two modes, and a pilot job's worker:
 #
 # - unrestricted (`python3 ~/.sshq/sshq-agent`): the client of a platform with
 #   agent = "installed" sends one JSON request line on stdin and no program:
 #   the agent's operations run as when shipped;
+# - `python3 ~/.sshq/sshq-agent --farm-worker SPOOL`, the command of a pilot
+#   job (`sshq farm --via`) of such a platform: the installed dispatcher works
+#   on the spool (no dispatcher source travels); never with --restricted;
 # - restricted (`--restricted --run-dir DIR`), the forced command of an
 #   authorized_keys line `restrict,command="..." KEY`: whatever the client asked
 #   to run is only read from SSH_ORIGINAL_COMMAND, never run:
@@ -55,7 +58,12 @@ from typing import Any, Dict, List, Optional  # noqa: F401  (type comments)
 import sshq_jobstatus as js
 
 #: The wire protocol of installed agents; a client sends the one it needs.
-PROTOCOL = 1
+#: 2: pyenv and fs in restricted mode, --farm-worker (pilot jobs' worker).
+PROTOCOL = 2
+#: `python3 ~/.sshq/sshq-agent --farm-worker SPOOL`: a pilot job's worker on
+#: a spool, the installed dispatcher's (never a forced command's: refused
+#: with --restricted).
+FARM_WORKER = "--farm-worker"
 #: Where the installed agent lives, under the home directory.
 INSTALL_DIR = ".sshq"
 ENTRY = "sshq-agent"
@@ -87,6 +95,7 @@ class Options(object):
         self.allow_background = False
         self.path = []  # type: List[str]
         self.login_shell = False
+        self.farm_worker = None  # type: Optional[str]
 
 
 def parse_args(argv):
@@ -100,18 +109,22 @@ def parse_args(argv):
             opts.allow_background = True
         elif a == "--login-shell":
             opts.login_shell = True
-        elif a in ("--run-dir", "--path") and args:
+        elif a in ("--run-dir", "--path", FARM_WORKER) and args:
             value = args.pop(0)
             if not value.startswith("/"):
                 raise Refused("%s %s: an absolute path is needed" % (a, value))
             if a == "--run-dir":
                 opts.run_dir = value.rstrip("/") or "/"
+            elif a == FARM_WORKER:
+                opts.farm_worker = value
             else:
                 opts.path.append(value)
         else:
             raise Refused("unknown argument %r" % a)
     if opts.restricted and not opts.run_dir:
         raise Refused("--restricted needs --run-dir DIR")
+    if opts.restricted and opts.farm_worker:
+        raise Refused("%s is a pilot job's command, never a restricted key's" % FARM_WORKER)
     return opts
 
 
@@ -708,6 +721,10 @@ def agent_request(opts, req):
 
 def farm_request(opts, header, left):
     """A pilot farm's prepare and collect calls (the dispatcher's, installed)."""
+    need = header.get("protocol", 1)
+    if not isinstance(need, int) or need > PROTOCOL:
+        raise Refused("the installed sshq agent speaks protocol %d, this sshq needs %s: run"
+                      " `sshq agent install` again" % (PROTOCOL, one_line(need, 20)))
     mode = header.get("mode", "stream")
     spools = [header.get("spool")] if mode == "prepare" else \
         [s.get("spool") if isinstance(s, dict) else None for s in header.get("spools") or ()]
@@ -836,6 +853,9 @@ def main(argv):
                                os.path.abspath(sys.argv[0])] + rest)
     if opts.path:
         os.environ["PATH"] = os.pathsep.join(opts.path + [os.environ.get("PATH", os.defpath)])
+    if opts.farm_worker:  # inside a pilot job: the installed dispatcher's worker
+        load(DISPATCHER_MODULE).SpoolSink(opts.farm_worker).run()
+        return 0
     try:
         os.chdir(home())
     except OSError:
