@@ -95,6 +95,9 @@ def test_pyfirecrest_jobs_end_to_end(slurm_testbed: dict[str, str], server: Serv
     out = tmp_path / "out.txt"
     fc.download("slurm", f"{wd}/sub/in.txt", out)
     assert out.read_bytes() == src.read_bytes()
+    # '.' and '..' are resolved by name, before the confinement: inside stays allowed
+    assert fc.head("slurm", f"{wd}/sub/./../sub/in.txt", num_lines=2)[
+        "content"] == "line 1\nline 2\n"
     fc.rm("slurm", f"{wd}/sub")
     with pytest.raises(FirecrestException) as exc:
         fc.stat("slurm", f"{wd}/sub")

@@ -21,6 +21,7 @@ host): anything else is 403.  Transfers above 5 MiB (FirecREST's staged
 from __future__ import annotations
 
 import base64
+import posixpath
 import signal as signals
 import time
 from datetime import datetime
@@ -301,6 +302,10 @@ async def _fs(gw: Gateway, token: TokenInfo, system: str, action: str, path: str
     plat = _system(gw, token, system)
     if "\x00" in path or not path.startswith("/"):
         raise ApiError(400, f"{path[:200]!r}: an absolute path is needed")
+    # '.' and '..' are resolved here, by name (the agent refuses them: a
+    # '<root>/x/../..' must not pass for an entry of <root>); the path acted
+    # on is the normalized one, and the agent confines it as usual (403)
+    path = posixpath.normpath(path)
     pool = gw.client.pool
 
     async def op(host: str, t: Transport) -> dict[str, Any]:
