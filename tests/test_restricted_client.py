@@ -206,3 +206,15 @@ async def test_a_work_directory_leaving_the_run_directory(bed: Bed) -> None:
     r = bed.sshq("submit", "-p", "rs", "--work-dir", "/w/../x", "--command", "true", "--json")
     assert r.returncode == 2 and RESTRICTED in r.stderr, r.stderr
     assert json.loads(bed.sshq("jobs", "--json").stdout or "[]") == [], "nothing recorded"
+
+
+def test_an_executor_farm_on_a_restricted_platform(bed: Bed) -> None:
+    """Executor(hosts=[restricted platform]): refused before the pre-flight connects."""
+    from sshq import Executor
+
+    with Executor("rs", hosts=["rs"], config=bed.config, state_dir=bed.state) as ex:
+        with pytest.raises(InvalidInputError, match="a direct farm \\(Executor hosts=\\)") \
+                as info:
+            ex.submit(abs, -1)
+        assert RESTRICTED in str(info.value)
+    assert bed.silent.connections() == 0

@@ -803,8 +803,12 @@ class Executor(concurrent.futures.Executor):
         return run_dir
 
     async def _preflight_farm(self) -> list[Any]:
-        from ..farm.run import resolve_hosts
+        from ..farm.run import resolve_hosts, split_specs
+        from ..remote.installed import refuse_restricted_hosts
 
+        # before the pre-flight connects: a restricted key refuses a direct farm
+        refuse_restricted_hosts(self._client.config.platforms, split_specs(self._hosts),
+                                "a direct farm (Executor hosts=)")
         hosts = resolve_hosts(self._client, self._hosts)
 
         async def one(h: Any) -> None:
