@@ -69,6 +69,12 @@ def test_native_api_refusals_are_403_with_the_reason(rserver: tuple[Server, str]
         # to fail later, and a retry is refused again rather than answered
         assert c.get("/api/v1/jobs", params={"platform": "rs"}).json() == []
 
+        # what the client refuses for the key, before connecting, is 403 too
+        r = c.post("/api/v1/jobs", json={"platform": "rs", "jobs": [
+            {"command": "true", "work_dir": "/tmp/sq-serve/../elsewhere"}]})
+        assert r.status_code == 403, r.text
+        assert "is restricted" in r.json()["detail"] and "'..'" in r.json()["detail"], r.text
+
         r = c.post("/api/v1/jobs", json={"platform": "rs-bg", "jobs": [{"command": "true"}]})
         assert r.status_code == 403, r.text
         assert REFUSED in r.json()["detail"] and "allow-background" in r.json()["detail"]

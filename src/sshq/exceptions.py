@@ -11,6 +11,7 @@ with.  A failure of one job inside a batch is data in the result (its
     SshqError                       exit 1
     ├── ConfigError                 exit 2   bad platforms file or unknown platform
     ├── InvalidInputError           exit 2   a job spec field refused before anything is sent
+    │   └── RestrictedPlatformError exit 2   the client refused it: the key is restricted
     ├── UnknownJobError             exit 2   an sshq id not in the local store
     ├── JobNotRunningError          exit 2   ssh-to-job on a job that is not running
     ├── TransportError              exit 3   bytes could not reach the host
@@ -39,6 +40,7 @@ __all__ = [
     "SshqError",
     "ConfigError",
     "InvalidInputError",
+    "RestrictedPlatformError",
     "UnknownJobError",
     "JobNotRunningError",
     "TransportError",
@@ -81,6 +83,17 @@ class InvalidInputError(SshqError):
     """
 
     exit_code = 2
+
+
+class RestrictedPlatformError(InvalidInputError):
+    """Refused by the client, before connecting: the platform's agent is
+    installed (``agent = "installed"``), so its key may only manage sshq jobs
+    under its run directory, and the request is something that key's agent
+    would refuse (a direct farm, ``farm find``/``killall``, ssh-to-job, a path
+    leaving the run directory, ...).  The remote counterpart, when only the
+    host can tell, is :class:`RestrictedError`.  Raised by
+    :func:`sshq.remote.installed.refuse_if_restricted`.
+    """
 
 
 class UnknownJobError(SshqError):

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Platform
-from ..exceptions import ConfigError, InvalidInputError, RemoteError
+from ..exceptions import ConfigError, InvalidInputError, RemoteError, RestrictedPlatformError
 from ..job_runners import HANDLERS
 from ..quoting import join
 from ..shipped import sshq_jobstatus as js
@@ -329,10 +329,11 @@ def refuse_if_restricted(platform: Platform, what: str) -> None:
     only manage jobs), before connecting.
 
     Raises:
-        InvalidInputError: the platform is restricted.
+        RestrictedPlatformError: the platform is restricted (an
+            :class:`~sshq.exceptions.InvalidInputError`).
     """
     if platform.restricted:
-        raise InvalidInputError(
+        raise RestrictedPlatformError(
             f"platform {platform.name!r} is restricted (agent = \"installed\"): {what} is"
             " refused; its key may only manage sshq jobs under its run directory")
 
@@ -342,7 +343,7 @@ def refuse_restricted_hosts(platforms: Mapping[str, Platform], specs: Iterable[s
     """:func:`refuse_if_restricted` for each farm host spec naming a platform.
 
     Raises:
-        InvalidInputError: one names a restricted platform.
+        RestrictedPlatformError: one names a restricted platform.
     """
     for spec in specs:
         plat = platforms.get(spec)

@@ -33,6 +33,7 @@ from ..exceptions import (
     InvalidInputError,
     RemoteError,
     RestrictedError,
+    RestrictedPlatformError,
     SshqError,
     TransportError,
     UnknownJobError,
@@ -495,10 +496,13 @@ class Gateway:
 
 def _api_error(exc: SshqError) -> ApiError:
     """The HTTP error of a client error: 422 refused input, 404 unknown job or
-    platform, 403 a restricted platform's agent refused (its reason in the
-    message), 503 the host could not be reached, 502 the agent failed, else
-    500.  The message is the error's first line."""
+    platform, 403 a restricted platform's agent (or the client for it, before
+    connecting) refused (its reason in the message), 503 the host could not
+    be reached, 502 the agent failed, else 500.  The message is the error's
+    first line."""
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, RestrictedPlatformError):
+        return ApiError(403, msg)
     if isinstance(exc, InvalidInputError):
         return ApiError(422, msg)
     if isinstance(exc, UnknownJobError | ConfigError):
