@@ -724,7 +724,8 @@ async def test_fake_pbs_jobs_forgotten_before_first_poll(fake_pbs: FakePbs,
 
 async def poll_errors(client: AsyncClient, ids: list[int]) -> list[str]:
     """Poll and return the job runner errors (AsyncClient.poll drops them)."""
-    return await client._jobs._poll_jobs(await client.jobs(ids=ids))
+    _, errors = await client.poll_report(ids)
+    return errors
 
 
 async def test_fake_pbs_server_down_changes_nothing(fake_pbs: FakePbs,

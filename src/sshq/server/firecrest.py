@@ -318,8 +318,6 @@ async def _fs(gw: Gateway, token: TokenInfo, system: str, action: str, path: str
         reply = await pool.with_failover(plat, op)
     except SshqError as exc:
         raise _api_error(exc) from None
-    if "agent_error" in reply:
-        raise ApiError(502, f"the agent failed: {str(reply['agent_error'])[:500]}")
     if not reply.get("ok"):
         status, what = _ERRORS.get(str(reply.get("code")), (500, "Error"))
         detail = str(reply.get("error") or "")[:500]
