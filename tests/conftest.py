@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import uuid
@@ -20,6 +21,19 @@ from helpers import SSHQ, stop_control_masters
 from testbed import SETUP_HINT, TESTBED_ENV, load_testbed, require_part, skip_or_fail
 
 from sshq import AsyncClient
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Undo signals ignored by whatever started the tests (``nohup``, ``cmd &``
+    in a shell without job control): the processes the tests start inherit an
+    ignored signal, and a shell cannot trap one ignored at its start, so tests
+    that send SIGINT or SIGHUP to job wrappers and to ``sshq`` would fail for
+    the way the suite was launched.  A handled signal is reset to the default
+    in a child at exec; an ignored one is not."""
+    for sig, handler in ((signal.SIGINT, signal.default_int_handler),
+                         (signal.SIGHUP, signal.SIG_DFL), (signal.SIGQUIT, signal.SIG_DFL)):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")
