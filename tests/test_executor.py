@@ -398,15 +398,22 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_attach_collects_the_results_of_a_killed_client(
-        make_executor: Callable[..., Executor], config_file: Path, state_dir: Path,
-        remote_python: str, tmp_path: Path) -> None:
+def _killed_client(text: str, config_file: Path, state_dir: Path, remote_python: str,
+                   tmp_path: Path) -> Any:
+    """Run a client script that submits, prints its handles (JSON) and
+    SIGKILLs itself; return what it printed."""
     script = tmp_path / "client.py"
-    script.write_text(CLIENT_SCRIPT)
+    script.write_text(text)
     proc = subprocess.run([sys.executable, str(script), str(config_file), str(state_dir),
                            remote_python], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    ids = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+def test_attach_collects_the_results_of_a_killed_client(
+        make_executor: Callable[..., Executor], config_file: Path, state_dir: Path,
+        remote_python: str, tmp_path: Path) -> None:
+    ids = _killed_client(CLIENT_SCRIPT, config_file, state_dir, remote_python, tmp_path)
     ex = make_executor()
     futs = ex.attach(ids)
     assert [f.result(timeout=300) for f in futs] == [42, 7, 14, 21]
@@ -523,12 +530,8 @@ def test_attach_collects_farm_tasks_of_a_killed_client(
         make_executor: Callable[..., Executor], config_file: Path, state_dir: Path,
         remote_python: str, slurm_testbed: dict[str, str], run_id: str,
         tmp_path: Path) -> None:
-    script = tmp_path / "client.py"
-    script.write_text(CLIENT_FARM_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(config_file), str(state_dir),
-                           remote_python], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    handles = json.loads(proc.stdout)
+    handles = _killed_client(CLIENT_FARM_SCRIPT, config_file, state_dir, remote_python,
+                             tmp_path)
     run = handles[1].split("/")[0]
     assert handles[1:] == [f"{run}/1", f"{run}/1", f"{run}/2"]
     journal = state_dir / "farm" / run / "journal"

@@ -932,8 +932,15 @@ class Executor(concurrent.futures.Executor):
                                            stderr=b""))
             (run.dir / _BATCH_IN).unlink(missing_ok=True)
             if run.named and (complete or run.stopped or self._all_reported(run)):
-                # nothing left to resume: the calls' files go, here and there
-                await self._remove_run_deps(run)
+                # nothing left to resume: the calls' files go, here and there;
+                # a cancel (shutdown's close, just as the run ended) does not
+                # cut that short: the removal ends (each rm bounded) first
+                removal = asyncio.ensure_future(self._remove_run_deps(run))
+                try:
+                    await asyncio.shield(removal)
+                except asyncio.CancelledError:
+                    await removal
+                    raise
 
     def _all_reported(self, run: _FarmRun) -> bool:
         """Every task of ``run`` has a journalled result (a run cancelled by
