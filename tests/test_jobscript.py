@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -471,6 +472,49 @@ def test_signal_right_after_fork_still_kills_user_processes(tmp_path: Path) -> N
             os.killpg(proc.pid, signal.SIGKILL)  # the leaked user processes
         except ProcessLookupError:
             pass
+
+
+def test_signal_while_the_exit_is_recorded(tmp_path: Path) -> None:
+    """Deterministic repro of a race seen in CI on Slurm (about 1 cancel in 20).
+
+    A cancel signals every process of the job: the user's died of TERM, the
+    wrapper's wait returned 143 and its EXIT trap was recording that when
+    the wrapper's own TERM came; the signal trap then exited the shell
+    before the write, leaving job.status with no end at all.  Here the user's
+    script kills itself with TERM, and the ``date`` the wrapper runs for the
+    exit time (first on PATH: a script) sends the wrapper TERM first.
+    """
+    job = Job(tmp_path, JobSpec(script=b"#!/bin/bash\necho up\nkill -TERM $$\n"))
+    status = job.log_dir / "job.status"
+    mark = tmp_path / "sent"
+    q = lambda p: shlex.quote(str(p))  # noqa: E731  (the test's paths are hostile)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "date").write_text(
+        "#!/bin/sh\n"
+        f"if grep -q INIT_TIME {q(status)} && [ ! -e {q(mark)} ]; then\n"
+        f"    : > {q(mark)}\n"
+        f"    kill -TERM $(sed -n 's/^SSHQ_JOB_PID=//p' {q(status)})\n"
+        "    sleep 0.2\n"
+        "fi\n"
+        "exec /bin/date \"$@\"\n")
+    (bin_dir / "date").chmod(0o755)
+    with open(job.log_dir / "job.out", "wb") as out:
+        proc = subprocess.Popen([str(job.path)], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=out, start_new_session=True,
+                                env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    try:
+        rc = proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert mark.exists(), "the signal was not sent while the exit was recorded"
+    st = job.status
+    assert st.get("SSHQ_JOB_EXIT_SIGNAL") == "TERM", job.status_text
+    assert "SSHQ_JOB_EXIT_STATUS" not in st
+    assert ISO_RE.match(st["SSHQ_JOB_EXIT_TIME"])
+    assert rc == 128 + 15
 
 
 def test_walltime_background_records_xcpu(tmp_path: Path) -> None:

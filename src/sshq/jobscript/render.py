@@ -58,6 +58,8 @@ sshq__status="$SSHQ_JOB_LOG_DIR/@STATUS_FILE@"
 sshq__child=
 sshq__ctr=
 sshq__ended=
+sshq__sig=
+sshq__signum=
 sshq__watchdog=
 sshq__path=$PATH
 sshq__now() { PATH=$sshq__path date -u +%Y-%m-%dT%H:%M:%SZ; }
@@ -69,10 +71,24 @@ sshq__end() {
         PATH=$sshq__path pkill -P "$sshq__watchdog" 2>/dev/null
         kill "$sshq__watchdog" 2>/dev/null
     fi
+    sshq__t=$(sshq__now)
+    # A batch system's cancel signals every process of the job: the user's
+    # may die of it, and the wait return, a moment before the wrapper gets
+    # it, here.  The signal is what ended the job if the status says so.
+    if [ "$1" = @EXIT_STATUS@ ] && [ -n "$sshq__sig" ] \
+            && [ "$2" = "$((128 + sshq__signum))" ]; then
+        set -- @EXIT_SIGNAL@ "$sshq__sig"
+    fi
     # One write, so that a poll never sees the exit without its time.
-    printf '%s=%s\n@EXIT_TIME@=%s\n' "$1" "$2" "$(sshq__now)" >>"$sshq__status"
+    printf '%s=%s\n@EXIT_TIME@=%s\n' "$1" "$2" "$sshq__t" >>"$sshq__status"
 }
 sshq__on_signal() {
+    if [ -n "$sshq__ended" ]; then
+        # the exit is being recorded (EXIT trap): let that finish, with this
+        # signal (an exit here would leave the job with no end recorded)
+        sshq__sig=$1 sshq__signum=$2
+        return 0
+    fi
     trap '' TERM XCPU INT HUP USR1 USR2
     trap - ERR
     # a podman container lives under conmon, outside our process group
