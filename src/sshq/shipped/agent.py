@@ -669,7 +669,8 @@ class FsOutside(Exception):
     """A path outside the directories the request allows."""
 
 
-def _fs_inside(path, roots):
+def fs_inside(path, roots):
+    """``path`` (resolved) is one of ``roots`` (resolved here) or below one."""
     for root in roots:
         root = os.path.realpath(root).rstrip("/") or "/"
         if path == root or path.startswith(root.rstrip("/") + "/"):
@@ -730,7 +731,7 @@ def _fs(req):
     action, path, roots = req["action"], req["path"], req["roots"]
     own, real, itself = fs_paths(req)
     deref = bool(req.get("dereference"))
-    if not _fs_inside(own, roots) or not (itself or _fs_inside(real, roots)):
+    if not fs_inside(own, roots) or not (itself or fs_inside(real, roots)):
         raise FsOutside(path)
     if action == "ls":
         numeric = bool(req.get("numeric"))

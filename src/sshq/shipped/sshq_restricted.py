@@ -540,12 +540,11 @@ def check_fs(opts, req, runners):
     except OSError as exc:
         raise Refused("restricted: fs path %r refused (%s)"
                       % (one_line(req.get("path"), 200), exc.strerror))
-    root = os.path.realpath(opts.run_dir)
     for p in (own,) if itself else (own, real):
-        if p != root and not p.startswith(root.rstrip("/") + "/"):
+        if not agent.fs_inside(p, [opts.run_dir]):
             raise Refused("restricted: fs path %s is outside the run directory %s"
                           % (one_line(req["path"], 200), opts.run_dir))
-    if action == "rm" and own == root:
+    if action == "rm" and own == os.path.realpath(opts.run_dir):
         raise Refused("restricted: the run directory itself is not removed")
     data = req.get("data_b64", "")
     if action == "upload" and (not isinstance(data, str) or len(data) // 4 * 3
