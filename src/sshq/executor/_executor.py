@@ -6,7 +6,6 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
-import json
 import logging
 import secrets
 import shutil
@@ -760,7 +759,7 @@ class Executor(concurrent.futures.Executor):
             raise InvalidInputError(f"farm run {name!r}: cannot read its batch: {exc}") from None
         if not lines or not all(sshq_call.RUNNER_FILE.encode() in line for line in lines):
             raise InvalidInputError(f"farm run {name!r} was not made by an sshq.Executor")
-        return _Recorded(dir=rd.path, tasks=len(lines), results=_journal_results(rd.path),
+        return _Recorded(dir=rd.path, tasks=len(lines), results=rd.results(),
                          cancelled=(rd.path / _CANCELLED).exists())
 
     # ---- pre-flight ------------------------------------------------------------------------
@@ -1233,25 +1232,6 @@ def _parse_handle(handle: str) -> tuple[str, int]:
         raise InvalidInputError(f"{handle[:200]!r} is neither an sshq id nor a farm task"
                                 " handle RUN/SEQ")
     return run, int(seq)
-
-
-def _journal_results(run_dir: Path) -> dict[int, dict[str, Any]]:
-    """The ``result`` events of a farm run's journal (see
-    :mod:`sshq.farm.journal`), by seq: host, exit_status, signal."""
-    out: dict[int, dict[str, Any]] = {}
-    try:
-        data = (run_dir / "journal").read_bytes()
-    except FileNotFoundError:
-        return out
-    for line in data.splitlines():
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue   # a line cut short by a crash
-        seq = ev.get("seq") if isinstance(ev, dict) and ev.get("e") == "result" else None
-        if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0:
-            out[seq] = {k: ev.get(k) for k in ("host", "exit_status", "signal")}
-    return out
 
 
 def _read_file(path: Path, *, tail: int | None = None) -> bytes | None:

@@ -26,6 +26,7 @@ import secrets
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,25 +136,40 @@ class RunDir:
             lines = 0
         reported = bytearray(lines + 1)
         starts = 0
+        for ev in self.events():
+            if ev.get("e") == "result":
+                seq = ev.get("seq")
+                if isinstance(seq, int) and not isinstance(seq, bool) and 0 < seq <= lines:
+                    reported[seq] = 1
+            elif ev.get("e") == "start":
+                starts += 1
+        return reported, starts
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """The journal's events in order (objects; a line that does not parse,
+        e.g. cut short by a crash, is skipped; none without a journal)."""
         try:
             fh = open(self.path / "journal", "rb")
         except FileNotFoundError:
-            return reported, 0
+            return
         with fh:
             for line in fh:
                 try:
                     ev = json.loads(line)
                 except ValueError:
                     continue  # a line cut short by a crash
-                if not isinstance(ev, dict):
-                    continue
-                if ev.get("e") == "result":
-                    seq = ev.get("seq")
-                    if isinstance(seq, int) and not isinstance(seq, bool) and 0 < seq <= lines:
-                        reported[seq] = 1
-                elif ev.get("e") == "start":
-                    starts += 1
-        return reported, starts
+                if isinstance(ev, dict):
+                    yield ev
+
+    def results(self) -> dict[int, dict[str, Any]]:
+        """The journalled ``result`` events by seq (> 0): their ``host``,
+        ``exit_status`` and ``signal``."""
+        out: dict[int, dict[str, Any]] = {}
+        for ev in self.events():
+            seq = ev.get("seq") if ev.get("e") == "result" else None
+            if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0:
+                out[seq] = {k: ev.get(k) for k in ("host", "exit_status", "signal")}
+        return out
 
     def lock(self) -> None:
         """Take the run's lock, held until :meth:`close` (or this process ends).
